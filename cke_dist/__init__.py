@@ -1,0 +1,1 @@
+"""cke-dist: distributed CPU training and inference for Llama-family models."""

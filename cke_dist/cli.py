@@ -1,0 +1,41 @@
+"""`cke-dist` command line: one subcommand per job, each owned by its module.
+
+Each job module exposes `add_arguments(parser)` and `run(args) -> int`. Only the
+module of the subcommand being run is imported, so `cke-dist info` does not pay
+for numba or torch.
+"""
+import argparse
+import importlib
+import sys
+
+# subcommand -> (module, one-line help)
+COMMANDS = {
+    "train": ("cke_dist.train", "train a model (one process, or under mpiexec)"),
+    "generate": ("cke_dist.generate", "generate text from a model directory"),
+    "compare": ("cke_dist.compare", "check our numbers against the PyTorch reference"),
+    "quantize": ("cke_dist.quantize", "write a Q8_0 copy of a model directory"),
+    "info": ("cke_dist.info", "transports, RDMA devices, MPI library, threads"),
+}
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = argparse.ArgumentParser(
+        prog="cke-dist", description="Distributed CPU training and inference for Llama-family models.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    chosen = argv[0] if argv and argv[0] in COMMANDS else None
+    for name, (module, help_) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_, description=help_)
+        if name == chosen:
+            mod = importlib.import_module(module)
+            mod.add_arguments(p)
+            p.set_defaults(_run=mod.run)
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    return int(args._run(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

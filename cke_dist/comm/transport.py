@@ -1,0 +1,42 @@
+"""The transport interface: what a collective needs from a link to one peer.
+
+A `Link` moves whole messages of bytes between this rank and one peer, in
+order, each message carrying a tag the receiver checks. Collectives are written
+once over this interface; `tcp`, `shm` and `rdma` each implement it.
+
+Rules every implementation keeps:
+- `send` and `recv` on the same link may run at the same time from two threads
+  (a ring step posts a send and a receive together); two sends (or two
+  receives) on one link are never concurrent: the caller serialises them.
+- Messages arrive in the order they were sent. `recv(buf, tag)` fills exactly
+  `buf` (a writable contiguous memoryview): a message whose tag or length differs
+  raises `FrameError` before anything past `buf` is written.
+- `deadline` is a `time.monotonic()` value; passing it raises `CommTimeout`,
+  a closed or dead peer raises `PeerLost`. Both name the peer rank and host.
+- Buffers are sent without copying them into Python objects (memoryviews).
+"""
+from __future__ import annotations
+
+import abc
+
+
+class Link(abc.ABC):
+    """A connection to one peer. `peer` is the peer's world rank, `host` its host name."""
+
+    kind: str = "?"  # "tcp" | "shm" | "rdma"
+
+    def __init__(self, peer: int, host: str):
+        self.peer = peer
+        self.host = host
+
+    @abc.abstractmethod
+    def send(self, buf: memoryview, tag: int, deadline: float) -> None:
+        """Send all of `buf` as one message; return once the buffer may be reused."""
+
+    @abc.abstractmethod
+    def recv(self, buf: memoryview, tag: int, deadline: float) -> None:
+        """Receive one message of exactly len(buf) bytes with this tag into `buf`."""
+
+    @abc.abstractmethod
+    def close(self) -> None:
+        """Release the link's resources; idempotent."""
