@@ -18,6 +18,7 @@ class CommError(RuntimeError):
         if where:
             parts.append("(" + ", ".join(where) + ")")
         super().__init__(" ".join(parts))
+        self.detail = message  # the message without the "(op=..., ...)" suffix, for re-wrapping
         self.op, self.group, self.peer, self.host = op, group, peer, host
 
 

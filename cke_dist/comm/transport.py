@@ -24,6 +24,11 @@ class Link(abc.ABC):
     """A connection to one peer. `peer` is the peer's world rank, `host` its host name."""
 
     kind: str = "?"  # "tcp" | "shm" | "rdma"
+    # A `send` of at most this many bytes returns without the peer posting its
+    # `recv` (it fits the socket buffer / a free slot). Collectives send such
+    # messages inline and skip the hand-off to the send thread; 0 means "always
+    # hand off", which is always safe.
+    eager_bytes: int = 0
 
     def __init__(self, peer: int, host: str):
         self.peer = peer

@@ -1,0 +1,185 @@
+"""Bootstrap: MPI finds the ranks, then every peer pair gets its own Link; MPI carries no data after.
+
+Rules this module keeps:
+- One MPI broadcast (the job token, drawn by rank 0) and one MPI allgather of a
+  dict of per-rank facts (host, pid, endpoints). A transport that needs more
+  facts adds keys to that dict; it never adds an MPI round.
+- Each peer's Link is built by the opener of its transport kind
+  (`_OPENERS[kind]`); which kind serves which peer is decided by
+  `_choose_kind`, the same on every rank because it only reads the gathered facts.
+- Listening sockets bind to the job's address: `interface` (name or address),
+  else the host name's address; loopback only when every rank is on one host.
+- Settings: arguments win, then CKE_TRANSPORT, CKE_COMM_INTERFACE,
+  CKE_COMM_TIMEOUT (seconds, per blocking call), CKE_COMM_HOSTNAME (test-only
+  host identity override).
+- Aborting: with `abort_on_error` (the default under mpiexec) a CommError that
+  goes uncaught, or one that was raised at all before the process exits, ends
+  the whole job through `MPI.COMM_WORLD.Abort(1)` after printing the error.
+Tests: tests/test_comm_single.py, tests/comm_collectives_mpi.py, tests/test_comm_faults.py.
+"""
+from __future__ import annotations
+
+import atexit
+import ipaddress
+import logging
+import os
+import secrets
+import socket
+import sys
+import threading
+import time
+
+from . import tcp
+from .errors import CommError, TransportUnavailable
+from .group import Communicator, Engine
+
+log = logging.getLogger("cke_dist.comm")
+
+TRANSPORTS = ("auto", "tcp", "shm", "rdma")
+DEFAULT_TIMEOUT_S = 300.0
+# TCP connections per peer pair; messages >= tcp.STRIPE_MIN are cut across them.
+DEFAULT_TCP_STREAMS = 1
+_WORLD: Communicator | None = None
+
+
+def _setting(value, env, default=None):
+    if value is not None:
+        return value
+    v = os.environ.get(env)
+    return v if v not in (None, "") else default
+
+
+def _choose_kind(transport: str, rank: int, peer: int, facts) -> str:
+    """Which transport serves the pair (rank, peer). Every rank computes the same answer."""
+    if transport in ("auto", "tcp"):
+        return "tcp"
+    raise TransportUnavailable(f"transport {transport!r} is not wired yet: only 'tcp' and 'auto' (= tcp) "
+                               f"work in this build; set transport='tcp' or CKE_TRANSPORT=tcp")
+
+
+# kind -> opener(rank, peers, facts, token, listener, deadline) -> {peer: Link}
+_OPENERS = {"tcp": tcp.open_links}
+
+
+def _check_addresses(facts):
+    counts = {f["tcp_streams"] for f in facts}
+    if len(counts) > 1:
+        raise ValueError(f"ranks disagree on CKE_TCP_STREAMS ({sorted(counts)}); set the same value on every rank")
+    hosts = {f["host"] for f in facts}
+    if len(hosts) == 1:
+        return
+    for r, f in enumerate(facts):
+        # an interface named on purpose is trusted (tests pose as several hosts on one machine)
+        if not f.get("tcp_interface") and ipaddress.ip_address(f["tcp"][0]).is_loopback:
+            raise ValueError(f"rank {r} on host {f['host']!r} listens on loopback {f['tcp'][0]} but the job spans "
+                             f"{len(hosts)} hosts ({', '.join(sorted(hosts))}): its host name resolves to "
+                             f"loopback. Set interface= (or CKE_COMM_INTERFACE) to the network interface name "
+                             f"or address the hosts share.")
+
+
+def init(transport=None, interface=None, timeout=None, abort_on_error=True) -> Communicator:
+    """The world communicator: under mpiexec/srun, or a size-1 world in one plain process.
+
+    Calling it again returns the same world.
+    """
+    global _WORLD
+    if _WORLD is not None:
+        return _WORLD
+    transport = str(_setting(transport, "CKE_TRANSPORT", "auto")).lower()
+    if transport not in TRANSPORTS:
+        raise ValueError(f"transport={transport!r}: use one of {', '.join(TRANSPORTS)}")
+    try:
+        timeout = float(_setting(timeout, "CKE_COMM_TIMEOUT", DEFAULT_TIMEOUT_S))
+    except ValueError:
+        raise ValueError(f"timeout / CKE_COMM_TIMEOUT={os.environ.get('CKE_COMM_TIMEOUT')!r} is not a number "
+                         f"of seconds") from None
+    if not timeout > 0:
+        raise ValueError(f"timeout={timeout}: must be a positive number of seconds")
+    interface = _setting(interface, "CKE_COMM_INTERFACE")
+    streams = _setting(None, "CKE_TCP_STREAMS", str(DEFAULT_TCP_STREAMS))
+    if not streams.isdigit() or not 1 <= int(streams) <= 16:
+        raise ValueError(f"CKE_TCP_STREAMS={streams!r}: use a whole number of TCP streams per peer pair, 1..16")
+    streams = int(streams)
+
+    from mpi4py import MPI
+
+    comm = MPI.COMM_WORLD
+    rank, size = comm.Get_rank(), comm.Get_size()
+    host = _setting(None, "CKE_COMM_HOSTNAME", socket.gethostname())
+    if transport in ("shm", "rdma"):
+        _choose_kind(transport, rank, rank, None)  # raises the clear "not wired" error on every rank
+    token = comm.bcast(secrets.token_bytes(16) if rank == 0 else None, root=0)
+    deadline = time.monotonic() + timeout
+
+    facts = {"host": host, "pid": os.getpid()}
+    listener = None
+    if size > 1:
+        listener = tcp.Listener(tcp.resolve_address(interface), token, rank, size, streams=streams,
+                                handshake_s=min(5.0, timeout))
+        facts["tcp"] = listener.endpoint
+        facts["tcp_streams"] = streams
+        facts["tcp_interface"] = interface
+    facts = comm.allgather(facts)
+    hosts = [f["host"] for f in facts]
+    links = {}
+    if size > 1:
+        _check_addresses(facts)
+        by_kind: dict[str, list[int]] = {}
+        for p in range(size):
+            if p != rank:
+                by_kind.setdefault(_choose_kind(transport, rank, p, facts), []).append(p)
+        for kind, peers in by_kind.items():
+            links.update(_OPENERS[kind](rank, peers, facts, token, listener, deadline))
+        if rank == 0:
+            log.info("cke-dist comm: %d ranks on %d host(s); transport %s for every peer pair",
+                     size, len(set(hosts)), ", ".join(sorted(by_kind)))
+
+    engine = Engine()
+    world = Communicator(range(size), rank, links, engine, hosts, timeout, "world", 0)
+    world.transport = transport
+    world.facts = facts
+    world._listener = listener
+    if abort_on_error and size > 1:
+        _install_abort(engine)
+    _WORLD = world
+    return world
+
+
+_aborting = False
+
+
+def _abort(err):
+    global _aborting
+    if _aborting:  # the excepthook and the exit rule may both fire
+        return
+    _aborting = True
+    try:
+        sys.stderr.write(f"cke-dist: aborting the MPI job after a communication error: {err}\n")
+        sys.stderr.flush()
+    finally:
+        from mpi4py import MPI
+
+        MPI.COMM_WORLD.Abort(1)
+
+
+def _install_abort(engine):
+    """Uncaught CommError (any thread) -> print, Abort. Any CommError seen before exit -> Abort at exit.
+
+    The exit rule matters when a caller catches the error and returns normally:
+    without it MPI_Finalize could wait on ranks that are stuck in the op.
+    """
+    prev_hook, prev_thread_hook = sys.excepthook, threading.excepthook
+
+    def hook(t, v, tb):
+        prev_hook(t, v, tb)
+        if isinstance(v, CommError):
+            _abort(v)
+
+    def thread_hook(args):
+        prev_thread_hook(args)
+        if isinstance(args.exc_value, CommError):
+            _abort(args.exc_value)
+
+    sys.excepthook = hook
+    threading.excepthook = thread_hook
+    atexit.register(lambda: engine.error is not None and _abort(engine.error))

@@ -1,0 +1,370 @@
+"""Communicators: the world and its `split` sub-groups, sync and async ops, one engine per process.
+
+Rules this module keeps:
+- One engine per process runs every op of every group, one op at a time, in
+  the order the ops were issued (a sync op runs in the caller's thread when
+  nothing is queued, otherwise it queues behind the async ones and waits).
+  So a world op and a sub-group op that share a peer pair never interleave on
+  a link: that is how groups stay uncorrupted, and it is why every member of
+  overlapping groups must issue their collectives in the same order (as with
+  MPI and NCCL). Collectives on disjoint groups run at once on their ranks.
+  The one exception: a queued point-to-point send moves to the send thread
+  and the next op starts, so `send(async_op=True)` + `recv` on both ranks of a
+  pair works like MPI's Isend/Recv (see Engine).
+- `async_op=True` returns a `Handle`; the op runs on the engine's comm thread
+  so kernels that release the GIL overlap with it. The caller must not touch
+  the buffer until `wait()` returns.
+- Within an op, sends that cannot complete before the peer receives go through
+  the engine's send thread so a ring step sends and receives at once.
+- Tags carry (group id, op code, per-group sequence number): a rank that is in
+  a different collective than its peer gets `FrameError`, never mixed data.
+- The first `CommError` breaks the engine: every later op raises at once, and
+  (with `abort_on_error`) the job is aborted through MPI at exit or when the
+  error goes uncaught, so no rank is left waiting.
+Tests: tests/comm_collectives_mpi.py, tests/test_comm_single.py, tests/test_comm_faults.py.
+"""
+from __future__ import annotations
+
+import queue
+import threading
+import time
+import zlib
+
+import numpy as np
+
+from . import collectives as C
+from .errors import CommError, CommTimeout
+from .reduce_ops import check_buffer, check_op
+
+_ALLREDUCE, _BCAST, _BARRIER, _ALLGATHER, _REDUCE_SCATTER, _P2P = 1, 2, 3, 4, 5, 6
+
+
+class Handle:
+    """An op in flight. `wait()` returns its result or raises its error."""
+
+    def __init__(self, what: str = "op"):
+        self._done = threading.Event()
+        self._result = None
+        self._error: BaseException | None = None
+        self.what = what
+
+    def _finish(self, result=None, error=None):
+        self._result, self._error = result, error
+        self._done.set()
+
+    def is_completed(self) -> bool:
+        return self._done.is_set()
+
+    def wait(self, timeout: float | None = None):
+        if not self._done.wait(timeout):
+            raise CommTimeout(f"{self.what} not finished after waiting {timeout}s", op=self.what)
+        if self._error is not None:
+            raise self._error
+        return self._result
+
+
+class Engine:
+    """The comm thread (runs queued ops in order) and the send thread (runs sends FIFO) of one process.
+
+    Point-to-point sends are the one exception to "one op at a time": the comm
+    thread hands a queued send to the send thread and goes on, so that
+    `send(async_op=True)` then `recv` on both ranks of a pair (the pipeline's
+    exchange) cannot deadlock on full socket buffers. Sends stay in issue order
+    (one FIFO), receives stay in issue order (the comm thread), and a
+    collective starts only once every earlier send has finished, so no link
+    ever carries two sends or two receives at once.
+    """
+
+    def __init__(self):
+        self.error: CommError | None = None
+        self._state = threading.Lock()
+        self._exec = threading.Lock()
+        self._pending = 0                      # queued or running ops, p2p sends until they finish
+        self._jobs: queue.SimpleQueue = queue.SimpleQueue()
+        self._sends: queue.SimpleQueue = queue.SimpleQueue()
+        self._inflight: list[Handle] = []      # p2p sends handed to the send thread (comm thread only)
+        self._worker = threading.Thread(target=self._work, name="cke-comm", daemon=True)
+        self._sender = threading.Thread(target=self._send_loop, name="cke-comm-send", daemon=True)
+        self._worker.start()
+        self._sender.start()
+        self._scratch = np.zeros(0, np.uint8)
+
+    # -- ops -----------------------------------------------------------------
+    def _check(self):
+        if self.error is not None:
+            raise CommError(f"communicator unusable after an earlier error: {self.error}",
+                            op=self.error.op, group=self.error.group, peer=self.error.peer,
+                            host=self.error.host) from self.error
+
+    def _record(self, e):
+        if isinstance(e, CommError) and self.error is None:
+            self.error = e
+
+    def run(self, fn, what: str, async_op: bool, kind: str = "collective"):
+        """Run `fn` in issue order. kind: "collective", "recv", or "send" (a p2p send, see the class note)."""
+        self._check()
+        if async_op:
+            h = Handle(what)
+            with self._state:
+                self._pending += 1
+                self._jobs.put((fn, h, kind))
+            return h
+        with self._state:
+            inline = self._pending == 0   # nothing queued, nothing in flight: run it here
+            if inline:
+                self._exec.acquire()
+            else:
+                h = Handle(what)
+                self._pending += 1
+                self._jobs.put((fn, h, kind))
+        if not inline:
+            return h.wait()
+        try:
+            return fn()
+        except CommError as e:
+            self._record(e)
+            raise
+        finally:
+            self._exec.release()
+
+    def _done(self, h, result=None, error=None):
+        if error is not None:
+            self._record(error)
+        h._finish(result=result, error=error)
+        with self._state:
+            self._pending -= 1
+
+    def _work(self):
+        while True:
+            fn, h, kind = self._jobs.get()
+            if kind == "send":
+                sh = Handle("send")
+                self._inflight.append(sh)
+                self._sends.put((fn, sh, h))
+                continue
+            with self._exec:
+                if kind == "collective":
+                    for sh in self._inflight:
+                        try:
+                            sh.wait()
+                        except BaseException:
+                            pass  # reported through the send's own handle
+                self._inflight = [sh for sh in self._inflight if not sh.is_completed()]
+                try:
+                    if self.error is not None:
+                        self._check()
+                    result, error = fn(), None
+                except BaseException as e:  # handed to whoever waits on the handle
+                    result, error = None, e
+            self._done(h, result, error)
+
+    # -- sends ---------------------------------------------------------------
+    def post(self, link, mvs, tag, deadline_fn) -> Handle:
+        """A collective's send: `mvs` to `link` as messages in order, on the send thread."""
+        def fn():
+            for mv in mvs:
+                link.send(mv, tag, deadline_fn())
+        h = Handle("send")
+        self._sends.put((fn, h, None))
+        return h
+
+    def _send_loop(self):
+        while True:
+            fn, h, op_handle = self._sends.get()
+            try:
+                if op_handle is not None and self.error is not None:
+                    self._check()
+                fn()
+                h._finish()
+                if op_handle is not None:
+                    self._done(op_handle)
+            except BaseException as e:
+                h._finish(error=e)
+                if op_handle is not None:
+                    self._done(op_handle, error=e)
+
+    def scratch(self, nbytes: int) -> np.ndarray:
+        # Only the op holding `_exec` uses it, so one buffer per process suffices.
+        if self._scratch.nbytes < nbytes:
+            self._scratch = np.empty(max(nbytes, 2 * self._scratch.nbytes), np.uint8)
+        return self._scratch[:nbytes]
+
+
+class Communicator:
+    """A group of ranks. `rank`/`size` are within the group; `ranks` are the members' world ranks."""
+
+    def __init__(self, ranks, world_rank, links, engine, hosts, timeout, name, gid, world=None):
+        self.ranks = tuple(ranks)
+        self.world_rank = world_rank
+        self.rank = self.ranks.index(world_rank)
+        self.size = len(self.ranks)
+        self.hosts = hosts                      # world rank -> host name
+        self.timeout = float(timeout)
+        self.name = name
+        self.gid = gid
+        self._links = links                     # world rank -> Link (shared by every group)
+        self._engine = engine
+        self._seq = 0
+        self._world = world or self
+
+    def __repr__(self):
+        return f"<Communicator {self.name} rank {self.rank}/{self.size}>"
+
+    # -- what collectives.py needs --------------------------------------------
+    def link(self, r):
+        return self._links[self.ranks[r]]
+
+    def deadline(self):
+        return time.monotonic() + self.timeout
+
+    def post(self, link, mvs, tag):
+        return self._engine.post(link, mvs, tag, self.deadline)
+
+    def scratch(self, nbytes):
+        return self._engine.scratch(nbytes)
+
+    @property
+    def links(self):
+        """world rank -> Link for this group's peers (which transport serves whom)."""
+        return {r: self._links[r] for r in self.ranks if r != self.world_rank}
+
+    # -- plumbing --------------------------------------------------------------
+    def _tag(self, opcode, seq=None):
+        if seq is None:
+            self._seq = (self._seq + 1) & 0xFFFF
+            seq = self._seq
+        return (self.gid & 0xFFF) << 20 | (opcode & 0xF) << 16 | (seq & 0xFFFF)
+
+    def _run(self, opname, fn, async_op, kind="collective"):
+        def guarded():
+            try:
+                return fn()
+            except CommError as e:
+                if e.group is not None:
+                    raise
+                peer = self.ranks.index(e.peer) if e.peer in self.ranks else e.peer
+                raise type(e)(f"{opname} failed: {e.detail}", op=opname,
+                              group=f"{self.name} (group rank {self.rank} of {self.size})",
+                              peer=e.peer if peer == e.peer else f"{e.peer} (group rank {peer})",
+                              host=e.host) from e
+        return self._engine.run(guarded, opname, async_op, kind)
+
+    def _check_peer(self, r, what):
+        if not isinstance(r, (int, np.integer)) or not 0 <= r < self.size or r == self.rank:
+            raise ValueError(f"{what}={r!r} is not another rank of {self.name} (size {self.size}, "
+                             f"this rank {self.rank})")
+        return int(r)
+
+    # -- collectives -------------------------------------------------------------
+    def allreduce(self, buf, op="sum", async_op=False, out=None):
+        """Reduce `buf` over the group; in place, or into `out` leaving `buf` untouched. Returns the result array."""
+        if out is None:
+            flat = check_buffer(buf, "buf", writable=True)
+            result = buf
+        else:
+            src = check_buffer(buf, "buf", writable=False)
+            flat = check_buffer(out, "out", writable=True)
+            if out.dtype != buf.dtype or out.size != buf.size:
+                raise ValueError(f"out ({out.dtype}, {out.size} elements) must match buf "
+                                 f"({buf.dtype}, {buf.size} elements)")
+            result = out
+        check_op(op, flat.dtype)
+        tag = self._tag(_ALLREDUCE)
+
+        def go():
+            if out is not None:
+                np.copyto(flat, src)
+            C.allreduce(self, flat, op, tag)
+            return result
+        return self._run("allreduce", go, async_op)
+
+    def broadcast(self, buf, root=0, async_op=False):
+        flat = check_buffer(buf, "buf", writable=True)
+        if not isinstance(root, (int, np.integer)) or not 0 <= root < self.size:
+            raise ValueError(f"root={root!r} is not a rank of {self.name} (size {self.size})")
+        tag = self._tag(_BCAST)
+
+        def go():
+            C.broadcast(self, flat, int(root), tag)
+            return buf
+        return self._run("broadcast", go, async_op)
+
+    def barrier(self, async_op=False):
+        tag = self._tag(_BARRIER)
+        return self._run("barrier", lambda: C.barrier(self, tag), async_op)
+
+    def allgather(self, send, recv, async_op=False):
+        """recv (size * send.size elements) = every rank's send, in group rank order."""
+        s = check_buffer(send, "send", writable=False)
+        r = check_buffer(recv, "recv", writable=True)
+        if r.dtype != s.dtype or r.size != self.size * s.size:
+            raise ValueError(f"allgather: recv must be {s.dtype} with size*send.size = "
+                             f"{self.size * s.size} elements, got {r.dtype} with {r.size}")
+        tag = self._tag(_ALLGATHER)
+
+        def go():
+            C.allgather(self, s, r, tag)
+            return recv
+        return self._run("allgather", go, async_op)
+
+    def reduce_scatter(self, send, recv, op="sum", async_op=False):
+        """recv on group rank r = op over ranks of send's r-th block of recv.size elements."""
+        s = check_buffer(send, "send", writable=False)
+        r = check_buffer(recv, "recv", writable=True)
+        if r.dtype != s.dtype or s.size != self.size * r.size:
+            raise ValueError(f"reduce_scatter: send must hold size*recv.size = {self.size * r.size} "
+                             f"elements of recv's dtype {r.dtype}, got {s.dtype} with {s.size}")
+        check_op(op, s.dtype)
+        tag = self._tag(_REDUCE_SCATTER)
+
+        def go():
+            C.reduce_scatter(self, s, r, op, tag)
+            return recv
+        return self._run("reduce_scatter", go, async_op)
+
+    def send(self, buf, dst, tag=0, async_op=False):
+        """Send `buf` to group rank `dst`; the matching `recv` must expect the same length and tag."""
+        flat = check_buffer(buf, "buf", writable=False)
+        dst = self._check_peer(dst, "dst")
+        t = self._tag(_P2P, seq=tag)
+
+        def go():
+            self.link(dst).send(memoryview(flat).cast("B"), t, self.deadline())
+        return self._run("send", go, async_op, kind="send")
+
+    def recv(self, buf, src, tag=0, async_op=False):
+        """Receive exactly buf.nbytes from group rank `src` into `buf`."""
+        flat = check_buffer(buf, "buf", writable=True)
+        src = self._check_peer(src, "src")
+        t = self._tag(_P2P, seq=tag)
+
+        def go():
+            self.link(src).recv(memoryview(flat).cast("B"), t, self.deadline())
+            return buf
+        return self._run("recv", go, async_op, kind="recv")
+
+    # -- groups ------------------------------------------------------------------
+    def split(self, ranks):
+        """A sub-group of these group ranks (in the order given), reusing this group's connections.
+
+        Needs no communication; ranks outside `ranks` get None.
+        """
+        ranks = [int(r) for r in ranks]
+        if not ranks or len(set(ranks)) != len(ranks) or any(not 0 <= r < self.size for r in ranks):
+            raise ValueError(f"split({ranks}): need distinct ranks in 0..{self.size - 1} of {self.name}")
+        members = [self.ranks[r] for r in ranks]
+        if self.world_rank not in members:
+            return None
+        gid = (zlib.crc32(np.asarray(members, np.int64).tobytes()) % 0xFFF) + 1  # world is 0
+        name = "group[" + ",".join(map(str, members)) + "]"
+        return Communicator(members, self.world_rank, self._links, self._engine, self.hosts,
+                            self.timeout, name, gid, world=self._world)
+
+    def close(self):
+        """Close every link (world only; sub-groups share them)."""
+        if self is self._world:
+            for link in self._links.values():
+                link.close()
+            listener = getattr(self, "_listener", None)
+            if listener is not None:
+                listener.close()

@@ -1,0 +1,40 @@
+"""Driver: the multi-rank collective suite (tests/comm_collectives_mpi.py) at 2, 3, 4 and 5 ranks.
+
+One mpiexec launch per rank count runs every collective, op, dtype and length,
+so plain `pytest -q` covers the multi-rank suite in seconds.
+"""
+import pytest
+
+from mpirun import REPO, run_mpi, run_pytest_mpi
+
+
+@pytest.mark.parametrize("n", [2, 3, 4, 5])
+def test_collectives_suite(n):
+    res = run_pytest_mpi(n, REPO / "tests" / "comm_collectives_mpi.py", timeout=150)
+    assert "passed" in res.stdout and "failed" not in res.stdout
+
+
+def test_collectives_suite_ring_forced_over_striped_streams():
+    """Every size through the ring (tiny segments too), each peer pair over 3 TCP streams."""
+    env = {"CKE_ALLREDUCE_RING_BYTES": "8", "CKE_TCP_STREAMS": "3"}
+    res = run_pytest_mpi(3, REPO / "tests" / "comm_collectives_mpi.py", timeout=150, env=env)
+    assert "passed" in res.stdout and "failed" not in res.stdout
+
+
+def test_ranks_posing_as_two_hosts_over_named_interface():
+    """CKE_COMM_HOSTNAME gives each rank its own 'host' (so errors and plans see two hosts); an
+    explicit interface lets them talk over loopback."""
+    env = {"CKE_COMM_INTERFACE": "lo"}
+    res = run_mpi(2, ["-c", (
+        "import os, numpy as np\n"
+        "from mpi4py import MPI\n"
+        "os.environ['CKE_COMM_HOSTNAME'] = f'fakehost{MPI.COMM_WORLD.rank}'\n"
+        "from cke_dist.comm import init\n"
+        "w = init(timeout=20)\n"
+        "assert w.hosts == ['fakehost0', 'fakehost1'], w.hosts\n"
+        "x = np.arange(100_003, dtype=np.float64) * (w.rank + 1)\n"
+        "w.allreduce(x)\n"
+        "assert (x == np.arange(100_003) * 3).all()\n"
+        "print(f'two-host ok {w.rank} {w.link(1 - w.rank).host};', flush=True)\n")], timeout=60, env=env)
+    assert res.returncode == 0, res.stdout[-4000:]
+    assert "two-host ok 0 fakehost1;" in res.stdout and "two-host ok 1 fakehost0;" in res.stdout
