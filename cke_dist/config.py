@@ -1,0 +1,244 @@
+"""Training configuration: plain dataclasses, filled from TOML and `--set section.key=value`.
+
+Rules this module keeps:
+- Every key has a default here; a TOML file or `--set` only overrides. The defaults are the
+  built-in job (`cke-dist train` with no arguments).
+- An unknown section or key is an error that names it and lists the valid ones; a value of the
+  wrong type is an error naming the key, the expected type and the value. Nothing is ignored.
+- `--set` values are parsed as TOML values (`optim.lr=3e-4`, `model.tie_word_embeddings=true`,
+  `data.path="a b.txt"`); a value that is not valid TOML is taken as a bare string, which only
+  a string key accepts.
+Tests: tests/test_config.py.
+"""
+import dataclasses
+import json
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+class ConfigError(ValueError):
+    """A training config that names an unknown key or gives a value of the wrong type."""
+
+
+@dataclass
+class ModelSection:
+    """Hugging Face `config.json` names (see cke_dist.model.LlamaConfig). Ignored when init_from is set."""
+    init_from: str = ""          # HF model directory to start from instead of a random init
+    model_type: str = "llama"    # "llama" | "qwen2"
+    vocab_size: int = 256        # byte tokens
+    hidden_size: int = 128
+    intermediate_size: int = 384
+    num_hidden_layers: int = 4
+    num_attention_heads: int = 4
+    num_key_value_heads: int = 2
+    head_dim: int = 0            # 0 = hidden_size // num_attention_heads
+    max_position_embeddings: int = 256
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    tie_word_embeddings: bool = True
+    attention_bias: bool = False
+
+    def hf_config(self) -> dict:
+        d = dataclasses.asdict(self)
+        d.pop("init_from")
+        if d["head_dim"] == 0:
+            d.pop("head_dim")
+        d["architectures"] = ["Qwen2ForCausalLM" if self.model_type == "qwen2" else "LlamaForCausalLM"]
+        return d
+
+
+@dataclass
+class DataSection:
+    path: str = "examples/data/tinyshakespeare.txt"  # relative paths: cwd first, then the repo root
+    format: str = "auto"         # "auto" (by suffix) | "text" (bytes) | "u16" | "u32"
+    val_fraction: float = 0.1    # the last fraction of the tokens is the validation split
+    batch_size: int = 16         # sequences per micro-batch, summed over data-parallel ranks
+    seq_len: int = 128
+    grad_accum: int = 1          # micro-batches per optimizer step
+
+
+@dataclass
+class OptimSection:
+    name: str = "adamw"          # "adamw" | "sgd"
+    lr: float = 3e-3
+    min_lr: float = 3e-4         # cosine decays to this at train.steps
+    warmup_steps: int = 30
+    weight_decay: float = 0.0
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    momentum: float = 0.0        # sgd only
+    grad_clip: float = 1.0       # global L2 norm; 0 = no clipping
+
+
+@dataclass
+class TrainSection:
+    steps: int = 400             # optimizer steps in all (a resumed run continues to this)
+    seed: int = 0                # model init and data order
+    out_dir: str = ""            # "" = runs/train-<UTC time>
+    eval_every: int = 100        # 0 = only at the end
+    eval_batches: int = 4
+    checkpoint_every: int = 200  # 0 = only at the end
+    keep_checkpoints: int = 2    # newest step_* directories kept in out_dir/checkpoints
+    log_every: int = 10          # metrics.jsonl lines (rank 0)
+    # BLAS + numba threads; 0 = the libraries' defaults. 1 for the built-in model: its GEMMs are too
+    # small to gain from a second thread, and on a shared machine synchronised threads lose badly.
+    threads: int = 1
+
+
+@dataclass
+class SampleSection:
+    """The sample printed after training (byte-level data only)."""
+    prompt: str = "ROMEO:\n"
+    max_new_tokens: int = 200    # 0 = no sample
+    temperature: float = 0.8
+    top_k: int = 0               # 0 = no top-k filter
+
+
+@dataclass
+class TrainConfig:
+    model: ModelSection = field(default_factory=ModelSection)
+    data: DataSection = field(default_factory=DataSection)
+    optim: OptimSection = field(default_factory=OptimSection)
+    train: TrainSection = field(default_factory=TrainSection)
+    sample: SampleSection = field(default_factory=SampleSection)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict, source: str = "config") -> "TrainConfig":
+        cfg = cls()
+        apply_dict(cfg, d, source)
+        return cfg
+
+
+def to_toml(cfg: TrainConfig) -> str:
+    """The whole config as TOML that `load_config` reads back to an equal config."""
+    def value(v):
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        if isinstance(v, str):
+            return json.dumps(v)  # a JSON string is a valid TOML basic string
+        return repr(v)
+
+    lines = []
+    for name, section in _sections(cfg).items():
+        lines.append(f"[{name}]")
+        lines += [f"{k} = {value(v)}" for k, v in dataclasses.asdict(section).items()]
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _sections(cfg: TrainConfig) -> dict:
+    return {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)}
+
+
+def _coerce(value, typ, key: str, source: str):
+    ok = {
+        bool: isinstance(value, bool),
+        int: isinstance(value, int) and not isinstance(value, bool),
+        float: isinstance(value, (int, float)) and not isinstance(value, bool),
+        str: isinstance(value, str),
+    }[typ]
+    if not ok:
+        raise ConfigError(f"{source}: {key} must be {typ.__name__}, got {value!r} ({type(value).__name__})")
+    return float(value) if typ is float else value
+
+
+def set_value(cfg: TrainConfig, key: str, value, source: str) -> None:
+    """Set `section.key` to a parsed value, checking that the key exists and the type fits."""
+    sections = _sections(cfg)
+    section_name, _, name = key.partition(".")
+    if section_name not in sections or not name:
+        raise ConfigError(
+            f"{source}: unknown key {key!r}; keys are section.name with sections {', '.join(sections)}")
+    section = sections[section_name]
+    types = {f.name: f.type for f in dataclasses.fields(section)}
+    if name not in types:
+        raise ConfigError(
+            f"{source}: unknown key {key!r}; valid keys in [{section_name}]: {', '.join(types)}")
+    typ = {"bool": bool, "int": int, "float": float, "str": str}.get(types[name], types[name])
+    setattr(section, name, _coerce(value, typ, key, source))
+
+
+def apply_dict(cfg: TrainConfig, d: dict, source: str) -> None:
+    sections = _sections(cfg)
+    for section_name, body in d.items():
+        if section_name not in sections:
+            raise ConfigError(
+                f"{source}: unknown section [{section_name}]; valid sections: {', '.join(sections)}")
+        if not isinstance(body, dict):
+            raise ConfigError(f"{source}: [{section_name}] must be a table of keys, got {body!r}")
+        for name, value in body.items():
+            set_value(cfg, f"{section_name}.{name}", value, source)
+
+
+def _parse_set_value(raw: str):
+    try:
+        return tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        return raw  # a bare word such as a path; set_value accepts it only for string keys
+
+
+def apply_overrides(cfg: TrainConfig, overrides: list[str]) -> None:
+    for item in overrides:
+        key, eq, raw = item.partition("=")
+        if not eq:
+            raise ConfigError(f"--set {item!r}: expected section.key=value, e.g. --set optim.lr=1e-3")
+        set_value(cfg, key.strip(), _parse_set_value(raw.strip()), f"--set {item}")
+
+
+def load_toml(path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: config file not found")
+    try:
+        with open(path, "rb") as f:
+            return tomllib.load(f)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: not valid TOML: {e}") from None
+
+
+def load_config(path=None, overrides=(), base: TrainConfig | None = None) -> TrainConfig:
+    """Defaults (or `base`), then the TOML file, then `--set` overrides; then validated."""
+    cfg = TrainConfig.from_dict(base.to_dict()) if base is not None else TrainConfig()
+    if path is not None:
+        apply_dict(cfg, load_toml(path), str(path))
+    apply_overrides(cfg, list(overrides))
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: TrainConfig) -> None:
+    """Value ranges that no later step would report as clearly."""
+    def need(cond, key, what):
+        if not cond:
+            section, name = key.split(".")
+            raise ConfigError(f"{key} = {getattr(getattr(cfg, section), name)!r}: {what}")
+
+    need(cfg.data.format in ("auto", "text", "u16", "u32"), "data.format", "must be auto, text, u16 or u32")
+    need(0.0 < cfg.data.val_fraction < 1.0, "data.val_fraction", "must be between 0 and 1")
+    need(cfg.data.batch_size >= 1, "data.batch_size", "must be >= 1")
+    need(cfg.data.seq_len >= 1, "data.seq_len", "must be >= 1")
+    need(cfg.data.grad_accum >= 1, "data.grad_accum", "must be >= 1")
+    need(cfg.optim.name in ("adamw", "sgd"), "optim.name", "must be adamw or sgd")
+    need(cfg.optim.lr > 0, "optim.lr", "must be > 0")
+    need(0 <= cfg.optim.min_lr <= cfg.optim.lr, "optim.min_lr", "must be between 0 and optim.lr")
+    need(cfg.optim.warmup_steps >= 0, "optim.warmup_steps", "must be >= 0")
+    need(cfg.optim.grad_clip >= 0, "optim.grad_clip", "must be >= 0 (0 = no clipping)")
+    need(cfg.train.steps >= 1, "train.steps", "must be >= 1")
+    need(cfg.train.eval_every >= 0, "train.eval_every", "must be >= 0")
+    need(cfg.train.eval_batches >= 1, "train.eval_batches", "must be >= 1")
+    need(cfg.train.checkpoint_every >= 0, "train.checkpoint_every", "must be >= 0")
+    need(cfg.train.keep_checkpoints >= 1, "train.keep_checkpoints", "must be >= 1")
+    need(cfg.train.log_every >= 1, "train.log_every", "must be >= 1")
+    need(cfg.train.threads >= 0, "train.threads", "must be >= 0")
+    need(cfg.sample.max_new_tokens >= 0, "sample.max_new_tokens", "must be >= 0")
+    need(cfg.sample.temperature >= 0, "sample.temperature", "must be >= 0 (0 = greedy)")
+    need(cfg.sample.top_k >= 0, "sample.top_k", "must be >= 0")
+    need(cfg.model.model_type in ("llama", "qwen2"), "model.model_type", "must be llama or qwen2")
+    if not cfg.model.init_from:
+        need(cfg.data.seq_len <= cfg.model.max_position_embeddings, "data.seq_len",
+             f"must be <= model.max_position_embeddings ({cfg.model.max_position_embeddings})")

@@ -1,0 +1,216 @@
+"""Hugging Face model directories: `config.json` + safetensors weights, read and written.
+
+Rules this module keeps:
+- A directory holds either one `model.safetensors` or shards `model-0000x-of-0000y.safetensors`
+  listed by `model.safetensors.index.json` (the layout `save_pretrained` writes); when both
+  exist the index wins, as in transformers.
+- Every tensor comes back as a C-contiguous float32 numpy array (the compute type): bf16 and
+  fp16 are widened exactly (bf16 by a bit shift), f64 is rounded; other dtypes are an error.
+- A missing, truncated or inconsistent file raises `HFFormatError` (a ValueError) or
+  `FileNotFoundError` whose message names the file and what was expected. The safetensors
+  header is checked here before the `safetensors` package reads the data, so a short file
+  is reported as truncated rather than as a deep library error.
+- Files we write carry `{"format": "pt"}` metadata so `transformers.from_pretrained` loads them.
+Tests: tests/test_hf_io.py.
+"""
+import json
+import os
+import re
+import struct
+from pathlib import Path
+
+import numpy as np
+
+CONFIG_NAME = "config.json"
+SINGLE_NAME = "model.safetensors"
+INDEX_NAME = "model.safetensors.index.json"
+_SHARD_RE = re.compile(r"^model-(\d{5})-of-(\d{5})\.safetensors$")
+
+# safetensors dtype tag -> (numpy dtype of the stored bytes, bytes per element)
+_STORED = {
+    "F32": (np.dtype("<f4"), 4),
+    "F16": (np.dtype("<f2"), 2),
+    "BF16": (np.dtype("<u2"), 2),  # numpy has no bfloat16: read the raw 16 bits
+    "F64": (np.dtype("<f8"), 8),
+}
+
+
+class HFFormatError(ValueError):
+    """A Hugging Face model directory or safetensors file that cannot be read as it is."""
+
+
+def _read_header(path: Path) -> tuple[dict, int]:
+    """Parse and validate a safetensors header; returns (tensor entries, byte offset of data)."""
+    size = path.stat().st_size
+    if size < 8:
+        raise HFFormatError(f"{path}: truncated safetensors file ({size} bytes; the header length alone takes 8)")
+    with open(path, "rb") as f:
+        (hlen,) = struct.unpack("<Q", f.read(8))
+        if 8 + hlen > size:
+            raise HFFormatError(
+                f"{path}: truncated safetensors file: header says {hlen} header bytes, file has {size} bytes in all")
+        raw = f.read(hlen)
+    try:
+        header = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise HFFormatError(f"{path}: safetensors header is not valid JSON ({e}); the file is corrupted") from None
+    if not isinstance(header, dict):
+        raise HFFormatError(f"{path}: safetensors header is not a JSON object; the file is corrupted")
+    header.pop("__metadata__", None)
+    data_bytes = size - 8 - hlen
+    for name, entry in header.items():
+        try:
+            dtype, shape, (start, stop) = entry["dtype"], entry["shape"], entry["data_offsets"]
+        except (KeyError, TypeError, ValueError):
+            raise HFFormatError(f"{path}: tensor {name!r} has a malformed header entry {entry!r}") from None
+        if dtype not in _STORED:
+            raise HFFormatError(
+                f"{path}: tensor {name!r} has dtype {dtype}; supported: {', '.join(sorted(_STORED))}")
+        need = int(np.prod(shape, dtype=np.int64)) * _STORED[dtype][1]
+        if stop - start != need:
+            raise HFFormatError(
+                f"{path}: tensor {name!r} of shape {shape} {dtype} needs {need} bytes, header gives {stop - start}")
+        if stop > data_bytes:
+            raise HFFormatError(
+                f"{path}: truncated safetensors file: tensor {name!r} ends at data byte {stop}, "
+                f"file holds {data_bytes} data bytes")
+    return header, 8 + hlen
+
+
+def read_safetensors(path) -> dict[str, np.ndarray]:
+    """All tensors of one safetensors file as float32 arrays (file order)."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: safetensors file not found")
+    header, data_start = _read_header(path)
+    out = {}
+    try:
+        with safe_open(str(path), framework="np") as f:
+            for name in sorted(header, key=lambda n: header[n]["data_offsets"][0]):
+                entry = header[name]
+                if entry["dtype"] == "BF16":
+                    # bf16 is the top half of a float32: widen by shifting the bits up.
+                    n = int(np.prod(entry["shape"], dtype=np.int64))
+                    bits = np.fromfile(path, dtype="<u2", count=n, offset=data_start + entry["data_offsets"][0])
+                    arr = (bits.astype(np.uint32) << 16).view(np.float32).reshape(entry["shape"])
+                else:
+                    arr = f.get_tensor(name)
+                out[name] = np.ascontiguousarray(arr, dtype=np.float32)
+    except HFFormatError:
+        raise
+    except Exception as e:  # the library's own message, with the file named
+        raise HFFormatError(f"{path}: cannot read safetensors file: {e}") from e
+    return out
+
+
+def _read_index(index_path: Path) -> dict[str, list[str]]:
+    """Shard file -> tensor names, from a `model.safetensors.index.json`."""
+    try:
+        index = json.loads(index_path.read_text())
+        weight_map = index["weight_map"]
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise TypeError("weight_map must be a non-empty object")
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
+        raise HFFormatError(
+            f"{index_path}: bad index ({type(e).__name__}: {e}); expected JSON with a non-empty "
+            f"\"weight_map\" {{tensor name: shard file}}") from None
+    shards: dict[str, list[str]] = {}
+    for name, shard in weight_map.items():
+        if not isinstance(shard, str) or "/" in shard or "\\" in shard or shard in ("", ".", ".."):
+            raise HFFormatError(f"{index_path}: tensor {name!r} maps to {shard!r}, not a file name in this directory")
+        shards.setdefault(shard, []).append(name)
+    return shards
+
+
+def read_hf_dir(path) -> tuple[dict, dict[str, np.ndarray]]:
+    """(config dict, {tensor name: float32 array}) of a Hugging Face model directory."""
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path}: model directory not found")
+    config_path = path / CONFIG_NAME
+    if not config_path.is_file():
+        raise FileNotFoundError(f"{config_path}: not found; a model directory needs config.json")
+    try:
+        config = json.loads(config_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise HFFormatError(f"{config_path}: not valid JSON ({e})") from None
+    if not isinstance(config, dict):
+        raise HFFormatError(f"{config_path}: expected a JSON object, found {type(config).__name__}")
+
+    index_path = path / INDEX_NAME
+    if index_path.is_file():
+        tensors = {}
+        for shard, names in _read_index(index_path).items():
+            shard_path = path / shard
+            if not shard_path.is_file():
+                raise FileNotFoundError(f"{shard_path}: shard listed in {index_path.name} not found")
+            got = read_safetensors(shard_path)
+            missing = [n for n in names if n not in got]
+            if missing:
+                raise HFFormatError(
+                    f"{shard_path}: {index_path.name} lists {len(missing)} tensor(s) this shard lacks, "
+                    f"e.g. {missing[0]!r}")
+            for n in names:
+                tensors[n] = got[n]
+        return config, tensors
+    single = path / SINGLE_NAME
+    if single.is_file():
+        return config, read_safetensors(single)
+    raise FileNotFoundError(f"{path}: no {SINGLE_NAME} and no {INDEX_NAME}; nothing to load weights from")
+
+
+def _fsync_file(p: Path) -> None:
+    fd = os.open(p, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_hf_dir(path, config_dict: dict, tensors: dict[str, np.ndarray], max_shard_bytes: int | None = None) -> list[Path]:
+    """Write config.json + model.safetensors (or shards + index when they exceed max_shard_bytes).
+
+    Tensors are stored as float32 in the given order; earlier weight files of ours in the
+    directory are removed first so a reader never mixes two saves. Returns the files written
+    (each fsynced).
+    """
+    from safetensors.numpy import save_file
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    for old in path.iterdir():
+        if old.name in (SINGLE_NAME, INDEX_NAME) or _SHARD_RE.match(old.name):
+            old.unlink()
+    arrays = {n: np.ascontiguousarray(t, dtype=np.float32) for n, t in tensors.items()}
+
+    shards: list[dict[str, np.ndarray]] = [{}]
+    used = 0
+    for name, arr in arrays.items():
+        if max_shard_bytes is not None and shards[-1] and used + arr.nbytes > max_shard_bytes:
+            shards.append({})
+            used = 0
+        shards[-1][name] = arr
+        used += arr.nbytes
+
+    written = []
+    config_path = path / CONFIG_NAME
+    config_path.write_text(json.dumps(config_dict, indent=2, sort_keys=True) + "\n")
+    written.append(config_path)
+    if len(shards) == 1:
+        save_file(shards[0], str(path / SINGLE_NAME), metadata={"format": "pt"})
+        written.append(path / SINGLE_NAME)
+    else:
+        weight_map = {}
+        for i, shard in enumerate(shards):
+            fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+            save_file(shard, str(path / fname), metadata={"format": "pt"})
+            written.append(path / fname)
+            weight_map.update({n: fname for n in shard})
+        index = {"metadata": {"total_size": sum(a.nbytes for a in arrays.values())}, "weight_map": weight_map}
+        (path / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
+        written.append(path / INDEX_NAME)
+    for p in written:
+        _fsync_file(p)
+    return written

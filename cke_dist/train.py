@@ -1,0 +1,279 @@
+"""`cke-dist train [CONFIG.toml] [--set section.key=value ...] [--resume DIR]`: the training job.
+
+One optimizer step, top to bottom (see `train`):
+  lr from the warmup+cosine schedule (a function of the step),
+  K micro-batches: forward_backward with grad_scale = 1/K adds into the flat grad buffer,
+  clip the global grad norm, optimizer step,
+  rank 0: progress bar (loss, tokens/s) and a JSON line in <out_dir>/metrics.jsonl,
+  every eval_every steps the mean loss over fixed validation batches,
+  every checkpoint_every steps (and at the end) an atomic checkpoint (cke_dist.checkpoint).
+
+Rules this module keeps:
+- Batches depend only on (seed, step) (cke_dist.data), and the schedule only on the step, so
+  `--resume` restores the model, the optimizer state and the step and reproduces an
+  uninterrupted run exactly (tests/test_train_job.py checks it bitwise).
+- Today the job is one process: rank 0 of 1. Data parallelism (issue 5) plugs in at the marked
+  places: each rank takes `rows_for_rank` of every micro-batch, gradients are averaged before
+  the clip, the logged loss is averaged, and only rank 0 writes.
+- Every bad input (config key, corpus, checkpoint) ends the job with one message naming the file
+  or key, exit status 2.
+"""
+import json
+import math
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+
+from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from .config import ConfigError, TrainConfig, load_config, to_toml
+from .data import TRAIN, VAL, BatchSampler, DataError, open_corpus, rows_for_rank
+from .model.hf_io import HFFormatError
+from .schedule import lr_at
+
+REPO_ROOT = Path(__file__).resolve().parents[1]  # the repo is installed editable: examples/ lives here
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("config", nargs="?", help="TOML config (default: the built-in Tiny Shakespeare job)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="override one config key, e.g. --set optim.lr=1e-3 (repeatable)")
+    parser.add_argument("--resume", metavar="DIR",
+                        help="continue from a checkpoint directory, or the newest checkpoint of a run directory")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar (metrics.jsonl is still written)")
+    parser.add_argument("--print-config", action="store_true",
+                        help="print the resolved config (every key) as TOML and exit")
+
+
+def run(args) -> int:
+    try:
+        cfg, resume = resolve_config(args.config, args.overrides, args.resume)
+        if args.print_config:
+            print(to_toml(cfg), end="")
+            return 0
+        train(cfg, resume=resume, progress=not args.no_progress)
+    except (ConfigError, DataError, CheckpointError, HFFormatError, FileNotFoundError) as e:
+        print(f"cke-dist train: error: {e}", file=sys.stderr)
+        return 2
+    except FloatingPointError as e:
+        print(f"cke-dist train: error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def resolve_config(config_path, overrides, resume_path) -> tuple[TrainConfig, Path | None]:
+    """The config to run: defaults <- TOML <- --set; on --resume the checkpoint's config is the base."""
+    if resume_path is None:
+        return load_config(config_path, overrides), None
+    from .checkpoint import find_checkpoint
+
+    ckpt = find_checkpoint(resume_path)
+    state_path = ckpt / "trainer_state.json"
+    try:
+        saved = TrainConfig.from_dict(json.loads(state_path.read_text())["config"], str(state_path))
+    except (OSError, json.JSONDecodeError, KeyError) as e:
+        raise CheckpointError(f"{state_path}: cannot read the saved training config ({type(e).__name__}: {e})")
+    cfg = load_config(config_path, overrides, base=saved)
+    if cfg.model != saved.model:
+        diff = [f"model.{k}: checkpoint {v!r}, now {getattr(cfg.model, k)!r}"
+                for k, v in vars(saved.model).items() if getattr(cfg.model, k) != v]
+        raise ConfigError(f"--resume {resume_path}: the model section differs from the checkpoint's ("
+                          + "; ".join(diff) + "); a resumed run keeps the checkpoint's model")
+    return cfg, ckpt
+
+
+def resolve_data_path(path: str) -> Path:
+    """Relative corpus paths are looked up in the current directory, then in the repo root."""
+    p = Path(path).expanduser()
+    if p.is_absolute() or p.exists():
+        return p
+    if (REPO_ROOT / p).exists():
+        return REPO_ROOT / p
+    raise FileNotFoundError(f"data.path {path!r}: not found in {Path.cwd()} nor in {REPO_ROOT}")
+
+
+def _run_dir_of(ckpt: Path) -> Path:
+    return ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt.parent
+
+
+def build_model(cfg: TrainConfig):
+    from .model import LlamaConfig, Model, load_model
+
+    if cfg.model.init_from:
+        try:
+            return load_model(cfg.model.init_from)
+        except ValueError as e:
+            raise HFFormatError(f"model.init_from {cfg.model.init_from!r}: {e}") from e
+    try:
+        llama = LlamaConfig.from_dict(cfg.model.hf_config())
+    except ValueError as e:  # LlamaConfig names the key; say where it came from
+        raise ConfigError(f"[model] section: {e}") from e
+    return Model.from_config(llama, seed=cfg.train.seed)
+
+
+def build_optimizer(cfg: TrainConfig, model):
+    from .optim import SGD, AdamW
+
+    o = cfg.optim
+    if o.name == "adamw":
+        return AdamW(model, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, weight_decay=o.weight_decay)
+    return SGD(model, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay)
+
+
+def evaluate(model, sampler: BatchSampler, n_batches: int, rank: int = 0, world_size: int = 1) -> float:
+    """Mean loss over the fixed validation batches 0..n_batches-1 (the same every eval).
+
+    Each rank scores its rows of every batch; data parallel averages the result across ranks."""
+    rows = rows_for_rank(sampler.rows, rank, world_size)
+    return float(np.mean([model.loss(*sampler.batch(i, rows)) for i in range(n_batches)]))
+
+
+def _default_out_dir() -> Path:
+    return Path("runs") / datetime.now(timezone.utc).strftime("train-%Y%m%d-%H%M%S")
+
+
+def train(cfg: TrainConfig, resume: Path | None = None, progress: bool = True) -> dict:
+    """Run the job; returns {"model", "out_dir", "checkpoint", "step", "loss", "val_loss", "sample"}."""
+    from .model import load_model
+    from .optim import clip_grad_norm
+
+    # Data parallelism (issue 5) sets these from the process grid; today one process is the world.
+    rank, world_size = 0, 1
+    is_rank0 = rank == 0
+
+    if cfg.train.threads:
+        from cke_kernels.threads import set_num_threads
+        set_num_threads(cfg.train.threads)
+
+    ckpt = load_checkpoint(resume) if resume is not None else None
+    if ckpt is not None:
+        try:
+            model = load_model(ckpt.path)
+        except ValueError as e:
+            raise CheckpointError(f"{ckpt.path}: {e}") from e
+        start_step = int(ckpt.trainer_state["step"])
+        saved_out = ckpt.trainer_state["config"]["train"]["out_dir"]
+        # a resumed run continues in the run directory it came from unless told otherwise
+        out_dir = Path(cfg.train.out_dir) if cfg.train.out_dir != saved_out else _run_dir_of(ckpt.path)
+    else:
+        model = build_model(cfg)
+        start_step = 0
+        out_dir = Path(cfg.train.out_dir) if cfg.train.out_dir else _default_out_dir()
+    cfg.train.out_dir = str(out_dir)
+
+    data_path = resolve_data_path(cfg.data.path)
+    corpus = open_corpus(data_path, cfg.data.format, cfg.data.val_fraction, cfg.data.seq_len,
+                         model.config.vocab_size)
+    if cfg.data.seq_len > model.config.max_position_embeddings:
+        raise ConfigError(f"data.seq_len = {cfg.data.seq_len} exceeds the model's max_position_embeddings "
+                          f"({model.config.max_position_embeddings})")
+    micro_rows, accum, seq_len = cfg.data.batch_size, cfg.data.grad_accum, cfg.data.seq_len
+    train_batches = BatchSampler(corpus.train, micro_rows * accum, seq_len, cfg.train.seed, TRAIN, data_path)
+    val_batches = BatchSampler(corpus.val, micro_rows, seq_len, cfg.train.seed, VAL, data_path)
+
+    optimizer = build_optimizer(cfg, model)
+    if ckpt is not None:
+        try:
+            optimizer.load_state_dict(ckpt.optimizer_state)
+        except ValueError as e:
+            raise CheckpointError(f"{ckpt.path / 'optimizer.npz'} does not fit optim.name = "
+                                  f"{cfg.optim.name!r} and this model: {e}") from e
+
+    steps = cfg.train.steps
+    tokens_per_step = micro_rows * accum * seq_len
+    metrics_path = out_dir / "metrics.jsonl"
+    if is_rank0:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        n_params = model.params.size
+        print(f"cke-dist train: {n_params / 1e6:.2f}M parameters, {len(corpus.train):,} train / "
+              f"{len(corpus.val):,} val tokens from {data_path}, {tokens_per_step:,} tokens/step, "
+              f"steps {start_step}..{steps}, out_dir {out_dir}", file=sys.stderr)
+
+    def log(record: dict) -> None:
+        if is_rank0:
+            with open(metrics_path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    def checkpoint(step: int) -> Path:
+        state = {
+            "config": cfg.to_dict(),
+            # batches are a function of (seed, split, step): the data position is the step itself
+            "data": {"path": str(data_path), "format": corpus.format, "seed": cfg.train.seed,
+                     "next_step": step, "rng": "np.random.default_rng([seed, split, step])",
+                     "train_tokens": int(len(corpus.train)), "val_tokens": int(len(corpus.val))},
+            "tokens_seen": step * tokens_per_step,
+            "world_size": world_size,
+        }
+        return save_checkpoint(out_dir / "checkpoints", step, model, optimizer, state, corpus.tokenizer,
+                               keep=cfg.train.keep_checkpoints)
+
+    bar = None
+    if is_rank0 and progress:
+        from tqdm import tqdm
+        bar = tqdm(total=steps, initial=start_step, unit="step", dynamic_ncols=True, file=sys.stderr)
+
+    loss = val_loss = float("nan")
+    last_ckpt = None
+    window_time, window_tokens = 0.0, 0  # training time only: eval and checkpoints are not throughput
+    for step in range(start_step, steps):
+        t0 = time.perf_counter()
+        lr = lr_at(step, cfg.optim.lr, cfg.optim.min_lr, cfg.optim.warmup_steps, steps)
+        model.zero_grad()
+        loss_sum = 0.0
+        for micro in range(accum):
+            x, y = train_batches.micro_batch(step, micro, micro_rows, rank, world_size)
+            loss_sum += model.forward_backward(x, y, grad_scale=1.0 / accum)
+        loss = loss_sum / accum
+        # data parallel: average grads and loss across ranks here, before the clip
+        if not math.isfinite(loss):
+            raise FloatingPointError(f"loss is {loss} at step {step} (lr {lr:.3g}); lower optim.lr or "
+                                     f"raise optim.warmup_steps")
+        grad_norm = clip_grad_norm(model.grads, cfg.optim.grad_clip) if cfg.optim.grad_clip > 0 else None
+        optimizer.step(lr=lr)
+        done = step + 1
+        window_time += time.perf_counter() - t0
+        window_tokens += tokens_per_step
+        tok_s = window_tokens / max(window_time, 1e-9)
+        if bar is not None:
+            bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tok_s:,.0f}", lr=f"{lr:.2e}", refresh=False)
+            bar.update(1)
+        if done % cfg.train.log_every == 0 or done == steps:
+            log({"step": done, "loss": loss, "lr": lr,
+                 "grad_norm": None if grad_norm is None else float(grad_norm),
+                 "tokens": done * tokens_per_step, "tokens_per_s": tok_s, "time": time.time()})
+            window_time, window_tokens = 0.0, 0
+        if (cfg.train.eval_every and done % cfg.train.eval_every == 0) or done == steps:
+            val_loss = evaluate(model, val_batches, cfg.train.eval_batches, rank, world_size)
+            log({"step": done, "val_loss": val_loss, "time": time.time()})
+            if bar is not None:
+                bar.write(f"step {done}: train loss {loss:.4f}, val loss {val_loss:.4f}", file=sys.stderr)
+        if is_rank0 and ((cfg.train.checkpoint_every and done % cfg.train.checkpoint_every == 0) or done == steps):
+            last_ckpt = checkpoint(done)
+    if bar is not None:
+        bar.close()
+    if start_step >= steps:
+        print(f"cke-dist train: checkpoint is at step {start_step}, train.steps is {steps}: nothing to do; "
+              f"raise it with --set train.steps=N", file=sys.stderr)
+
+    sample = None
+    if is_rank0 and cfg.sample.max_new_tokens and corpus.tokenizer is not None and start_step < steps:
+        sample = _sample(cfg, model, last_ckpt)
+        print(f"--- sample (temperature {cfg.sample.temperature}) ---\n{sample}\n---")
+    if is_rank0 and last_ckpt is not None:
+        print(f"cke-dist train: step {steps}, train loss {loss:.4f}, val loss {val_loss:.4f}; "
+              f"checkpoint {last_ckpt}", file=sys.stderr)
+    return {"model": model, "out_dir": out_dir, "checkpoint": last_ckpt, "step": max(steps, start_step),
+            "loss": loss, "val_loss": val_loss, "sample": sample}
+
+
+def _sample(cfg: TrainConfig, model, ckpt_dir: Path) -> str:
+    """Generate from the trained model with the tokenizer the checkpoint carries."""
+    from .generate import generate
+    from .tokenizer import load_tokenizer
+
+    tok = load_tokenizer(ckpt_dir)
+    ids = generate(model, tok.encode(cfg.sample.prompt), cfg.sample.max_new_tokens,
+                   temperature=cfg.sample.temperature, top_k=cfg.sample.top_k or None, seed=cfg.train.seed)
+    return cfg.sample.prompt + tok.decode(ids)
