@@ -1,0 +1,157 @@
+"""Training-step bench: tokens/s of forward + backward + AdamW, ours against transformers'
+LlamaForCausalLM in torch eager mode, same weights, same thread count, in one run.
+
+    python bench/train_step.py --threads 1
+    python bench/train_step.py --threads 2
+
+Also prints the model FLOP/s (6 * params * tokens / time) of each against a numpy
+float32 matmul peak measured in the same run (the best of the GEMM shapes this
+model runs). Steps alternate ours / torch so that both see the same machine
+noise; we report medians over --repeats. The ratio is ours / torch in tokens/s. The matmul peak is the
+best GEMM time seen between the steps.
+"""
+import argparse
+import os
+import sys
+import time
+
+
+def parse():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--repeats", type=int, default=5, help="timed steps per implementation (median reported)")
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--seq", type=int, default=256)
+    p.add_argument("--layers", type=int, default=8)
+    p.add_argument("--hidden", type=int, default=512)
+    p.add_argument("--intermediate", type=int, default=1408)
+    p.add_argument("--heads", type=int, default=8)
+    p.add_argument("--kv-heads", type=int, default=4)
+    p.add_argument("--vocab", type=int, default=8192)
+    p.add_argument("--no-torch", action="store_true", help="time ours only")
+    return p.parse_args()
+
+
+args = parse()
+# thread counts must be fixed before numpy / numba / torch start their pools
+for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ[var] = str(args.threads)
+os.environ["NUMBA_NUM_THREADS"] = str(max(args.threads, int(os.environ.get("NUMBA_NUM_THREADS", "1"))))
+# numpy's OpenBLAS workers spin for 2^28 cycles after each GEMM; with 2 threads that spinning
+# steals the core from the numba kernel that follows. 2^4 cycles: they sleep at once (the wake-up
+# costs microseconds, a GEMM here milliseconds). Affects OpenBLAS only, not torch's MKL/OpenMP.
+os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")
+
+import numpy as np  # noqa: E402
+
+from cke_dist.model import LlamaConfig, Model  # noqa: E402
+from cke_dist.optim import AdamW  # noqa: E402
+from cke_kernels.threads import set_num_threads  # noqa: E402
+
+
+def matmul_peak(cfg, n_tokens, repeats=3):
+    """Best float32 GEMM FLOP/s over the model's forward GEMM shapes (N x K @ K x M): the fastest
+    of `repeats` runs of each, since a peak is what the machine can do when nothing interferes."""
+    C, I, V = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size
+    best = 0.0
+    for k, m in ((C, 2 * I), (I, C), (C, V)):
+        a = np.random.default_rng(0).standard_normal((n_tokens, k), dtype=np.float32)
+        b = np.random.default_rng(1).standard_normal((m, k), dtype=np.float32)
+        out = np.empty((n_tokens, m), np.float32)
+        np.matmul(a, b.T, out=out)
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            np.matmul(a, b.T, out=out)
+            times.append(time.perf_counter() - t0)
+        best = max(best, 2.0 * n_tokens * k * m / min(times))
+    return best
+
+
+def main():
+    set_num_threads(args.threads)
+    cfg = LlamaConfig(vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.intermediate,
+                      num_hidden_layers=args.layers, num_attention_heads=args.heads,
+                      num_key_value_heads=args.kv_heads, max_position_embeddings=max(2048, args.seq))
+    model = Model.from_config(cfg, seed=0)
+    B, T = args.batch, args.seq
+    tokens = B * T
+    rng = np.random.default_rng(0)
+    tok = rng.integers(0, cfg.vocab_size, (B, T + 1))
+    x, y = tok[:, :-1].copy(), tok[:, 1:].copy()
+    flops_per_step = 6.0 * model.num_params * tokens
+
+    opt = AdamW(model, lr=1e-4, weight_decay=0.1)
+
+    def ours_step():
+        model.zero_grad()
+        loss = model.forward_backward(x, y)
+        opt.step()
+        return loss
+
+    torch_step = None
+    if not args.no_torch:
+        import torch
+        from transformers import AutoConfig, AutoModelForCausalLM
+        torch.set_num_threads(args.threads)
+        hf = AutoModelForCausalLM.from_config(AutoConfig.for_model(**cfg.to_dict()), dtype=torch.float32)
+        sd = hf.state_dict()
+        with torch.no_grad():
+            for name, v in model.named_params.items():
+                sd[name].copy_(torch.from_numpy(v))
+        hf.train()
+        topt = torch.optim.AdamW(hf.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1)
+        tx, ty = torch.from_numpy(x), torch.from_numpy(y)
+
+        def torch_step():
+            topt.zero_grad(set_to_none=True)
+            logits = hf(tx).logits
+            loss = torch.nn.functional.cross_entropy(logits.reshape(-1, cfg.vocab_size), ty.reshape(-1))
+            loss.backward()
+            topt.step()
+            return loss.item()
+
+    print(f"train step bench: {model.num_params / 1e6:.1f}M params ({cfg.num_hidden_layers} layers, hidden "
+          f"{cfg.hidden_size}, heads {cfg.num_attention_heads}/{cfg.num_key_value_heads} kv, intermediate "
+          f"{cfg.intermediate_size}, vocab {cfg.vocab_size}), batch {B} x seq {T}, threads {args.threads}, "
+          f"{args.repeats} repeats (median)", flush=True)
+    first = {}
+    for _ in range(args.warmup):
+        first["ours"] = ours_step()
+        if torch_step:
+            first["torch"] = torch_step()
+    if torch_step and args.warmup:
+        print(f"first-step loss: ours {first['ours']:.6f}, torch {first['torch']:.6f} "
+              f"(same weights and batch)", flush=True)
+    times = {"ours": [], "torch": []}
+    peak = 0.0
+    for _ in range(args.repeats):
+        peak = max(peak, matmul_peak(cfg, tokens))  # sampled between steps: the same noise as the steps
+        t0 = time.perf_counter()
+        ours_step()
+        times["ours"].append(time.perf_counter() - t0)
+        if torch_step:
+            t0 = time.perf_counter()
+            torch_step()
+            times["torch"].append(time.perf_counter() - t0)
+
+    rows = [("cke-dist (numpy+numba)", times["ours"])]
+    if torch_step:
+        rows.append(("torch eager (transformers)", times["torch"]))
+    print(f"{'implementation':<28} {'s/step':>8} {'tokens/s':>10} {'model GFLOP/s':>14} {'% matmul peak':>14}")
+    med = {}
+    for name, ts in rows:
+        m = float(np.median(ts))
+        med[name] = m
+        print(f"{name:<28} {m:8.3f} {tokens / m:10.0f} {flops_per_step / m / 1e9:14.1f} "
+              f"{100 * flops_per_step / m / peak:13.1f}%")
+    print(f"numpy float32 matmul peak: {peak / 1e9:.1f} GFLOP/s")
+    if torch_step:
+        ratio = med["torch eager (transformers)"] / med["cke-dist (numpy+numba)"]
+        print(f"ratio ours/torch tokens/s at {args.threads} thread(s): {ratio:.3f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,157 @@
+"""`cke-dist compare`: our model against transformers' PyTorch model, number for number.
+
+The same random batch goes through our Model and transformers' LlamaForCausalLM /
+Qwen2ForCausalLM (float32, eager attention) holding the same weights: with
+--model DIR transformers loads DIR with its own loader (so our loader is checked
+too); without it a small random model is built from a seed. We print the largest
+absolute and relative differences of the logits, the loss, every gradient, and
+the parameters after N AdamW steps (torch.optim.AdamW on their side), and exit 1
+when any exceeds |ours - torch| <= atol + rtol * |torch|.
+
+Needs the test extra (torch, transformers): pip install -e '.[test]'.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+import numpy as np
+
+DEFAULT_CONFIG = dict(vocab_size=256, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", metavar="DIR", help="HF model directory (default: a small random Llama)")
+    p.add_argument("--steps", type=int, default=10, help="AdamW steps before comparing parameters (default 10)")
+    p.add_argument("--batch", type=int, default=2, help="batch size (default 2)")
+    p.add_argument("--seq", type=int, default=32, help="sequence length (default 32)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random batch and random model")
+    p.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate (default 1e-3)")
+    p.add_argument("--eps", type=float, default=1e-5,
+                   help="AdamW eps (default 1e-5: with 1e-8 a gradient element that is float32 noise "
+                        "around zero becomes a full-size step in both, and differs between them)")
+    p.add_argument("--weight-decay", type=float, default=0.1, help="AdamW weight decay (default 0.1)")
+    p.add_argument("--rtol", type=float, default=1e-4, help="relative tolerance (default 1e-4)")
+    p.add_argument("--atol", type=float, default=1e-5, help="absolute tolerance (default 1e-5)")
+    p.add_argument("--threads", type=int, default=None, help="BLAS/numba threads for our side")
+
+
+def _diff(ours, ref, rtol, atol):
+    """(max abs diff, max rel diff, worst |d| / (atol + rtol |ref|))."""
+    ours = np.asarray(ours, dtype=np.float64)
+    ref = np.asarray(ref, dtype=np.float64)
+    d = np.abs(ours - ref)
+    if d.size == 0:
+        return 0.0, 0.0, 0.0
+    rel = d / np.maximum(np.abs(ref), 1e-30)
+    tol = atol + rtol * np.abs(ref)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ratio = np.where(d == 0, 0.0, d / tol)   # d > 0 with tol 0 is inf: beyond any tolerance
+    return float(d.max()), float(rel.max()), float(ratio.max())
+
+
+def run(args) -> int:
+    try:
+        import torch
+        from transformers import AutoConfig, AutoModelForCausalLM
+    except ImportError as e:
+        print(f"cke-dist compare needs torch and transformers ({e}); install the test extra: "
+              f"pip install -e '.[test]'", file=sys.stderr)
+        return 2
+    from cke_dist.model import LlamaConfig, Model, load_model
+    from cke_dist.optim import AdamW
+
+    if args.threads:
+        from cke_kernels.threads import set_num_threads
+        set_num_threads(args.threads)
+        torch.set_num_threads(args.threads)
+    for name in ("steps", "batch", "seq"):
+        if getattr(args, name) < (0 if name == "steps" else 1):
+            print(f"--{name} must be positive, got {getattr(args, name)}", file=sys.stderr)
+            return 2
+
+    if args.model:
+        try:
+            model = load_model(args.model)
+        except (OSError, ValueError) as e:
+            print(f"cke-dist compare: cannot load --model {args.model}: {e}", file=sys.stderr)
+            return 2
+        ref = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32, attn_implementation="eager")
+        source = args.model
+    else:
+        model = Model.from_config(LlamaConfig.from_dict(DEFAULT_CONFIG), seed=args.seed)
+        hf_cfg = AutoConfig.for_model(**model.config.to_dict())
+        hf_cfg._attn_implementation = "eager"
+        ref = AutoModelForCausalLM.from_config(hf_cfg, dtype=torch.float32)
+        sd = ref.state_dict()
+        with torch.no_grad():
+            for name, v in model.named_params.items():
+                sd[name].copy_(torch.from_numpy(v))
+        source = f"random model (seed {args.seed}) {DEFAULT_CONFIG}"
+    cfg = model.config
+    ref_params = dict(ref.named_parameters())
+    missing = sorted(set(model.named_params) - set(ref_params))
+    if missing:
+        print(f"transformers' {type(ref).__name__} has no parameter(s) {missing[:3]}: names differ", file=sys.stderr)
+        return 1
+    T = min(args.seq, cfg.max_position_embeddings)
+    rng = np.random.default_rng(args.seed)
+
+    def make_batch():
+        tok = rng.integers(0, cfg.vocab_size, (args.batch, T + 1))
+        return tok[:, :-1].copy(), tok[:, 1:].copy()
+
+    def ref_loss(x, y):
+        logits = ref(torch.from_numpy(x)).logits
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, cfg.vocab_size), torch.from_numpy(y).reshape(-1))
+        return logits, loss
+
+    rows = []
+    x, y = make_batch()
+    logits, loss = ref_loss(x, y)
+    loss.backward()
+    rows.append(("logits", *_diff(model.forward(x), logits.detach().numpy(), args.rtol, args.atol), ""))
+    model.zero_grad()
+    our_loss = model.forward_backward(x, y)
+    rows.append(("loss", *_diff(our_loss, loss.item(), args.rtol, args.atol), ""))
+    worst = max(((n, *_diff(g, ref_params[n].grad.numpy(), args.rtol, args.atol))
+                 for n, g in model.named_grads.items()), key=lambda r: r[3])
+    rows.append(("grads", *_diff(model.grads, np.concatenate(
+        [ref_params[n].grad.numpy().reshape(-1) for n in model.named_grads]), args.rtol, args.atol)[:2],
+                 worst[3], f"worst: {worst[0]}"))
+
+    opt = AdamW(model, lr=args.lr, betas=(0.9, 0.95), eps=args.eps, weight_decay=args.weight_decay)
+    ref_opt = torch.optim.AdamW([ref_params[n] for n in model.named_params], lr=args.lr, betas=(0.9, 0.95),
+                                eps=args.eps, weight_decay=args.weight_decay)
+    for step in range(args.steps):
+        if step:
+            x, y = make_batch()
+            ref_opt.zero_grad()
+            ref_loss(x, y)[1].backward()
+            model.zero_grad()
+            model.forward_backward(x, y)
+        ref_opt.step()
+        opt.step()
+    if args.steps:
+        worst = max(((n, *_diff(v, ref_params[n].detach().numpy(), args.rtol, args.atol))
+                     for n, v in model.named_params.items()), key=lambda r: r[3])
+        rows.append((f"params after {args.steps} AdamW", *_diff(model.params, np.concatenate(
+            [ref_params[n].detach().numpy().reshape(-1) for n in model.named_params]), args.rtol, args.atol)[:2],
+                     worst[3], f"worst: {worst[0]}"))
+
+    print(f"cke-dist compare: {source}")
+    print(f"  {cfg.model_type}, {model.num_params:,} params, batch {args.batch} x {T}, "
+          f"tolerance |ours - torch| <= {args.atol:g} + {args.rtol:g} * |torch|")
+    print(f"  {'quantity':<24} {'max abs diff':>13} {'max rel diff':>13} {'/ tolerance':>12}")
+    failed = []
+    for name, dabs, drel, ratio, note in rows:
+        flag = "ok" if ratio <= 1.0 else "FAIL"
+        if ratio > 1.0:
+            failed.append(name)
+        print(f"  {name:<24} {dabs:13.3e} {drel:13.3e} {ratio:12.3f}  {flag} {note}")
+    if failed:
+        print(f"FAILED: {', '.join(failed)} beyond tolerance", file=sys.stderr)
+        return 1
+    print("all within tolerance")
+    return 0
