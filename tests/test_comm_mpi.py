@@ -1,4 +1,5 @@
-"""Driver: the multi-rank collective suite (tests/comm_collectives_mpi.py) at 2, 3, 4 and 5 ranks.
+"""Driver: the multi-rank collective suite (tests/comm_collectives_mpi.py) over tcp at 2, 3, 4 and 5 ranks
+(tests/test_shm_collectives.py runs it over shm and a shm/tcp mix).
 
 One mpiexec launch per rank count runs every collective, op, dtype and length,
 so plain `pytest -q` covers the multi-rank suite in seconds.
@@ -10,13 +11,13 @@ from mpirun import REPO, run_mpi, run_pytest_mpi
 
 @pytest.mark.parametrize("n", [2, 3, 4, 5])
 def test_collectives_suite(n):
-    res = run_pytest_mpi(n, REPO / "tests" / "comm_collectives_mpi.py", timeout=150)
+    res = run_pytest_mpi(n, REPO / "tests" / "comm_collectives_mpi.py", timeout=150, env={"CKE_TRANSPORT": "tcp"})
     assert "passed" in res.stdout and "failed" not in res.stdout
 
 
 def test_collectives_suite_ring_forced_over_striped_streams():
     """Every size through the ring (tiny segments too), each peer pair over 3 TCP streams."""
-    env = {"CKE_ALLREDUCE_RING_BYTES": "8", "CKE_TCP_STREAMS": "3"}
+    env = {"CKE_ALLREDUCE_RING_BYTES": "8", "CKE_TCP_STREAMS": "3", "CKE_TRANSPORT": "tcp"}
     res = run_pytest_mpi(3, REPO / "tests" / "comm_collectives_mpi.py", timeout=150, env=env)
     assert "passed" in res.stdout and "failed" not in res.stdout
 

@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from cke_dist.comm import Communicator, TransportUnavailable, init
+from cke_dist.comm import Communicator, init
 
 
 @pytest.fixture(scope="module")
@@ -64,14 +64,6 @@ def test_bad_input_is_named(world):
     with pytest.raises(ValueError, match="distinct ranks"):
         world.split([0, 0])
     assert world.split([0]).size == 1
-
-
-def test_transport_choice_errors():
-    import cke_dist.comm.bootstrap as b
-
-    with pytest.raises(TransportUnavailable, match="not wired yet"):
-        b._choose_kind("shm", 0, 1, None)
-    assert b._choose_kind("auto", 0, 1, None) == "tcp"
 
 
 def test_listener_refuses_wrong_token_and_serves_the_right_one():

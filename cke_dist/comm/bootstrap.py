@@ -1,12 +1,13 @@
 """Bootstrap: MPI finds the ranks, then every peer pair gets its own Link; MPI carries no data after.
 
 Rules this module keeps:
-- One MPI broadcast (the job token, drawn by rank 0) and one MPI allgather of a
-  dict of per-rank facts (host, pid, endpoints). A transport that needs more
-  facts adds keys to that dict; it never adds an MPI round.
-- Each peer's Link is built by the opener of its transport kind
-  (`_OPENERS[kind]`); which kind serves which peer is decided by
-  `_choose_kind`, the same on every rank because it only reads the gathered facts.
+- MPI is only the rendezvous: one broadcast (the job token, drawn by rank 0),
+  one allgather of a dict of per-rank facts (host, pid, TCP endpoint, what
+  RDMA this rank offers), and the few rounds shm/rdma set-up needs to swap
+  segment names and queue-pair numbers and agree on failures.
+- Which transport serves each peer pair is `select.plan` (a pure function of
+  the gathered facts, so every rank agrees); `select.open_links` opens shm and
+  rdma links and moves pairs whose links fail to come up to tcp (with `auto`).
 - Listening sockets bind to the job's address: `interface` (name or address),
   else the host name's address; loopback only when every rank is on one host.
 - Settings: arguments win, then CKE_TRANSPORT, CKE_COMM_INTERFACE,
@@ -29,13 +30,12 @@ import sys
 import threading
 import time
 
-from . import tcp
-from .errors import CommError, TransportUnavailable
+from . import select, tcp
+from .errors import CommError
 from .group import Communicator, Engine
 
 log = logging.getLogger("cke_dist.comm")
 
-TRANSPORTS = ("auto", "tcp", "shm", "rdma")
 DEFAULT_TIMEOUT_S = 300.0
 # TCP connections per peer pair; messages >= tcp.STRIPE_MIN are cut across them.
 DEFAULT_TCP_STREAMS = 1
@@ -47,18 +47,6 @@ def _setting(value, env, default=None):
         return value
     v = os.environ.get(env)
     return v if v not in (None, "") else default
-
-
-def _choose_kind(transport: str, rank: int, peer: int, facts) -> str:
-    """Which transport serves the pair (rank, peer). Every rank computes the same answer."""
-    if transport in ("auto", "tcp"):
-        return "tcp"
-    raise TransportUnavailable(f"transport {transport!r} is not wired yet: only 'tcp' and 'auto' (= tcp) "
-                               f"work in this build; set transport='tcp' or CKE_TRANSPORT=tcp")
-
-
-# kind -> opener(rank, peers, facts, token, listener, deadline) -> {peer: Link}
-_OPENERS = {"tcp": tcp.open_links}
 
 
 def _check_addresses(facts):
@@ -85,9 +73,7 @@ def init(transport=None, interface=None, timeout=None, abort_on_error=True) -> C
     global _WORLD
     if _WORLD is not None:
         return _WORLD
-    transport = str(_setting(transport, "CKE_TRANSPORT", "auto")).lower()
-    if transport not in TRANSPORTS:
-        raise ValueError(f"transport={transport!r}: use one of {', '.join(TRANSPORTS)}")
+    transport = select.resolve_transport(transport)
     try:
         timeout = float(_setting(timeout, "CKE_COMM_TIMEOUT", DEFAULT_TIMEOUT_S))
     except ValueError:
@@ -106,12 +92,10 @@ def init(transport=None, interface=None, timeout=None, abort_on_error=True) -> C
     comm = MPI.COMM_WORLD
     rank, size = comm.Get_rank(), comm.Get_size()
     host = _setting(None, "CKE_COMM_HOSTNAME", socket.gethostname())
-    if transport in ("shm", "rdma"):
-        _choose_kind(transport, rank, rank, None)  # raises the clear "not wired" error on every rank
     token = comm.bcast(secrets.token_bytes(16) if rank == 0 else None, root=0)
     deadline = time.monotonic() + timeout
 
-    facts = {"host": host, "pid": os.getpid()}
+    facts = {"host": host, "pid": os.getpid(), "rdma": select.local_facts(transport)["rdma"]}
     listener = None
     if size > 1:
         listener = tcp.Listener(tcp.resolve_address(interface), token, rank, size, streams=streams,
@@ -121,22 +105,19 @@ def init(transport=None, interface=None, timeout=None, abort_on_error=True) -> C
         facts["tcp_interface"] = interface
     facts = comm.allgather(facts)
     hosts = [f["host"] for f in facts]
-    links = {}
+    links, plan = {}, None
     if size > 1:
         _check_addresses(facts)
-        by_kind: dict[str, list[int]] = {}
-        for p in range(size):
-            if p != rank:
-                by_kind.setdefault(_choose_kind(transport, rank, p, facts), []).append(p)
-        for kind, peers in by_kind.items():
-            links.update(_OPENERS[kind](rank, peers, facts, token, listener, deadline))
-        if rank == 0:
-            log.info("cke-dist comm: %d ranks on %d host(s); transport %s for every peer pair",
-                     size, len(set(hosts)), ", ".join(sorted(by_kind)))
+        links, plan = select.open_links(
+            comm, select.plan(transport, facts),
+            lambda peers: tcp.open_links(rank, peers, facts, token, listener, deadline),
+            rdma_probe=facts[rank]["rdma"])
+        listener.expect([])  # no pair left to accept (tcp.open_links is skipped when no pair uses tcp)
 
     engine = Engine()
     world = Communicator(range(size), rank, links, engine, hosts, timeout, "world", 0)
     world.transport = transport
+    world.plan = plan
     world.facts = facts
     world._listener = listener
     if abort_on_error and size > 1:

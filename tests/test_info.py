@@ -1,0 +1,68 @@
+"""`cke-dist info` run as the real command: alone, as JSON, with a forced transport that cannot work, and under
+mpiexec with ranks posing as two hosts (the per-pair plan rank 0 prints)."""
+import json
+import os
+import subprocess
+import sys
+
+from cke_dist.comm import rdma
+from mpirun import REPO
+from test_select import run_two_hosts
+
+INFO = [sys.executable, "-m", "cke_dist.cli", "info"]
+PROBE = rdma.probe()
+
+
+def _run(cmd, **env_extra):
+    env = dict(os.environ, OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1", NUMBA_NUM_THREADS="1", **env_extra)
+    env.pop("CKE_TRANSPORT", None)
+    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
+
+
+def test_info_text_names_mpi_rdma_transport_and_threads():
+    p = _run(INFO)
+    assert p.returncode == 0, p.stderr
+    out = p.stdout
+    assert "MPI library:   MPICH" in out
+    assert f"pyverbs:       {PROBE['version'] or 'not installed'}" in out
+    for line in PROBE["checked"]:
+        assert f"checked: {line}" in out
+    assert "transport:     auto" in out and "shm for peers on this host" in out
+    assert ("for peers on other hosts: tcp (rdma: no device here)" in out) == (PROBE["reason"] == "rdma: no device")
+    assert "OMP_NUM_THREADS=1" in out and "CPUs usable" in out
+
+
+def test_info_json_is_complete():
+    p = _run(INFO + ["--json"])
+    assert p.returncode == 0, p.stderr
+    info = json.loads(p.stdout)
+    assert info["mpi"]["world_size"] == 1 and info["mpi"]["library"].startswith("MPICH")
+    assert info["rdma"]["ok"] == PROBE["ok"] and info["rdma"]["reason"] == PROBE["reason"]
+    assert info["transport"] == {"requested": "auto", "ok": True, "plan": info["transport"]["plan"]}
+    assert info["threads"]["NUMBA_NUM_THREADS"] == "1"
+
+
+def test_info_forced_rdma_without_device_exits_1_with_checks():
+    if PROBE["ok"]:
+        return  # a device here: forced rdma is possible (covered by the rdma-marked tests)
+    p = _run(INFO + ["--transport", "rdma"])
+    assert p.returncode == 1
+    assert "transport:     rdma -- UNAVAILABLE" in p.stdout
+    assert "transport=rdma cannot work here: rdma: no device. Checked: import pyverbs" in p.stdout
+
+
+def test_info_bad_transport_name():
+    p = _run(INFO + ["--transport", "carrier-pigeon"])
+    assert p.returncode == 2 and "transport='carrier-pigeon' is not a transport" in p.stderr
+
+
+def test_info_under_mpiexec_prints_the_plan_once():
+    p = run_two_hosts(2, 1, INFO[1:])
+    assert p.returncode == 0, p.stdout
+    out = p.stdout
+    assert out.count("MPI library:") == 1, "only rank 0 prints"
+    assert "transport=auto: 3 ranks on 2 host(s) (hostA: ranks 0-1; hostB: ranks 2)" in out
+    assert "shm: pairs 0-1 (same host)" in out
+    if not PROBE["ok"]:
+        assert "tcp: pairs 0-2 1-2 (remote; rdma: no device (rank 0 and 2 more))" in out or \
+            "tcp: pairs 0-2 1-2 (remote; rdma: pyverbs not installed" in out
