@@ -25,6 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .model.hf_io import fsync_path
+
 MANIFEST = "manifest.json"
 TRAINER_STATE = "trainer_state.json"
 OPTIMIZER = "optimizer.npz"
@@ -43,14 +45,6 @@ def _sha256(path: Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _write_json(path: Path, obj) -> None:
@@ -99,11 +93,11 @@ def save_checkpoint(root, step: int, model, optimizer, trainer_state: dict, toke
     files = {}
     for p in sorted(tmp.rglob("*")):
         if p.is_file():
-            _fsync(p)
+            fsync_path(p)
             files[p.relative_to(tmp).as_posix()] = {"sha256": _sha256(p), "bytes": p.stat().st_size}
     _write_json(tmp / MANIFEST, {"format": FORMAT, "step": step, "files": files})
-    _fsync(tmp / MANIFEST)
-    _fsync(tmp)
+    fsync_path(tmp / MANIFEST)
+    fsync_path(tmp)
 
     if final.exists():  # the same step written again (a rerun): swap, never leave a gap without one
         old = root / f".old-{final.name}-{os.getpid()}"
@@ -112,7 +106,7 @@ def save_checkpoint(root, step: int, model, optimizer, trainer_state: dict, toke
         shutil.rmtree(old)
     else:
         tmp.rename(final)
-    _fsync(root)
+    fsync_path(root)
 
     if keep is not None:
         for old in list_checkpoints(root)[:-keep]:

@@ -32,8 +32,7 @@ import time
 import numpy as np
 
 from .errors import CommTimeout, PeerLost
-from .slots import RxRing, SlotReceiver, SlotSender, TxRing
-from .transport import Link
+from .slots import RxRing, SlotLink, TxRing
 
 DEFAULT_SLOT_BYTES = (1 << 20) + 64  # 1 MiB payload + header, as shm
 DEFAULT_NSLOTS = 4
@@ -328,23 +327,13 @@ class _RdmaRx(RxRing):
         self.v.wait(ready, deadline, what)
 
 
-class RdmaLink(Link):
+class RdmaLink(SlotLink):
     kind = "rdma"
 
     def __init__(self, peer: int, host: str, verbs: _Verbs):
-        super().__init__(peer, host)
         self.verbs = verbs
         verbs.link = self
-        self._tx = SlotSender(_RdmaTx(verbs), peer, host, "rdma")
-        self._rx = SlotReceiver(_RdmaRx(verbs), peer, host, "rdma")
-        self.eager_bytes = self._tx.payload  # as shm: one chunk finds a free slot
-        self._closed = False
-
-    def send(self, buf, tag, deadline):
-        self._tx.send(buf, tag, deadline)
-
-    def recv(self, buf, tag, deadline):
-        self._rx.recv(buf, tag, deadline)
+        super().__init__(peer, host, _RdmaTx(verbs), _RdmaRx(verbs))
 
     def close(self):
         if not self._closed:

@@ -42,8 +42,7 @@ import time
 import numpy as np
 
 from .errors import CommTimeout, PeerLost
-from .slots import HEADER_BYTES, RxRing, SlotReceiver, SlotSender, TxRing
-from .transport import Link
+from .slots import HEADER_BYTES, RxRing, SlotLink, TxRing
 
 SHM_DIR = "/dev/shm"
 PREFIX = "cke-shm-"
@@ -274,26 +273,16 @@ class _ShmRx(_ShmEnd, RxRing):
         self._wait(ready, deadline, what, self.data_fi, self.data_addr)
 
 
-class ShmLink(Link):
+class ShmLink(SlotLink):
     """A Link over one pair segment. side 0 = the lower rank (creator), side 1 = the higher rank."""
 
     kind = "shm"
 
     def __init__(self, peer: int, host: str, seg: _Segment, side: int, peer_pid: int):
-        super().__init__(peer, host)
         self.seg, self.side = seg, side
         tx_dir, rx_dir = (0, 1) if side == 0 else (1, 0)
-        self._tx = SlotSender(_ShmTx(seg, tx_dir, side, peer_pid, self), peer, host, "shm")
-        self._rx = SlotReceiver(_ShmRx(seg, rx_dir, side, peer_pid, self), peer, host, "shm")
-        # a one-chunk message finds a free slot unless the peer has left nslots chunks unread
-        self.eager_bytes = self._tx.payload
-        self._closed = False
-
-    def send(self, buf, tag, deadline):
-        self._tx.send(buf, tag, deadline)
-
-    def recv(self, buf, tag, deadline):
-        self._rx.recv(buf, tag, deadline)
+        super().__init__(peer, host, _ShmTx(seg, tx_dir, side, peer_pid, self),
+                         _ShmRx(seg, rx_dir, side, peer_pid, self))
 
     def close(self):
         if self._closed:

@@ -27,6 +27,7 @@ from typing import Callable
 import numpy as np
 
 from .errors import CommError, FrameError
+from .transport import Link
 
 HEADER = struct.Struct("<QqQQQ")  # seq, tag, total, offset, nbytes
 HEADER_BYTES = 64  # header padded to a cache line so payload copies start aligned
@@ -201,3 +202,21 @@ class SlotReceiver(_End):
         for _ in range(self.nchunks(total) - 1):
             self._next(deadline, "recv (discarding a mismatched message)")
             self._consume()
+
+
+class SlotLink(Link):
+    """A Link made of a SlotSender and a SlotReceiver over a backend's two rings (shm, rdma)."""
+
+    def __init__(self, peer: int, host: str, tx_ring: TxRing, rx_ring: RxRing):
+        super().__init__(peer, host)
+        self._tx = SlotSender(tx_ring, peer, host, self.kind)
+        self._rx = SlotReceiver(rx_ring, peer, host, self.kind)
+        # a one-chunk message finds a free slot unless the peer has left nslots chunks unread
+        self.eager_bytes = self._tx.payload
+        self._closed = False
+
+    def send(self, buf, tag, deadline):
+        self._tx.send(buf, tag, deadline)
+
+    def recv(self, buf, tag, deadline):
+        self._rx.recv(buf, tag, deadline)

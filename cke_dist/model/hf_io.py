@@ -161,7 +161,8 @@ def read_hf_dir(path) -> tuple[dict, dict[str, np.ndarray]]:
     raise FileNotFoundError(f"{path}: no {SINGLE_NAME} and no {INDEX_NAME}; nothing to load weights from")
 
 
-def _fsync_file(p: Path) -> None:
+def fsync_path(p: Path) -> None:
+    """fsync a file or a directory (a rename is durable only once its directory is synced)."""
     fd = os.open(p, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -212,5 +213,5 @@ def write_hf_dir(path, config_dict: dict, tensors: dict[str, np.ndarray], max_sh
         (path / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
         written.append(path / INDEX_NAME)
     for p in written:
-        _fsync_file(p)
+        fsync_path(p)
     return written
