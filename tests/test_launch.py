@@ -1,0 +1,43 @@
+"""launch/mpirun_cmd.py: cluster configs become mpiexec command lines that really run."""
+import subprocess
+import sys
+
+from mpirun import REPO
+
+SCRIPT = REPO / "launch" / "mpirun_cmd.py"
+
+
+def _run(*args, timeout=60):
+    return subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True, timeout=timeout)
+
+
+def test_two_host_config_makes_the_hydra_command():
+    res = _run(str(REPO / "cluster-configs" / "two-hosts.toml"), "--", "cke-dist", "train")
+    assert res.returncode == 0, res.stderr
+    out = res.stdout.split()
+    assert out[1:5] == ["-n", "8", "-hosts", "node1:4,node2:4"]
+    assert "CKE_COMM_INTERFACE" in out and out[out.index("CKE_COMM_INTERFACE") + 1] == "eth0"
+    assert out[-2:] == ["cke-dist", "train"]
+
+
+def test_localhost_config_runs_a_real_two_rank_job():
+    job = [sys.executable, "-c",
+           "from cke_dist.comm import init; import numpy as np; w = init(timeout=30); x = np.ones(5) * (w.rank + 1);"
+           "w.allreduce(x); print('sum', int(x[0]), w.plan.of(0, 1) if w.plan else None)"]
+    res = _run(str(REPO / "cluster-configs" / "localhost.toml"), "--exec", "--", *job, timeout=120)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert res.stdout.count("sum 3 shm") == 2
+
+
+def test_grid_that_does_not_fill_the_slots_is_refused(tmp_path):
+    cfg = tmp_path / "bad.toml"
+    cfg.write_text('hosts = [{ name = "a", slots = 3 }]\ngrid = { dp = 2 }\n')
+    res = _run(str(cfg), "--", "true")
+    assert res.returncode != 0 and "does not use the 3 slots" in res.stderr
+
+
+def test_unknown_key_is_named(tmp_path):
+    cfg = tmp_path / "bad.toml"
+    cfg.write_text('hosts = [{ name = "a", slots = 1 }]\ntransprot = "tcp"\n')
+    res = _run(str(cfg), "--", "true")
+    assert res.returncode != 0 and "transprot" in res.stderr
