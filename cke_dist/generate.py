@@ -1,0 +1,222 @@
+"""Text generation: the Python API and the `cke-dist generate` job.
+
+    from cke_dist.generate import generate, stream_ids, generate_batch
+    ids = generate(model, prompt_ids, max_new_tokens=32, temperature=0)        # greedy
+    for tok in stream_ids(model, prompt_ids, 64, temperature=0.8, top_p=0.9, seed=1): ...
+    outs = generate_batch(model, [ids_a, ids_b], 32)                            # prompts of any lengths
+
+Rules it keeps:
+- `model` is a cke_dist Model (used through views, no copy) or an InferenceModel.
+- the prompt is prefilled in one pass (GEMMs), then one token per step (GEMVs).
+- a generation ends for one reason, the return value of `stream_ids`: "stop" (a
+  stop id was produced; it is yielded), "length" (max_new_tokens), or "context"
+  (the sequence filled max_position_embeddings: a warning says so). A prompt
+  longer than the context raises before any work.
+- a batch runs each prompt's prefill in its own cache row, then decodes all
+  live rows together; row i samples with seed + i, so it reproduces
+  `generate(..., seed=seed + i)`.
+Tests: tests/test_generate.py.
+"""
+from __future__ import annotations
+
+import sys
+import warnings
+
+
+from .model.decode import InferenceModel
+from .sampling import Sampler
+
+
+def as_inference_model(model, quantize=None) -> InferenceModel:
+    if isinstance(model, InferenceModel):
+        if quantize not in (None, model.quantize):
+            raise ValueError(f"model is already built as {model.quantize or 'float32'}; cannot apply "
+                             f"quantize={quantize!r} to it")
+        return model
+    return InferenceModel.from_model(model, quantize=quantize)
+
+
+def _check_prompt(im: InferenceModel, prompt_ids, what="prompt") -> list[int]:
+    ids = [int(i) for i in prompt_ids]
+    if not ids:
+        raise ValueError(f"{what} is empty: generation needs at least one token to start from")
+    ctx, V = im.max_context, im.config.vocab_size
+    if len(ids) > ctx:
+        raise ValueError(f"{what} has {len(ids)} tokens, more than the model's context of {ctx} "
+                         f"(max_position_embeddings in config.json); shorten the prompt")
+    bad = [i for i in ids if not 0 <= i < V]
+    if bad:
+        raise ValueError(f"{what} has token id {bad[0]} outside the vocabulary [0, {V})")
+    return ids
+
+
+def _check_max_new(max_new_tokens):
+    if int(max_new_tokens) != max_new_tokens or max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
+    return int(max_new_tokens)
+
+
+def stream_ids(model, prompt_ids, max_new_tokens, temperature=1.0, top_k=None, top_p=None, seed=None,
+               stop_ids=None):
+    """Yield new token ids one at a time; the generator's return value is the stop reason."""
+    im = as_inference_model(model)
+    ids = _check_prompt(im, prompt_ids)
+    max_new = _check_max_new(max_new_tokens)
+    sampler = Sampler(temperature, top_k, top_p, seed)
+    stop = set(int(i) for i in (stop_ids or ()))
+    P, ctx = len(ids), im.max_context
+    room = ctx - P                       # tokens that fit before the sequence fills the context
+    n = min(max_new, room)
+    if n <= 0:
+        return _ended("length" if max_new == 0 else "context", ctx)
+    # the last token is never fed back, so the cache needs P + n - 1 positions
+    cache = im.new_cache(1, P + n - 1)
+    logits = im.prefill(cache, 0, ids)
+    for i in range(n):
+        tok = sampler(logits)
+        yield tok
+        if tok in stop:
+            return "stop"
+        if i + 1 < n:
+            logits = im.decode(cache, [0], [tok])[0]
+    return "length" if n == max_new else _ended("context", ctx)
+
+
+def _ended(reason, ctx):
+    if reason == "context":
+        warnings.warn(f"generation stopped: the sequence reached the model's context of {ctx} tokens "
+                      f"(max_position_embeddings)", stacklevel=3)
+    return reason
+
+
+def generate(model, prompt_ids, max_new_tokens, temperature=1.0, top_k=None, top_p=None, seed=None,
+             stop_ids=None) -> list[int]:
+    """The new ids only (including a stop id that ended it)."""
+    return list(stream_ids(model, prompt_ids, max_new_tokens, temperature, top_k, top_p, seed, stop_ids))
+
+
+def generate_batch(model, prompts, max_new_tokens, temperature=1.0, top_k=None, top_p=None, seed=None,
+                   stop_ids=None) -> list[list[int]]:
+    """New ids for each prompt (prompts may differ in length); decode steps run all live rows at once."""
+    im = as_inference_model(model)
+    prompts = [_check_prompt(im, p, f"prompt {i}") for i, p in enumerate(prompts)]
+    max_new = _check_max_new(max_new_tokens)
+    B, ctx = len(prompts), im.max_context
+    if B == 0:
+        return []
+    samplers = [Sampler(temperature, top_k, top_p, None if seed is None else seed + i) for i in range(B)]
+    stop = set(int(i) for i in (stop_ids or ()))
+    limits = [min(max_new, ctx - len(p)) for p in prompts]
+    if any(lim < max_new for lim in limits):
+        _ended("context", ctx)
+    cache = im.new_cache(B, max(1, max(len(p) + max(lim - 1, 0) for p, lim in zip(prompts, limits))))
+    outs: list[list[int]] = [[] for _ in range(B)]
+    live, logits = [], []
+    for b, p in enumerate(prompts):
+        if limits[b] > 0:
+            live.append(b)
+            logits.append(im.prefill(cache, b, p))
+    while live:
+        next_live, feed = [], []
+        for b, row in zip(live, logits):
+            tok = samplers[b](row)
+            outs[b].append(tok)
+            if tok not in stop and len(outs[b]) < limits[b]:
+                next_live.append(b)
+                feed.append(tok)
+        live = next_live
+        if live:
+            logits = list(im.decode(cache, live, feed))
+    return outs
+
+
+# ---- the `cke-dist generate` job -----------------------------------------------------------------
+
+def add_arguments(p):
+    p.add_argument("--model", required=True, help="model directory: HF (config.json + safetensors + "
+                   "tokenizer.json), ours (cke_tokenizer.json), or a Q8_0 copy from `cke-dist quantize`")
+    p.add_argument("--prompt", action="append", required=True,
+                   help="prompt text; repeat for a batch (printed when all are done)")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--stop", action="append", default=[], help="stop when this text appears (repeatable); "
+                   "the tokenizer's end-of-sequence token always stops")
+    p.add_argument("--quantize", choices=["q8_0"], default=None, help="quantize the linears at load time")
+    p.add_argument("--threads", type=int, default=None, help="threads for BLAS and numba together")
+    p.add_argument("--add-bos", action="store_true", help="prepend the tokenizer's BOS token")
+
+
+class _StopText:
+    """Holds back streamed text that might be the start of a stop string; cuts at the first match."""
+
+    def __init__(self, stops):
+        self.stops = [s for s in stops if s]
+        self.pending = ""
+        self.hit = False
+
+    def push(self, text: str) -> str:
+        self.pending += text
+        for s in self.stops:
+            i = self.pending.find(s)
+            if i >= 0:
+                self.hit, out, self.pending = True, self.pending[:i], ""
+                return out
+        keep = max((k for s in self.stops for k in range(1, len(s)) if self.pending.endswith(s[:k])), default=0)
+        out = self.pending[:len(self.pending) - keep]
+        self.pending = self.pending[len(self.pending) - keep:]
+        return out
+
+    def flush(self) -> str:
+        out, self.pending = self.pending, ""
+        return out
+
+
+def run(args) -> int:
+    from .tokenizer import TextStream, load_tokenizer
+    if args.threads is not None:
+        from cke_kernels.threads import set_num_threads
+        set_num_threads(args.threads)
+    tok = load_tokenizer(args.model)     # before the weights: a missing tokenizer fails fast
+    im = InferenceModel.from_dir(args.model, quantize=args.quantize)
+    if im.config.vocab_size < getattr(tok, "vocab_size", 0):
+        raise ValueError(f"{args.model}: tokenizer has {tok.vocab_size} tokens, the model's vocab_size is only "
+                         f"{im.config.vocab_size}")
+    stop_ids = list(getattr(tok, "eos_token_ids", []) or [])
+    kw = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed, stop_ids=stop_ids)
+    prompts = [tok.encode(p, add_bos=args.add_bos) for p in args.prompt]
+    if len(prompts) > 1:
+        outs = generate_batch(im, prompts, args.max_new_tokens, **kw)
+        for text, ids in zip(args.prompt, outs):
+            body = tok.decode([i for i in ids if i not in stop_ids])
+            for s in args.stop:
+                body = body.split(s)[0] if s else body
+            print(f"{text}{body}\n---")
+        return 0
+    out, stream, cut = sys.stdout, TextStream(tok), _StopText(args.stop)
+    out.write(args.prompt[0])
+    out.flush()
+    gen = stream_ids(im, prompts[0], args.max_new_tokens, **kw)
+    reason = None
+    while True:
+        try:
+            t = next(gen)
+        except StopIteration as e:
+            reason = e.value
+            break
+        if t in stop_ids:
+            continue
+        out.write(cut.push(stream.push(t)))
+        out.flush()
+        if cut.hit:
+            gen.close()
+            reason = "stop"
+            break
+    if not cut.hit:
+        out.write(cut.push(stream.flush()) + cut.flush())
+    out.write("\n")
+    out.flush()
+    print(f"[stopped: {reason}]", file=sys.stderr)
+    return 0

@@ -1,0 +1,437 @@
+"""The inference forward: prefill with GEMMs, decode with GEMVs, over a preallocated KV cache.
+
+    im = InferenceModel.from_model(model)            # views of the Model's flat buffer, no copy
+    im = InferenceModel.from_model(model, quantize="q8_0")
+    im = InferenceModel.from_dir("dir")              # HF dir (through load_model) or a Q8_0 dir
+    cache = im.new_cache(batch=2, max_len=64)
+    logits = im.forward(ids, seq, pos, cache)        # rows (ids[m], cache row seq[m], position pos[m])
+
+Rules it keeps:
+- one forward for prefill and decode: a call is M token rows, each with its
+  cache row and position; prefill is the prompt's T rows of one sequence (BLAS
+  GEMMs), a decode step is one row per live sequence (numba GEMVs, so a step
+  runs on one thread pool: see cke_kernels/decode_matvec.py). Rows of one call must have
+  increasing positions within a sequence, and every earlier position of that
+  sequence must already be in the cache.
+- the same ops as training: CORE's rmsnorm / swiglu / residual / embedding
+  kernels and `linear_forward`; RoPE angles from CORE's `rope_inv_freq`.
+  q/k/v and gate/up are one product each, on the Model's adjacent views.
+- Q8_0 linears (`cke_kernels.q8_0`) replace float32 ones one for one, including
+  the (tied) LM head; the embedding lookup then dequantizes the rows it reads.
+- tensor parallelism: head counts come from the weight shapes this rank holds
+  and row-parallel outputs (o_proj, down_proj) are allreduced over the model's
+  `tp_group` when its size is > 1, so the TP split adds shards, not a second path.
+- positions beyond the cache or the model's context raise, naming both numbers.
+Tests: tests/test_generate.py, tests/test_q8_0.py.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+
+from cke_kernels.decode_attention import cached_attention, rope_positions
+from cke_kernels.embedding import embedding_forward
+from cke_kernels.linear import linear_forward
+from cke_kernels.decode_matvec import f32_matvec
+from cke_kernels.q8_0 import MATVEC_MAX_ROWS, q8_0_gather_rows, q8_0_matmul, quantize_q8_0
+from cke_kernels.residual import residual_forward
+from cke_kernels.rmsnorm import rmsnorm_forward
+from cke_kernels.rope import rope_inv_freq
+from cke_kernels.swiglu import swiglu_forward
+
+F32 = np.float32
+Q8_METHOD = "cke_q8_0"      # config.json "quantization_config.quant_method" of a Q8_0 directory
+Q8_SCALE_SUFFIX = "_scale"  # "<name>.weight" int8 values + "<name>.weight_scale" float16 block scales
+
+
+class Linear:
+    """y = x @ W.T (+ b), W float32 (N, K) or Q8_0 (qs int8 (N, K), scales float32 (N, K/32))."""
+
+    def __init__(self, weight=None, bias=None, q8=None):
+        if (weight is None) == (q8 is None):
+            raise ValueError("Linear takes a float32 weight or a Q8_0 pair, exactly one")
+        self.weight, self.bias, self.q8 = weight, bias, q8
+        self.out_features, self.in_features = (weight if q8 is None else q8[0]).shape
+
+    @property
+    def nbytes(self) -> int:
+        w = self.weight.nbytes if self.q8 is None else self.q8[0].nbytes + self.q8[1].nbytes
+        return w + (0 if self.bias is None else self.bias.nbytes)
+
+    def quantized(self) -> "Linear":
+        if self.q8 is not None:
+            return self
+        return Linear(bias=self.bias, q8=quantize_q8_0(self.weight))
+
+    def __call__(self, x, out):
+        if self.q8 is None:
+            if x.shape[0] > MATVEC_MAX_ROWS:
+                linear_forward(x, self.weight, self.bias, out)      # prefill: BLAS GEMM
+                return out
+            f32_matvec(self.weight, x, out)                         # decode: one thread pool
+        else:
+            q8_0_matmul(self.q8[0], self.q8[1], x, out)
+        if self.bias is not None:
+            out += self.bias
+        return out
+
+
+class KVCache:
+    """Keys and values for `batch` sequences of up to `max_len` positions, every layer preallocated."""
+
+    def __init__(self, n_layers, batch, n_kv, max_len, head_dim):
+        self.k = np.zeros((n_layers, batch, n_kv, max_len, head_dim), F32)
+        self.v = np.zeros_like(self.k)
+        self.lengths = np.zeros(batch, np.int64)   # positions filled per sequence
+        self.batch, self.max_len = batch, max_len
+
+
+def _stack(arrays, flat=None, offsets=None, names=None):
+    """One (sum N, K) weight: a view of the flat buffer when the named tensors are adjacent in it
+    (the Model lays q/k/v and gate/up out that way), else a stacked copy."""
+    if len(arrays) == 1:
+        return arrays[0]
+    if flat is not None and all(n in offsets for n in names):
+        spans = [offsets[n] for n in names]
+        if all(spans[i][1] == spans[i + 1][0] for i in range(len(spans) - 1)):
+            view = flat[spans[0][0]:spans[-1][1]]
+            return view.reshape(-1, arrays[0].shape[1]) if arrays[0].ndim == 2 else view
+    return np.ascontiguousarray(np.concatenate(arrays, axis=0), dtype=F32)
+
+
+class _Layer:
+    def __init__(self, ln1, qkv, o, ln2, gate_up, down, n_heads, n_kv):
+        self.ln1, self.qkv, self.o, self.ln2, self.gate_up, self.down = ln1, qkv, o, ln2, gate_up, down
+        self.n_heads, self.n_kv = n_heads, n_kv
+
+
+class InferenceModel:
+    """The decoder for generation: float32 views of a Model (or Q8_0 linears) plus KV-cache forward."""
+
+    def __init__(self, config, tensors: dict, tp_group=None, flat=None, offsets=None):
+        """config: a LlamaConfig. tensors: HF name -> float32 array, or for Q8_0 weights name ->
+        (qs, scales). With the Model's flat buffer and offsets, q/k/v and gate/up become single
+        views of it (no copy)."""
+        self.config = cfg = config
+        self.tp_group = tp_group
+        self.tp_size = getattr(tp_group, "size", 1) if tp_group is not None else 1
+        D = cfg.head_dim
+        self.head_dim = D
+        self.eps = cfg.rms_norm_eps
+        self.inv_freq = rope_inv_freq(D, cfg.rope_theta)
+
+        def get(name):
+            if name not in tensors:
+                raise ValueError(f"missing tensor {name} that the config needs")
+            return tensors[name]
+
+        def lin(names, bias_names=()):
+            ws = [get(n) for n in names]
+            bs = [get(n) for n in bias_names]
+            bias = _stack(bs, flat, offsets, bias_names) if bs else None
+            if all(isinstance(w, tuple) for w in ws):            # Q8_0 pairs
+                qs = np.concatenate([w[0] for w in ws]) if len(ws) > 1 else ws[0][0]
+                sc = np.concatenate([w[1] for w in ws]) if len(ws) > 1 else ws[0][1]
+                return Linear(bias=bias, q8=(np.ascontiguousarray(qs), np.ascontiguousarray(sc, dtype=F32)))
+            return Linear(_stack(ws, flat, offsets, names), bias)
+
+        embed = get("model.embed_tokens.weight")
+        self.layers = []
+        for i in range(cfg.num_hidden_layers):
+            p = f"model.layers.{i}."
+            qkv_names = [p + f"self_attn.{x}_proj.weight" for x in "qkv"]
+            qkv_bias = [p + f"self_attn.{x}_proj.bias" for x in "qkv"] if cfg.attention_bias else []
+            o_bias = [p + "self_attn.o_proj.bias"] if getattr(cfg, "o_proj_bias", False) else []
+            q_rows = get(qkv_names[0])
+            q_rows = (q_rows[0] if isinstance(q_rows, tuple) else q_rows).shape[0]
+            k_rows = get(qkv_names[1])
+            k_rows = (k_rows[0] if isinstance(k_rows, tuple) else k_rows).shape[0]
+            self.layers.append(_Layer(
+                ln1=get(p + "input_layernorm.weight"),
+                qkv=lin(qkv_names, qkv_bias),
+                # row-parallel: the partial sums are allreduced, so only rank 0 adds the bias
+                o=lin([p + "self_attn.o_proj.weight"], o_bias if self.tp_size == 1 or tp_group.rank == 0 else []),
+                ln2=get(p + "post_attention_layernorm.weight"),
+                gate_up=lin([p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight"]),
+                down=lin([p + "mlp.down_proj.weight"]),
+                n_heads=q_rows // D, n_kv=k_rows // D))
+        self.norm = get("model.norm.weight")
+        head_name = "model.embed_tokens.weight" if cfg.tie_word_embeddings else "lm_head.weight"
+        self.lm_head = lin([head_name])
+        if cfg.tie_word_embeddings and self.lm_head.q8 is not None:
+            self.embed_q8, self.embed = self.lm_head.q8, None     # one Q8_0 table serves both
+        elif isinstance(embed, tuple):
+            self.embed_q8, self.embed = embed, None
+        else:
+            self.embed_q8, self.embed = None, embed
+        V = (self.embed if self.embed is not None else self.embed_q8[0]).shape[0]
+        if V != cfg.vocab_size or self.lm_head.out_features != cfg.vocab_size:
+            raise NotImplementedError(
+                "a vocab-parallel embedding / LM head (a shard of the vocabulary) is not supported by the "
+                "inference forward yet; give each rank the whole embedding and LM head")
+        self.n_kv = self.layers[0].n_kv if self.layers else cfg.num_key_value_heads
+        self.quantize = "q8_0" if self.lm_head.q8 is not None else None
+        self._ws: dict[int, dict] = {}
+
+    # ---- construction ---------------------------------------------------------------------------
+
+    @classmethod
+    def from_model(cls, model, quantize: str | None = None) -> "InferenceModel":
+        """Views of a cke_dist Model's parameters (no copy for float32); quantize="q8_0" for a Q8_0 copy."""
+        if quantize not in (None, "q8_0"):
+            raise ValueError(f"quantize={quantize!r}: supported are None (float32) and 'q8_0'")
+        im = cls(model.config, model.named_params, getattr(model, "tp_group", None),
+                 flat=model.params, offsets=model.param_offsets)
+        return im.to_q8_0() if quantize == "q8_0" else im
+
+    @classmethod
+    def from_dir(cls, model_dir, quantize: str | None = None, tp_group=None) -> "InferenceModel":
+        """An HF model directory (float32/16 weights, through load_model) or a Q8_0 directory."""
+        d = Path(model_dir)
+        cfg_path = d / "config.json"
+        if not d.is_dir():
+            raise FileNotFoundError(f"model directory {d} does not exist")
+        if not cfg_path.is_file():
+            raise FileNotFoundError(f"{cfg_path} is missing: a model directory needs config.json + safetensors")
+        try:
+            raw = json.loads(cfg_path.read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{cfg_path} is not valid JSON: {e}") from None
+        qc = raw.get("quantization_config") or {}
+        if qc.get("quant_method") == Q8_METHOD:
+            return cls._from_q8_dir(d, raw, tp_group)
+        if qc:
+            raise ValueError(f"{cfg_path}: quantization_config.quant_method {qc.get('quant_method')!r} is not "
+                             f"supported (ours is {Q8_METHOD!r}, written by `cke-dist quantize`)")
+        _check_architecture(raw, cfg_path)
+        from cke_dist.model import load_model
+        return cls.from_model(load_model(d, tp_group=tp_group), quantize=quantize)
+
+    @classmethod
+    def _from_q8_dir(cls, d: Path, raw: dict, tp_group) -> "InferenceModel":
+        from safetensors.numpy import load_file
+
+        from cke_dist.model import LlamaConfig, param_shapes
+        _check_architecture(raw, d / "config.json")
+        cfg = LlamaConfig.from_dict({k: v for k, v in raw.items() if k != "quantization_config"})
+        path = d / "model.safetensors"
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} is missing: a Q8_0 directory holds its weights in model.safetensors")
+        try:
+            stored = load_file(str(path))
+        except Exception as e:
+            raise ValueError(f"{path}: not a readable safetensors file ({e}); rewrite it with "
+                             f"`cke-dist quantize`") from None
+        tensors = {}
+        for name, shape in param_shapes(cfg):
+            if name not in stored:
+                raise ValueError(f"{path}: missing tensor {name} that config.json needs")
+            arr = stored[name]
+            if len(shape) == 2:
+                sname = name + Q8_SCALE_SUFFIX
+                want_s = (shape[0], shape[1] // 32)
+                if arr.dtype != np.int8 or sname not in stored:
+                    raise ValueError(f"{path}: tensor {name} should be Q8_0 (int8 values + {sname}); "
+                                     f"found dtype {arr.dtype}")
+                sc = stored[sname]
+                if tuple(arr.shape) != shape or tuple(sc.shape) != want_s:
+                    raise ValueError(f"{path}: tensor {name} has shape {tuple(arr.shape)} / scales "
+                                     f"{tuple(sc.shape)}, the config expects {shape} / {want_s}")
+                tensors[name] = (arr, sc.astype(F32))
+            else:
+                if tuple(arr.shape) != shape:
+                    raise ValueError(f"{path}: tensor {name} has shape {tuple(arr.shape)}, "
+                                     f"the config expects {shape}")
+                tensors[name] = np.ascontiguousarray(arr, dtype=F32)
+        return cls(cfg, tensors, tp_group)
+
+    def to_q8_0(self) -> "InferenceModel":
+        """A Q8_0 copy: every linear, the LM head and the embedding table (the same tensors a Q8_0
+        directory stores); norms and biases shared with this one."""
+        import copy
+        if self.quantize == "q8_0":
+            return self
+        q = copy.copy(self)
+        q.layers = [copy.copy(l) for l in self.layers]
+        for l in q.layers:
+            l.qkv, l.o, l.gate_up, l.down = (x.quantized() for x in (l.qkv, l.o, l.gate_up, l.down))
+        q.lm_head = self.lm_head.quantized()
+        q.embed = None
+        q.embed_q8 = q.lm_head.q8 if self.config.tie_word_embeddings else quantize_q8_0(self.embed)
+        q.quantize, q._ws = "q8_0", {}
+        return q
+
+    # ---- sizes ----------------------------------------------------------------------------------
+
+    @property
+    def max_context(self) -> int:
+        return self.config.max_position_embeddings
+
+    def weight_bytes_per_token(self) -> int:
+        """Bytes of weights one decode step reads (every linear, the LM head, norms; one embedding row)."""
+        n = sum(lin.nbytes + l.ln1.nbytes + l.ln2.nbytes for l in self.layers
+                for lin in (l.qkv, l.o, l.gate_up, l.down))
+        return n + self.lm_head.nbytes + self.norm.nbytes
+
+    def new_cache(self, batch: int, max_len: int) -> KVCache:
+        if max_len > self.max_context:
+            raise ValueError(f"KV cache of {max_len} positions exceeds the model's context "
+                             f"(max_position_embeddings={self.max_context} in config.json)")
+        return KVCache(len(self.layers), batch, self.n_kv, max_len, self.head_dim)
+
+    # ---- forward --------------------------------------------------------------------------------
+
+    def _workspace(self, M):
+        ws = self._ws.get(M)
+        if ws is None:
+            C, D = self.config.hidden_size, self.head_dim
+            l0 = self.layers[0]
+            e = np.empty
+            ws = dict(x=e((M, C), F32), x2=e((M, C), F32), xn=e((M, C), F32), rstd=e((M,), F32),
+                      qkv=e((M, l0.qkv.out_features), F32), att=e((M, l0.n_heads, D), F32),
+                      tmp=e((M, C), F32), gu=e((M, l0.gate_up.out_features), F32),
+                      h=e((M, l0.gate_up.out_features // 2), F32))
+            if M <= 16:   # decode shapes recur every step; prefill shapes are one-offs
+                self._ws[M] = ws
+        return ws
+
+    def _allreduce(self, buf):
+        if self.tp_size > 1:
+            self.tp_group.allreduce(buf, op="sum")
+
+    def forward(self, ids, seq, pos, cache: KVCache, logits_rows=None) -> np.ndarray:
+        """ids, seq, pos (M,) ints -> logits (len(logits_rows), V) (all M rows by default).
+
+        Writes each row's key/value into cache row seq[m] at position pos[m] and sets
+        cache.lengths[seq[m]] = pos[m] + 1."""
+        ids = np.ascontiguousarray(ids, dtype=np.int64).reshape(-1)
+        seq = np.ascontiguousarray(seq, dtype=np.int64).reshape(-1)
+        pos = np.ascontiguousarray(pos, dtype=np.int64).reshape(-1)
+        M = ids.size
+        if not (seq.size == pos.size == M and M > 0):
+            raise ValueError(f"ids, seq, pos must be the same non-zero length, got {ids.size}, {seq.size}, {pos.size}")
+        V = self.config.vocab_size
+        if ids.min() < 0 or ids.max() >= V:
+            bad = int(ids.min() if ids.min() < 0 else ids.max())
+            raise ValueError(f"token id {bad} is outside the vocabulary [0, {V})")
+        if seq.min() < 0 or seq.max() >= cache.batch:
+            raise ValueError(f"cache row {int(seq.max())} outside the cache's batch of {cache.batch}")
+        if pos.min() < 0 or pos.max() >= cache.max_len:
+            raise ValueError(f"position {int(pos.max())} is beyond the KV cache ({cache.max_len} positions; "
+                             f"the model's context is {self.max_context})")
+        if np.any(pos > cache.lengths[seq] + np.arange(M)):   # cheap guard against holes in the cache
+            raise ValueError("positions must continue each sequence's cache without gaps")
+        D = self.head_dim
+        ws = self._workspace(M)
+        x, x2, xn = ws["x"], ws["x2"], ws["xn"]
+        if self.embed is not None:
+            embedding_forward(ids, self.embed, x)
+        else:
+            q8_0_gather_rows(self.embed_q8[0], self.embed_q8[1], ids, x)
+        for li, L in enumerate(self.layers):
+            H, KV = L.n_heads, L.n_kv
+            rmsnorm_forward(x, L.ln1, self.eps, xn, ws["rstd"])
+            qkv = L.qkv(xn, ws["qkv"])
+            q = qkv[:, :H * D].reshape(M, H, D)
+            k = qkv[:, H * D:(H + KV) * D].reshape(M, KV, D)
+            v = qkv[:, (H + KV) * D:].reshape(M, KV, D)
+            rope_positions(q, pos, self.inv_freq)
+            rope_positions(k, pos, self.inv_freq)
+            cache.k[li][seq, :, pos, :] = k
+            cache.v[li][seq, :, pos, :] = v
+            att = cached_attention(q, cache.k[li], cache.v[li], seq, pos, ws["att"])
+            self._allreduce(L.o(att.reshape(M, H * D), ws["tmp"]))
+            residual_forward(x, ws["tmp"], x2)
+            rmsnorm_forward(x2, L.ln2, self.eps, xn, ws["rstd"])
+            swiglu_forward(L.gate_up(xn, ws["gu"]), ws["h"])
+            self._allreduce(L.down(ws["h"], ws["tmp"]))
+            residual_forward(x2, ws["tmp"], x)
+        np.maximum.at(cache.lengths, seq, pos + 1)
+        rows = slice(None) if logits_rows is None else np.asarray(logits_rows, dtype=np.int64)
+        xf = np.ascontiguousarray(x[rows])
+        xfn = np.empty_like(xf)
+        rmsnorm_forward(xf, self.norm, self.eps, xfn, np.empty(xf.shape[0], F32))
+        logits = np.empty((xf.shape[0], V), F32)
+        return self.lm_head(xfn, logits)
+
+    def prefill(self, cache: KVCache, row: int, ids, start: int = 0, all_logits: bool = False) -> np.ndarray:
+        """Feed a prompt (or its continuation from `start`) into cache row `row`; logits of its last
+        token (V,), or of every token (T, V) with all_logits."""
+        ids = np.asarray(ids, dtype=np.int64).reshape(-1)
+        T = ids.size
+        if T == 0:
+            raise ValueError("prefill needs at least one token")
+        if start + T > cache.max_len:
+            raise ValueError(f"prompt of {T} tokens from position {start} does not fit the KV cache of "
+                             f"{cache.max_len} positions (the model's context is {self.max_context})")
+        out = self.forward(ids, np.full(T, row), np.arange(start, start + T), cache,
+                           logits_rows=None if all_logits else [T - 1])
+        return out if all_logits else out[0]
+
+    def decode(self, cache: KVCache, rows, ids) -> np.ndarray:
+        """One new token per cache row in `rows`, at each row's next position -> logits (len(rows), V)."""
+        rows = np.asarray(rows, dtype=np.int64).reshape(-1)
+        return self.forward(ids, rows, cache.lengths[rows], cache)
+
+
+def _check_architecture(raw: dict, cfg_path) -> None:
+    supported = {"LlamaForCausalLM", "Qwen2ForCausalLM"}
+    arch = raw.get("architectures") or []
+    bad = [a for a in arch if a not in supported]
+    if bad:
+        raise ValueError(f"{cfg_path}: architecture {bad[0]!r} is not supported; supported: {sorted(supported)}")
+    mt = raw.get("model_type", "llama")
+    if mt not in ("llama", "qwen2"):
+        raise ValueError(f"{cfg_path}: model_type {mt!r} is not supported; supported: ['llama', 'qwen2']")
+
+
+def save_q8_dir(im: InferenceModel, out_dir) -> None:
+    """Write a Q8_0 directory: config.json (+ quantization_config) and model.safetensors in HF names."""
+    from safetensors.numpy import save_file
+    if im.quantize != "q8_0":
+        raise ValueError("save_q8_dir needs an InferenceModel built with quantize='q8_0'")
+    cfg = im.config
+    tensors = {"model.norm.weight": im.norm}
+
+    def put(name, lin_or_pair, bias_names=(), split=None):
+        qs, sc = lin_or_pair.q8 if isinstance(lin_or_pair, Linear) else lin_or_pair
+        names = [name] if split is None else name
+        rows = [qs.shape[0]] if split is None else split
+        r0 = 0
+        for n, r in zip(names, rows):
+            tensors[n] = np.ascontiguousarray(qs[r0:r0 + r])
+            tensors[n + Q8_SCALE_SUFFIX] = sc[r0:r0 + r].astype(np.float16)
+            r0 += r
+        if isinstance(lin_or_pair, Linear) and lin_or_pair.bias is not None:
+            b0 = 0
+            for bn, r in zip(bias_names, rows):
+                tensors[bn] = np.ascontiguousarray(lin_or_pair.bias[b0:b0 + r])
+                b0 += r
+
+    put("model.embed_tokens.weight", im.embed_q8)
+    D = im.head_dim
+    for i, L in enumerate(im.layers):
+        p = f"model.layers.{i}."
+        tensors[p + "input_layernorm.weight"] = L.ln1
+        tensors[p + "post_attention_layernorm.weight"] = L.ln2
+        put([p + f"self_attn.{x}_proj.weight" for x in "qkv"], L.qkv,
+            [p + f"self_attn.{x}_proj.bias" for x in "qkv"], split=[L.n_heads * D, L.n_kv * D, L.n_kv * D])
+        put(p + "self_attn.o_proj.weight", L.o, [p + "self_attn.o_proj.bias"])
+        put([p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight"], L.gate_up,
+            split=[L.gate_up.out_features // 2] * 2)
+        put(p + "mlp.down_proj.weight", L.down)
+    if not cfg.tie_word_embeddings:
+        put("lm_head.weight", im.lm_head)
+    tensors = {k: np.ascontiguousarray(v) for k, v in tensors.items()}
+    os.makedirs(out_dir, exist_ok=True)
+    d = cfg.to_dict()
+    d["quantization_config"] = {"quant_method": Q8_METHOD, "block_size": 32, "scale_dtype": "float16",
+                                "note": "weights: int8 '<name>' + float16 '<name>_scale' per 32-value block "
+                                        "(GGML Q8_0); norms and biases float32"}
+    with open(os.path.join(out_dir, "config.json"), "w") as f:
+        json.dump(d, f, indent=2, sort_keys=True)
+        f.write("\n")
+    save_file(tensors, os.path.join(out_dir, "model.safetensors"), metadata={"format": "cke_q8_0"})

@@ -1,0 +1,161 @@
+"""Tokenizers for a model directory: Hugging Face `tokenizer.json`, or raw bytes.
+
+Rules it keeps:
+- `tokenizer.json` (the `tokenizers` library) wins when present; a directory of
+  our own byte-trained model carries `cke_tokenizer.json` = {"type": "bytes"}.
+  Neither -> FileNotFoundError naming the directory and both files.
+- encode never adds special tokens (no BOS) unless asked: generation feeds the
+  prompt exactly as the user wrote it; `add_bos=True` prepends the BOS the
+  directory names.
+- the end-of-sequence id comes from tokenizer_config.json (eos_token), then
+  generation_config.json / config.json (eos_token_id); None when none is named.
+- byte ids past 255 (a padded vocab) decode to U+FFFD.
+- TextStream turns ids into text pieces as they arrive without splitting a
+  multi-byte character: it holds back text that ends in an unfinished one.
+Tests: tests/test_tokenizer.py.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+BYTES_FILE = "cke_tokenizer.json"
+HF_FILE = "tokenizer.json"
+
+
+class ByteTokenizer:
+    """ids 0..255 are the UTF-8 bytes of the text; no special tokens."""
+
+    vocab_size = 256
+    eos_token_id = None
+    bos_token_id = None
+    eos_token_ids: list[int] = []
+
+    def encode(self, text: str, add_bos: bool = False) -> list[int]:
+        return list(text.encode("utf-8"))
+
+    def decode(self, ids) -> str:
+        # ids past 255 exist when a byte model's vocab_size was padded beyond 256; they have no
+        # text, so they show as U+FFFD like any other undecodable input (the ids are unchanged)
+        out, run = [], bytearray()
+        for i in ids:
+            i = int(i)
+            if 0 <= i < 256:
+                run.append(i)
+                continue
+            if i < 0:
+                raise ValueError(f"byte tokenizer: negative token id {i}")
+            out.append(run.decode("utf-8", errors="replace") + "\ufffd")
+            run = bytearray()
+        out.append(run.decode("utf-8", errors="replace"))
+        return "".join(out)
+
+
+class HFTokenizer:
+    """A Hugging Face `tokenizer.json` through the `tokenizers` library."""
+
+    def __init__(self, path: Path, eos_token_ids: list[int], bos_token_id: int | None):
+        try:
+            from tokenizers import Tokenizer
+        except ImportError as e:   # an optional dependency: say how to get it
+            raise ImportError(f"{path} needs the `tokenizers` package: pip install 'cke-dist[inference]'") from e
+        try:
+            self._tok = Tokenizer.from_file(str(path))
+        except Exception as e:
+            raise ValueError(f"{path}: not a readable Hugging Face tokenizer.json ({e})") from e
+        self.eos_token_ids = eos_token_ids
+        self.eos_token_id = eos_token_ids[0] if eos_token_ids else None
+        self.bos_token_id = bos_token_id
+        self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
+
+    def encode(self, text: str, add_bos: bool = False) -> list[int]:
+        ids = self._tok.encode(text, add_special_tokens=False).ids
+        if add_bos:
+            if self.bos_token_id is None:
+                raise ValueError("add_bos=True but the model directory names no BOS token")
+            ids = [self.bos_token_id] + ids
+        return ids
+
+    def decode(self, ids) -> str:
+        return self._tok.decode([int(i) for i in ids], skip_special_tokens=False)
+
+    def token_to_id(self, token: str) -> int | None:
+        return self._tok.token_to_id(token)
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from e
+
+
+def _special_id(tok: HFTokenizer, value) -> int | None:
+    """tokenizer_config.json names special tokens as strings or {"content": ...} objects."""
+    if isinstance(value, dict):
+        value = value.get("content")
+    if isinstance(value, str):
+        return tok.token_to_id(value)
+    return None
+
+
+def _ids(value) -> list[int]:
+    if value is None:
+        return []
+    return [int(v) for v in (value if isinstance(value, list) else [value])]
+
+
+def load_tokenizer(model_dir) -> ByteTokenizer | HFTokenizer:
+    d = Path(model_dir)
+    if not d.is_dir():
+        raise FileNotFoundError(f"model directory {d} does not exist")
+    hf, ours = d / HF_FILE, d / BYTES_FILE
+    if hf.is_file():
+        tok = HFTokenizer(hf, [], None)
+        eos, bos = [], None
+        tc = d / "tokenizer_config.json"
+        if tc.is_file():
+            cfg = _read_json(tc)
+            e = _special_id(tok, cfg.get("eos_token"))
+            eos = [e] if e is not None else []
+            bos = _special_id(tok, cfg.get("bos_token"))
+        for name in ("generation_config.json", "config.json"):
+            f = d / name
+            if f.is_file():
+                cfg = _read_json(f)
+                eos += [i for i in _ids(cfg.get("eos_token_id")) if i not in eos]
+                if bos is None and isinstance(cfg.get("bos_token_id"), int):
+                    bos = cfg["bos_token_id"]
+        tok.eos_token_ids, tok.eos_token_id, tok.bos_token_id = eos, (eos[0] if eos else None), bos
+        return tok
+    if ours.is_file():
+        spec = _read_json(ours)
+        if spec.get("type") != "bytes":
+            raise ValueError(f"{ours}: unknown tokenizer type {spec.get('type')!r}; supported: \"bytes\"")
+        return ByteTokenizer()
+    raise FileNotFoundError(
+        f"no tokenizer in {d}: expected {HF_FILE} (Hugging Face) or {BYTES_FILE} "
+        f"(our byte-level models: {{\"type\": \"bytes\"}}); copy the tokenizer files next to the weights")
+
+
+class TextStream:
+    """Incremental decode: `push(id)` returns the new text that is safe to print now."""
+
+    def __init__(self, tokenizer):
+        self.tok = tokenizer
+        self.ids: list[int] = []
+        self.emitted = 0          # characters of decode(self.ids) already returned
+
+    def push(self, token_id: int) -> str:
+        self.ids.append(int(token_id))
+        text = self.tok.decode(self.ids)
+        # an unfinished UTF-8 sequence decodes to U+FFFD at the end: wait for its next bytes
+        if text.endswith("\ufffd"):
+            return ""
+        new, self.emitted = text[self.emitted:], len(text)
+        return new
+
+    def flush(self) -> str:
+        text = self.tok.decode(self.ids)
+        new, self.emitted = text[self.emitted:], len(text)
+        return new

@@ -1,0 +1,128 @@
+"""Q8_0: format round trip bound, the kernels against numpy, model logits vs float32, the quantize job."""
+import numpy as np
+import pytest
+
+from cke_kernels.q8_0 import (dequantize_q8_0, q8_0_gather_rows, q8_0_matmul, q8_0_matvec,
+                              quantize_q8_0)
+
+rng = np.random.default_rng(0)
+
+
+def test_round_trip_within_half_a_step():
+    w = rng.standard_normal((37, 96)).astype(np.float32) * 3
+    w[0, :32] = 0.0                       # an all-zero block
+    w[1, 40] = 1e4                        # an outlier: only its own block loses precision
+    qs, d = quantize_q8_0(w)
+    assert qs.dtype == np.int8 and d.shape == (37, 3) and np.abs(qs).max() <= 127
+    assert np.array_equal(d.astype(np.float16).astype(np.float32), d)   # scales are float16 values
+    err = np.abs(dequantize_q8_0(qs, d) - w).reshape(37, 3, 32)
+    assert np.all(err <= d[:, :, None] / 2 * (1 + 1e-6))
+    assert np.all(err[0, 0] == 0)
+    # the largest magnitude of a block is hit within the float16 rounding of its scale
+    amax = np.abs(w).reshape(37, 3, 32).max(axis=2)
+    np.testing.assert_allclose(np.abs(qs).reshape(37, 3, 32).max(axis=2) * d, amax, rtol=2e-3)
+    assert np.abs(dequantize_q8_0(qs, d)[1, 64:] - w[1, 64:]).max() < 0.05   # neighbours of the outlier
+    # relative error of a Gaussian weight: ~ 1/(127 * 2 * sqrt(3)) * max/std
+    g = rng.standard_normal((64, 256)).astype(np.float32)
+    rel = np.linalg.norm(dequantize_q8_0(*quantize_q8_0(g)) - g) / np.linalg.norm(g)
+    assert rel < 0.01
+
+
+def test_bad_shapes():
+    with pytest.raises(ValueError, match="multiple of 32"):
+        quantize_q8_0(np.zeros((4, 40), np.float32))
+    with pytest.raises(ValueError, match="do not fit"):
+        qs, d = quantize_q8_0(np.zeros((4, 64), np.float32))
+        q8_0_matvec(qs, d, np.zeros((1, 32), np.float32), np.zeros((1, 4), np.float32))
+
+
+@pytest.mark.parametrize("m", [1, 3, 8, 20])
+def test_products_match_numpy_on_dequantized(m):
+    w = rng.standard_normal((300, 160)).astype(np.float32)
+    qs, d = quantize_q8_0(w)
+    x = rng.standard_normal((m, 160)).astype(np.float32)
+    out = np.empty((m, 300), np.float32)
+    ref = x.astype(np.float64) @ dequantize_q8_0(qs, d).astype(np.float64).T
+    np.testing.assert_allclose(q8_0_matmul(qs, d, x, out), ref, rtol=1e-4, atol=1e-4)
+    ids = np.array([5, 0, 299], np.int64)
+    rows = q8_0_gather_rows(qs, d, ids, np.empty((3, 160), np.float32))
+    np.testing.assert_array_equal(rows, dequantize_q8_0(qs, d)[ids])
+
+
+@pytest.fixture(scope="module", params=["llama", "qwen2"])
+def models(request, tmp_path_factory):
+    pytest.importorskip("transformers")
+    from test_generate import make_hf_checkpoint
+
+    from cke_dist.model.decode import InferenceModel
+    d = tmp_path_factory.mktemp(request.param)
+    # wider than the parity models: Q8_0 error averages out over more terms, as in real models
+    make_hf_checkpoint(d, request.param, hidden_size=256, intermediate_size=512, num_attention_heads=8,
+                       num_key_value_heads=2, initializer_range=0.05)
+    f32 = InferenceModel.from_dir(d)
+    return d, f32, f32.to_q8_0()
+
+
+def test_q8_0_logits_close_to_float32(models):
+    from cke_dist.generate import generate
+    _, f32, q8 = models
+    ids = np.random.default_rng(3).integers(0, 300, 8).tolist()
+    seq = ids + generate(f32, ids, 56, temperature=0)        # the float32 model's own greedy text
+    lf = f32.prefill(f32.new_cache(1, 64), 0, seq, all_logits=True)
+    lq = q8.prefill(q8.new_cache(1, 64), 0, seq, all_logits=True)
+    cos = (lf * lq).sum(1) / np.linalg.norm(lf, axis=1) / np.linalg.norm(lq, axis=1)
+    agree = np.mean(lf.argmax(1) == lq.argmax(1))
+    print(f"Q8_0 vs float32: min cosine {cos.min():.6f}, greedy top-1 agreement {agree:.3f} over {len(seq)} steps")
+    assert cos.min() > 0.999
+    assert agree >= 0.9
+    assert q8.weight_bytes_per_token() < 0.3 * f32.weight_bytes_per_token()
+
+
+def test_quantize_job_writes_a_dir_that_generates_the_same(models, tmp_path):
+    from cke_dist.cli import main as cli_main
+    from cke_dist.generate import generate
+    from cke_dist.model.decode import InferenceModel
+    d, _, q8 = models
+    (d / "cke_tokenizer.json").write_text('{"type": "bytes"}')
+    out = tmp_path / "q8"
+    assert cli_main(["quantize", "--model", str(d), "--out", str(out)]) == 0
+    assert (out / "cke_tokenizer.json").is_file()
+    assert (out / "model.safetensors").stat().st_size < 0.35 * (d / "model.safetensors").stat().st_size
+    loaded = InferenceModel.from_dir(out)
+    assert loaded.quantize == "q8_0"
+    ids = [1, 2, 3, 4, 5]
+    a = loaded.prefill(loaded.new_cache(1, 5), 0, ids, all_logits=True)
+    b = q8.prefill(q8.new_cache(1, 5), 0, ids, all_logits=True)
+    np.testing.assert_array_equal(a, b)
+    assert generate(loaded, ids, 10, temperature=0) == generate(q8, ids, 10, temperature=0)
+    # the generate job gives the same text from the Q8_0 dir and from load-time quantization
+    texts = []
+    for model_dir, extra in ((out, []), (d, ["--quantize", "q8_0"])):
+        import contextlib
+        import io
+        buf = io.StringIO()
+        with contextlib.redirect_stdout(buf):
+            assert cli_main(["generate", "--model", str(model_dir), "--prompt", "hi", "--temperature", "0",
+                             "--max-new-tokens", "12"] + extra) == 0
+        texts.append(buf.getvalue())
+    assert texts[0] == texts[1] and texts[0].startswith("hi") and len(texts[0]) > 3
+    with pytest.raises(ValueError, match="already a Q8_0"):
+        cli_main(["quantize", "--model", str(out), "--out", str(tmp_path / "again")])
+
+
+def test_q8_0_dir_with_bad_tensor_is_named(models, tmp_path):
+    from safetensors.numpy import load_file, save_file
+
+    from cke_dist.model.decode import InferenceModel, save_q8_dir
+    _, _, q8 = models
+    save_q8_dir(q8, tmp_path)
+    t = load_file(str(tmp_path / "model.safetensors"))
+    name = "model.layers.0.mlp.down_proj.weight"
+    t[name + "_scale"] = t[name + "_scale"][:, :-1]
+    save_file(t, str(tmp_path / "model.safetensors"))
+    with pytest.raises(ValueError, match=name):
+        InferenceModel.from_dir(tmp_path)
+    t[name] = t[name].astype(np.float32)
+    save_file(t, str(tmp_path / "model.safetensors"))
+    with pytest.raises(ValueError, match=f"{name} should be Q8_0"):
+        InferenceModel.from_dir(tmp_path)
