@@ -85,6 +85,7 @@ class TrainSection:
     # BLAS + numba threads; 0 = the libraries' defaults. 1 for the built-in model: its GEMMs are too
     # small to gain from a second thread, and on a shared machine synchronised threads lose badly.
     threads: int = 1
+    bucket_mb: float = 25.0      # data parallel: gradient bucket size (each allreduced as backward fills it)
 
 
 @dataclass
@@ -234,6 +235,7 @@ def validate(cfg: TrainConfig) -> None:
     need(cfg.train.checkpoint_every >= 0, "train.checkpoint_every", "must be >= 0")
     need(cfg.train.keep_checkpoints >= 1, "train.keep_checkpoints", "must be >= 1")
     need(cfg.train.log_every >= 1, "train.log_every", "must be >= 1")
+    need(cfg.train.bucket_mb > 0, "train.bucket_mb", "must be > 0 (MiB of gradients per allreduce)")
     need(cfg.train.threads >= 0, "train.threads", "must be >= 0")
     need(cfg.sample.max_new_tokens >= 0, "sample.max_new_tokens", "must be >= 0")
     need(cfg.sample.temperature >= 0, "sample.temperature", "must be >= 0 (0 = greedy)")

@@ -12,14 +12,15 @@ Rules this module keeps:
 - Batches depend only on (seed, step) (cke_dist.data), and the schedule only on the step, so
   `--resume` restores the model, the optimizer state and the step and reproduces an
   uninterrupted run exactly (tests/test_train_job.py checks it bitwise).
-- Today the job is one process: rank 0 of 1. Data parallelism (issue 5) plugs in at the marked
-  places: each rank takes `rows_for_rank` of every micro-batch, gradients are averaged before
-  the clip, the logged loss is averaged, and only rank 0 writes.
+- Under mpiexec every rank is a data-parallel replica (cke_dist.parallel): parameters start as
+  rank 0's, each rank takes `rows_for_rank` of every micro-batch, `dp_step` averages the
+  gradients (bucketed, overlapped with backward) before the clip, the logged loss and the
+  validation loss are dp-averages, replicas are checked identical at every checkpoint, and only
+  rank 0 writes. Without mpiexec the world is one process and the same code runs.
 - Every bad input (config key, corpus, checkpoint) ends the job with one message naming the file
   or key, exit status 2.
 """
 import json
-import math
 import sys
 import time
 from datetime import datetime, timezone
@@ -136,12 +137,13 @@ def _default_out_dir() -> Path:
 
 def train(cfg: TrainConfig, resume: Path | None = None, progress: bool = True) -> dict:
     """Run the job; returns {"model", "out_dir", "checkpoint", "step", "loss", "val_loss", "sample"}."""
+    from .comm import init
     from .model import load_model
-    from .optim import clip_grad_norm
+    from .parallel import GradBuckets, ProcessGrid, average_over_dp, check_params_in_sync, dp_step, sync_params
 
-    # Data parallelism (issue 5) sets these from the process grid; today one process is the world.
-    rank, world_size = 0, 1
-    is_rank0 = rank == 0
+    grid = ProcessGrid(init())  # under mpiexec: world = dp ranks; one plain process: a size-1 world
+    rank, world_size = grid.dp_rank, grid.dp
+    is_rank0 = grid.world.rank == 0
 
     if cfg.train.threads:
         from cke_kernels.threads import set_num_threads
@@ -162,6 +164,7 @@ def train(cfg: TrainConfig, resume: Path | None = None, progress: bool = True) -
         start_step = 0
         out_dir = Path(cfg.train.out_dir) if cfg.train.out_dir else _default_out_dir()
     cfg.train.out_dir = str(out_dir)
+    sync_params(model, grid)  # rank 0's parameters everywhere (a checksum check names any rank that differs)
 
     data_path = resolve_data_path(cfg.data.path)
     corpus = open_corpus(data_path, cfg.data.format, cfg.data.val_fraction, cfg.data.seq_len,
@@ -180,6 +183,7 @@ def train(cfg: TrainConfig, resume: Path | None = None, progress: bool = True) -
         except ValueError as e:
             raise CheckpointError(f"{ckpt.path / 'optimizer.npz'} does not fit optim.name = "
                                   f"{cfg.optim.name!r} and this model: {e}") from e
+    buckets = GradBuckets(model.grads, grid.dp_group, bucket_mb=cfg.train.bucket_mb)
 
     steps = cfg.train.steps
     tokens_per_step = micro_rows * accum * seq_len
@@ -220,18 +224,12 @@ def train(cfg: TrainConfig, resume: Path | None = None, progress: bool = True) -
     for step in range(start_step, steps):
         t0 = time.perf_counter()
         lr = lr_at(step, cfg.optim.lr, cfg.optim.min_lr, cfg.optim.warmup_steps, steps)
-        model.zero_grad()
-        loss_sum = 0.0
-        for micro in range(accum):
-            x, y = train_batches.micro_batch(step, micro, micro_rows, rank, world_size)
-            loss_sum += model.forward_backward(x, y, grad_scale=1.0 / accum)
-        loss = loss_sum / accum
-        # data parallel: average grads and loss across ranks here, before the clip
-        if not math.isfinite(loss):
-            raise FloatingPointError(f"loss is {loss} at step {step} (lr {lr:.3g}); lower optim.lr or "
-                                     f"raise optim.warmup_steps")
-        grad_norm = clip_grad_norm(model.grads, cfg.optim.grad_clip) if cfg.optim.grad_clip > 0 else None
-        optimizer.step(lr=lr)
+        micro_batches = [train_batches.micro_batch(step, micro, micro_rows, rank, world_size)
+                         for micro in range(accum)]
+        try:
+            loss, grad_norm = dp_step(model, optimizer, grid, micro_batches, lr, cfg.optim.grad_clip, buckets)
+        except FloatingPointError as e:
+            raise FloatingPointError(f"{e} at step {step}; lower optim.lr or raise optim.warmup_steps") from None
         done = step + 1
         window_time += time.perf_counter() - t0
         window_tokens += tokens_per_step
@@ -245,12 +243,14 @@ def train(cfg: TrainConfig, resume: Path | None = None, progress: bool = True) -
                  "tokens": done * tokens_per_step, "tokens_per_s": tok_s, "time": time.time()})
             window_time, window_tokens = 0.0, 0
         if (cfg.train.eval_every and done % cfg.train.eval_every == 0) or done == steps:
-            val_loss = evaluate(model, val_batches, cfg.train.eval_batches, rank, world_size)
+            val_loss = average_over_dp(evaluate(model, val_batches, cfg.train.eval_batches, rank, world_size), grid)
             log({"step": done, "val_loss": val_loss, "time": time.time()})
             if bar is not None:
                 bar.write(f"step {done}: train loss {loss:.4f}, val loss {val_loss:.4f}", file=sys.stderr)
-        if is_rank0 and ((cfg.train.checkpoint_every and done % cfg.train.checkpoint_every == 0) or done == steps):
-            last_ckpt = checkpoint(done)
+        if (cfg.train.checkpoint_every and done % cfg.train.checkpoint_every == 0) or done == steps:
+            check_params_in_sync(model, grid)  # every rank: a diverged replica is an error, not a checkpoint
+            if is_rank0:
+                last_ckpt = checkpoint(done)
     if bar is not None:
         bar.close()
     if start_step >= steps:

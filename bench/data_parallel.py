@@ -1,0 +1,206 @@
+"""Data-parallel training bench: tokens/s of our dp_step at dp=1 and dp=2, and of transformers'
+LlamaForCausalLM under torch DistributedDataParallel (gloo) at dp=1 and dp=2, in one run.
+
+    python bench/data_parallel.py             # the ~32M config: hidden 512, 8 layers, 8/4 heads,
+                                              # inter 1408, vocab 8192, batch 8 x seq 256 per rank
+    python bench/data_parallel.py --small     # a tiny model, a few steps: checks that it runs
+
+One thread per rank (BLAS, OpenMP, numba, torch). Each rank keeps its own batch of --batch rows
+(weak scaling: dp=2 trains twice the tokens per step), so perfect scaling is dp2/dp1 = 2.0.
+A step is the whole optimizer step: forward+backward, gradient averaging (ours: buckets overlapped
+with backward; torch: DDP's bucketed hooks, 25 MB both), clip to norm 1.0, AdamW. Each
+configuration is its own mpiexec launch; the table shows medians over --steps timed steps, and
+the ratios: ours dp2/dp1, ours/torch at dp=2 (targets >= 1.8x and >= 1.2x).
+"""
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS")
+FULL = dict(hidden=512, layers=8, heads=8, kv_heads=4, intermediate=1408, vocab=8192, batch=8, seq=256,
+            steps=5, warmup=2)
+SMALL = dict(hidden=64, layers=2, heads=4, kv_heads=2, intermediate=128, vocab=256, batch=2, seq=32,
+             steps=3, warmup=1)
+
+
+def parse(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--small", action="store_true", help="a tiny model and 3 steps: a quick check that it runs")
+    p.add_argument("--steps", type=int, help="timed steps per configuration (median reported)")
+    p.add_argument("--bucket-mb", type=float, default=25.0)
+    p.add_argument("--no-torch", action="store_true", help="time ours only")
+    p.add_argument("--no-overlap", action="store_true",
+                   help="ours: launch every bucket after backward (the baseline the overlap is measured against)")
+    p.add_argument("--timeout", type=float, default=900, help="seconds per configuration before it is killed")
+    p.add_argument("--worker", choices=["ours", "torch"], help=argparse.SUPPRESS)  # one rank of one config
+    p.add_argument("--shape", help=argparse.SUPPRESS)
+    return p.parse_args(argv)
+
+
+def llama_config(s):
+    from cke_dist.model import LlamaConfig
+
+    return LlamaConfig(vocab_size=s["vocab"], hidden_size=s["hidden"], intermediate_size=s["intermediate"],
+                       num_hidden_layers=s["layers"], num_attention_heads=s["heads"],
+                       num_key_value_heads=s["kv_heads"], max_position_embeddings=max(2048, s["seq"]))
+
+
+def batches(s, rank, n):
+    """`n` (inputs, targets) batches of this rank's rows, different per rank and step."""
+    import numpy as np
+
+    out = []
+    for i in range(n):
+        tok = np.random.default_rng([rank, i]).integers(0, s["vocab"], (s["batch"], s["seq"] + 1))
+        out.append((tok[:, :-1].copy(), tok[:, 1:].copy()))
+    return out
+
+
+def worker_ours(s, bucket_mb, overlap=True):
+    from cke_dist.comm import init
+    from cke_dist.model import Model
+    from cke_dist.optim import AdamW
+    from cke_dist.parallel import GradBuckets, ProcessGrid, dp_step, sync_params
+
+    grid = ProcessGrid(init())
+    model = Model.from_config(llama_config(s), seed=0)
+    sync_params(model, grid)
+    opt = AdamW(model, lr=1e-4, weight_decay=0.1)
+    buckets = GradBuckets(model.grads, grid.dp_group, bucket_mb=bucket_mb, overlap=overlap)
+    data = batches(s, grid.dp_rank, s["warmup"] + s["steps"])
+    times, waits = [], []
+    for i, mb in enumerate(data):
+        grid.world.barrier()  # every rank starts the step together: a step's time is the slowest rank's
+        t0 = time.perf_counter()
+        dp_step(model, opt, grid, [mb], 1e-4, 1.0, buckets)
+        if i >= s["warmup"]:
+            times.append(time.perf_counter() - t0)
+            waits.append(buckets.wait_s)
+    return grid.world.rank, grid.dp, times, {"buckets": len(buckets.buckets), "waits": waits}
+
+
+def worker_torch(s, bucket_mb):
+    import socket
+
+    import torch
+    import torch.distributed as dist
+    from mpi4py import MPI
+    from torch.nn.parallel import DistributedDataParallel as DDP
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    comm = MPI.COMM_WORLD
+    torch.set_num_threads(1)
+    port = None
+    if comm.rank == 0:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+    port = comm.bcast(port, root=0)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=comm.rank, world_size=comm.size)
+    torch.manual_seed(0)
+    hf = AutoModelForCausalLM.from_config(AutoConfig.for_model(**llama_config(s).to_dict()), dtype=torch.float32)
+    hf.train()
+    ddp = DDP(hf, bucket_cap_mb=bucket_mb)
+    opt = torch.optim.AdamW(ddp.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1)
+    data = [(torch.from_numpy(x), torch.from_numpy(y)) for x, y in batches(s, comm.rank, s["warmup"] + s["steps"])]
+    times = []
+    for i, (x, y) in enumerate(data):
+        dist.barrier()
+        t0 = time.perf_counter()
+        opt.zero_grad(set_to_none=True)
+        logits = ddp(x).logits
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, s["vocab"]), y.reshape(-1))
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(ddp.parameters(), 1.0)
+        opt.step()
+        dist.all_reduce(loss.detach(), op=dist.ReduceOp.AVG)  # the logged loss, as ours does
+        if i >= s["warmup"]:
+            times.append(time.perf_counter() - t0)
+    dist.destroy_process_group()
+    return comm.rank, comm.size, times, {}
+
+
+def run_worker(args):
+    s = json.loads(args.shape)
+    if args.worker == "ours":
+        rank, dp, times, extra = worker_ours(s, args.bucket_mb, overlap=not args.no_overlap)
+    else:
+        rank, dp, times, extra = worker_torch(s, args.bucket_mb)
+    if rank == 0:
+        print("RESULT " + json.dumps({"dp": dp, "times": times, **extra}), flush=True)
+    if args.worker == "torch":
+        # gloo's threads can abort the process in C++ teardown ("terminate called without an active
+        # exception") after the work is done: leave without running the destructors
+        from mpi4py import MPI
+        MPI.COMM_WORLD.Barrier()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
+    return 0
+
+
+def launch(args, s, impl, dp):
+    """One configuration as its own job; returns the median step time in seconds."""
+    cmd = [sys.executable, __file__, "--worker", impl, "--shape", json.dumps(s), "--bucket-mb", str(args.bucket_mb)]
+    if args.no_overlap:
+        cmd.append("--no-overlap")
+    if dp > 1:
+        mpiexec = Path(sys.executable).with_name("mpiexec")
+        cmd = [str(mpiexec) if mpiexec.exists() else "mpiexec", "-n", str(dp), *cmd]
+    env = dict(os.environ, **{v: "1" for v in THREAD_VARS})
+    env.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")  # see bench/train_step.py
+    res = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=args.timeout)
+    lines = [x for x in res.stdout.splitlines() if x.startswith("RESULT ")]
+    if res.returncode != 0 or not lines:
+        raise SystemExit(f"{impl} dp={dp} failed (exit {res.returncode}):\n{(res.stdout + res.stderr)[-4000:]}")
+    r = json.loads(lines[-1][len("RESULT "):])
+    return r
+
+
+def median(xs):
+    xs = sorted(xs)
+    return xs[len(xs) // 2]
+
+
+def main(argv=None):
+    args = parse(argv)
+    if args.worker:
+        return run_worker(args)
+    s = dict(SMALL if args.small else FULL)
+    if args.steps:
+        s["steps"] = args.steps
+    configs = [("ours", 1), ("ours", 2)] + ([] if args.no_torch else [("torch", 1), ("torch", 2)])
+    from cke_dist.model import Model
+    n_params = Model(llama_config(s)).num_params
+    print(f"data-parallel bench: {n_params / 1e6:.1f}M params (hidden {s['hidden']}, {s['layers']} layers, heads "
+          f"{s['heads']}/{s['kv_heads']} kv, inter {s['intermediate']}, vocab {s['vocab']}), batch {s['batch']} x "
+          f"seq {s['seq']} per rank, 1 thread per rank, buckets {args.bucket_mb} MB, median of {s['steps']} "
+          f"steps after {s['warmup']} warmup", flush=True)
+    tok_s = {}
+    print(f"{'implementation':<34} {'dp':>3} {'s/step':>8} {'tokens/s':>10} {'comm wait s':>12}", flush=True)
+    for impl, dp in configs:
+        r = launch(args, s, impl, dp)
+        med = median(r["times"])
+        tok_s[impl, dp] = dp * s["batch"] * s["seq"] / med
+        if impl == "ours":
+            name = f"cke-dist dp_step ({r['buckets']} buckets{'' if not args.no_overlap else ', no overlap'})"
+            wait = f"{median(r['waits']):12.3f}"  # what backward did not hide (rank 0, median)
+        else:
+            name, wait = "torch DDP gloo (transformers)", f"{'-':>12}"
+        print(f"{name:<34} {dp:>3} {med:8.3f} {tok_s[impl, dp]:10.0f} {wait}", flush=True)
+    print(f"ours dp2/dp1: {tok_s['ours', 2] / tok_s['ours', 1]:.2f}x (target >= 1.8x)")
+    if not args.no_torch:
+        print(f"torch dp2/dp1: {tok_s['torch', 2] / tok_s['torch', 1]:.2f}x")
+        print(f"ours/torch at dp=1: {tok_s['ours', 1] / tok_s['torch', 1]:.2f}x")
+        print(f"ours/torch at dp=2: {tok_s['ours', 2] / tok_s['torch', 2]:.2f}x (target >= 1.2x)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
