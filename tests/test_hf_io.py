@@ -157,3 +157,9 @@ def test_bad_index(tmp_path):
     index_path.write_text(json.dumps(bad))
     with pytest.raises(HFFormatError, match="not a file name"):
         read_hf_dir(tmp_path)
+
+
+def test_quantized_directory_is_refused_with_the_way_to_use_it(tmp_path):
+    (tmp_path / "config.json").write_text('{"model_type": "llama", "quantization_config": {"quant_method": "cke_q8_0"}}')
+    with pytest.raises(HFFormatError, match="cke_q8_0.*cke-dist generate"):
+        read_hf_dir(tmp_path)

@@ -138,6 +138,10 @@ def read_hf_dir(path) -> tuple[dict, dict[str, np.ndarray]]:
         raise HFFormatError(f"{config_path}: not valid JSON ({e})") from None
     if not isinstance(config, dict):
         raise HFFormatError(f"{config_path}: expected a JSON object, found {type(config).__name__}")
+    quant = (config.get("quantization_config") or {}).get("quant_method")
+    if quant is not None:
+        raise HFFormatError(f"{config_path}: weights are quantized ({quant!r}); a quantized directory is for "
+                            f"inference only: `cke-dist generate --model {path}` (train from the float checkpoint)")
 
     index_path = path / INDEX_NAME
     if index_path.is_file():
