@@ -137,6 +137,7 @@ def _abort(err):
     try:
         sys.stderr.write(f"cke-dist: aborting the MPI job after a communication error: {err}\n")
         sys.stderr.flush()
+        time.sleep(0.2)  # Abort kills the job at once: give mpiexec a moment to forward the message
     finally:
         from mpi4py import MPI
 
