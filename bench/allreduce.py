@@ -3,6 +3,8 @@
     mpiexec -n 2 python bench/allreduce.py                 # the table (4 KiB .. 64 MiB float32)
     mpiexec -n 2 python bench/allreduce.py --algos         # ring vs recursive doubling, to place RING_BYTES
     mpiexec -n 2 python bench/allreduce.py --sizes 4K,1M --no-gloo --transport tcp
+    mpiexec -n 2 python bench/allreduce.py --transport shm     # the shm row of issue 4
+    mpiexec -n 4 python bench/allreduce.py --hosts 2           # "mixed": 2 posed hosts, shm inside, tcp across
 
 Every call starts after an MPI barrier; its time is the slowest rank's; the
 contenders take turns within each rep so load from elsewhere hits them alike;
@@ -10,6 +12,12 @@ the table shows medians, algorithm bandwidth (bytes / time), bus bandwidth
 (2(n-1)/n * bytes / time) and our time relative to each peer (ratio < 1: we
 are faster). All three reduce the same zero-filled float32 buffer in place,
 with one thread per rank. These machines are noisy: read the ratios.
+
+--hosts K poses the ranks as K hosts (consecutive blocks of ranks) through the
+test-only CKE_COMM_HOSTNAME, over loopback (CKE_COMM_INTERFACE=lo unless set),
+so `auto` picks shm inside a posed host and tcp across: the "mixed" row. MPI
+and gloo still see one host, so there the ratios compare our mixed transport
+with their shared memory.
 """
 from __future__ import annotations
 
@@ -73,6 +81,15 @@ def timed_together(comm, fns: dict, budget_s):
     return {name: float(np.median(slowest[:, j])) for j, name in enumerate(fns)}
 
 
+def pose_hosts(k: int) -> None:
+    """Give rank r the host name <real>-host<r * k // size> (before init), talking over loopback."""
+    comm = MPI.COMM_WORLD
+    if not 1 <= k <= comm.size:
+        raise SystemExit(f"--hosts {k}: need 1..{comm.size} (the number of ranks)")
+    os.environ["CKE_COMM_HOSTNAME"] = f"{socket.gethostname()}-host{comm.rank * k // comm.size}"
+    os.environ.setdefault("CKE_COMM_INTERFACE", "lo")
+
+
 def setup_gloo(comm):
     import torch
     import torch.distributed as dist
@@ -96,7 +113,11 @@ def main(argv=None):
     ap.add_argument("--budget", type=float, default=4.0, help="seconds of reps per size (all contenders)")
     ap.add_argument("--no-gloo", action="store_true", help="leave torch gloo out")
     ap.add_argument("--algos", action="store_true", help="ring vs recursive doubling instead of the table")
+    ap.add_argument("--hosts", type=int, default=None,
+                    help="pose the ranks as this many hosts (shm inside, tcp across: the mixed row)")
     args = ap.parse_args(argv)
+    if args.hosts is not None:
+        pose_hosts(args.hosts)
 
     from cke_dist.comm import collectives, init
 
@@ -147,7 +168,8 @@ def main(argv=None):
 
     if root:
         lib = MPI.Get_library_version().splitlines()[0].strip()
-        print(f"# allreduce float32 sum, {n} ranks on {len(set(world.hosts))} host(s), "
+        posed = " (posed)" if args.hosts is not None else ""
+        print(f"# allreduce float32 sum, {n} ranks on {len(set(world.hosts))} host(s){posed}, "
               f"ours over {'+'.join(kinds)}; {lib}; medians")
         peers = ["mpi"] + (["gloo"] if gloo else [])
         head = f"{'size':>9} |"

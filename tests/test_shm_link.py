@@ -94,6 +94,51 @@ def test_tag_mismatch_is_frame_error_and_link_stays_in_step():
         a.close(); b.close()
 
 
+@pytest.mark.parametrize("slot_bytes", [64 + 4096, 64 + 1002])  # 1002: chunks split elements -> staged fallback
+@pytest.mark.parametrize("op,dtype", [("sum", np.float32), ("prod", np.float64), ("max", np.int32),
+                                      ("min", np.int64)])
+def test_recv_reduce_matches_recv_then_combine(slot_bytes, op, dtype):
+    """recv_reduce folds a multi-chunk message into dst straight from the slots (or staged when chunks would
+    split elements), with the operand order asked for: bitwise what recv + the ufunc gives."""
+    from cke_dist.comm.reduce_ops import combine
+    a, b = _pair(nslots=3, slot_bytes=slot_bytes)
+    try:
+        rng = np.random.default_rng(7)
+        n = 5 * 4096 // np.dtype(dtype).itemsize + 3  # several chunks and a short last one
+        msgs = [(rng.standard_normal(n) * 50).astype(dtype) for _ in range(2)]
+        t = threading.Thread(target=lambda: [a.send(memoryview(m), 11 + i, _soon()) for i, m in enumerate(msgs)])
+        t.start()
+        dst = (rng.standard_normal(n) * 50).astype(dtype)
+        want = dst.copy()
+        combine(op, msgs[0], want, want)
+        b.recv_reduce(dst, 11, _soon(), op)
+        assert dst.tobytes() == want.tobytes()
+        combine(op, want, msgs[1], want)  # received second
+        b.recv_reduce(dst, 12, _soon(), op, received_first=False)
+        t.join()
+        assert dst.tobytes() == want.tobytes()
+    finally:
+        a.close(); b.close()
+
+
+def test_recv_reduce_mismatch_leaves_dst_untouched_and_link_in_step():
+    a, b = _pair(nslots=2, slot_bytes=4096)
+    try:
+        big = np.ones(3000, np.float32)  # several chunks: the discard must consume them all
+        t = threading.Thread(target=lambda: (a.send(memoryview(big), 7, _soon()),
+                                             a.send(memoryview(big[:10]), 9, _soon())))
+        t.start()
+        dst = np.zeros(3000, np.float32)
+        with pytest.raises(FrameError, match=r"expected tag 0x8 length 12000, got tag 0x7 length 12000"):
+            b.recv_reduce(dst, 8, _soon(), "sum")
+        assert not dst.any(), "nothing may be reduced from a mismatched message"
+        b.recv_reduce(dst[:10], 9, _soon(), "sum")
+        t.join()
+        assert np.array_equal(dst[:10], big[:10]) and not dst[10:].any()
+    finally:
+        a.close(); b.close()
+
+
 def test_length_mismatch_never_writes_past_buffer():
     a, b = _pair()
     try:

@@ -1,7 +1,7 @@
 """Collectives written once over `Link`: allreduce, broadcast, barrier, allgather, reduce_scatter.
 
 Rules these keep:
-- Only `Link.send`/`Link.recv` move data; nothing here knows TCP, shm or RDMA.
+- Only `Link.send`/`recv`/`recv_reduce` move data; nothing here knows TCP, shm or RDMA.
 - Fixed reduction order: every element's result depends on the group layout
   and the buffer length only (ring for large buffers, recursive doubling for
   small ones, same switch on every rank), so runs are bitwise repeatable and
@@ -143,7 +143,6 @@ def _ring_reduce_scatter(ctx, buf, op, tag, offs):
     n, me = ctx.size, ctx.rank
     right, left = (me + 1) % n, (me - 1) % n
     step = max(1, CHUNK_BYTES // buf.itemsize)
-    tmp = ctx.scratch(min(step, offs[1] - offs[0]) * buf.itemsize).view(buf.dtype)
     out_link, in_link = ctx.link(right), ctx.link(left)
     for s in range(n - 1):
         si, ri = (me - s - 1) % n, (me - s - 2) % n
@@ -155,10 +154,10 @@ def _ring_reduce_scatter(ctx, buf, op, tag, offs):
             h = ctx.post(out_link, sends, tag)
 
         def receive():
+            # straight into buf, no staging copy (slot links reduce from slot memory); the left neighbour's
+            # partial sum is the first operand, as everywhere in the ring
             for a, b in _chunks(offs[ri], offs[ri + 1], step):
-                t = tmp[: b - a]
-                in_link.recv(_mv(t), tag, ctx.deadline())
-                combine(op, t, buf[a:b], buf[a:b])
+                in_link.recv_reduce(buf[a:b], tag, ctx.deadline(), op)
         _recv_then_wait(h, receive)
 
 

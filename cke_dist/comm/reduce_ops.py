@@ -1,7 +1,8 @@
 """Reduction ops for the collectives: which dtypes, which ops, and in what order operands combine.
 
-Rules: `combine(op, first, second, out)` always puts the lower-ranked
-contribution first, so a result depends only on the layout, never on timing;
+Rules: every caller of `combine(op, first, second, out)` fixes the operand
+order by the layout alone (recursive doubling: the lower-ranked side first; the
+ring: the incoming partial first), so a result never depends on timing;
 `avg` is a sum divided once by the group size at the end (float dtypes only).
 Tests: tests/comm_collectives_mpi.py, tests/test_comm_single.py.
 """
@@ -35,7 +36,7 @@ def check_buffer(buf, name: str, writable: bool) -> np.ndarray:
 
 
 def combine(op: str, first: np.ndarray, second: np.ndarray, out: np.ndarray) -> None:
-    """out = first (op) second, elementwise; `first` is the lower-ranked side."""
+    """out = first (op) second, elementwise."""
     _UFUNC[op](first, second, out=out)
 
 

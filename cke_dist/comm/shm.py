@@ -17,9 +17,10 @@ Rules kept:
   forced with a locked instruction on both sides (_fence), so a wake-up is never lost and the futex syscall is
   made only when the peer actually sleeps.
 - Waiting spins briefly (CKE_SHM_SPIN_US, 20), then yields the core between checks (up to CKE_SHM_YIELD_US, 200
-  in all), then blocks in futex_wait: ranks are oversubscribed here, and a spinning rank steals the core its
-  peer needs. Each block is at most 50 ms, after which the peer's liveness is checked, so a dead peer
-  raises PeerLost instead of hanging until the deadline.
+  in all; a sender waiting for a free slot skips the yield phase), then blocks in futex_wait: ranks are
+  oversubscribed here, and a spinning rank steals the core its peer needs. Each block is at most 50 ms,
+  after which the peer's liveness is checked, so a dead peer raises PeerLost instead of hanging until the
+  deadline.
 - Memory: 2 x nslots x slot_bytes per pair (8 MiB by default), reserved up front (posix_fallocate) so a full
   /dev/shm fails setup cleanly (the pair falls back to tcp under auto); slots shrink when many ranks share a
   host (CKE_SHM_BYTES_PER_RANK, 64 MiB).
@@ -213,7 +214,7 @@ class _ShmEnd:
         if always or i32[fi + 1]:
             _futex_wake(addr)
 
-    def _wait(self, ready, deadline, what, fi, addr):
+    def _wait(self, ready, deadline, what, fi, addr, yield_s=YIELD_S):
         # 1) spin: the peer is running and answers within microseconds; 2) yield: stay runnable but let the
         # ranks and threads that share our core run (oversubscribed hosts); 3) sleep on the futex.
         t0 = time.perf_counter()
@@ -222,7 +223,7 @@ class _ShmEnd:
                 if ready():
                     return
             elapsed = time.perf_counter() - t0
-            if elapsed > YIELD_S:
+            if elapsed > yield_s:
                 break
             if elapsed > SPIN_S:
                 os.sched_yield()
@@ -258,7 +259,10 @@ class _ShmTx(_ShmEnd, TxRing):
         self._bump(self.data_fi, self.data_addr)
 
     def wait(self, ready, deadline, what):
-        self._wait(ready, deadline, what, self.credit_fi, self.credit_addr)
+        # A credit wait means every slot is full: the receiver has a whole slot (up to a MiB) to copy or reduce
+        # before one frees, far longer than a futex round trip. Spin, then sleep at once: yielding here would
+        # keep a core busy that the receiver (or another rank) needs on an oversubscribed host.
+        self._wait(ready, deadline, what, self.credit_fi, self.credit_addr, yield_s=SPIN_S)
 
 
 class _ShmRx(_ShmEnd, RxRing):

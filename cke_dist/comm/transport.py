@@ -14,10 +14,20 @@ Rules every implementation keeps:
 - `deadline` is a `time.monotonic()` value; passing it raises `CommTimeout`,
   a closed or dead peer raises `PeerLost`. Both name the peer rank and host.
 - Buffers are sent without copying them into Python objects (memoryviews).
+- `recv_reduce(dst, ...)` receives a message of dst.nbytes and folds it into
+  `dst` (dst = received op dst, or dst op received): the same checks as
+  `recv`, the same operand order whatever the transport, so results stay
+  bitwise equal across transports. The default stages the message in a
+  per-link scratch buffer; slot links reduce straight from slot memory and
+  save that pass.
 """
 from __future__ import annotations
 
 import abc
+
+import numpy as np
+
+from .reduce_ops import combine
 
 
 class Link(abc.ABC):
@@ -41,6 +51,23 @@ class Link(abc.ABC):
     @abc.abstractmethod
     def recv(self, buf: memoryview, tag: int, deadline: float) -> None:
         """Receive one message of exactly len(buf) bytes with this tag into `buf`."""
+
+    def recv_reduce(self, dst: np.ndarray, tag: int, deadline: float, op: str,
+                    received_first: bool = True) -> None:
+        """Receive one message of exactly dst.nbytes and reduce it into the flat array `dst`.
+
+        received_first: the message is op's first operand (callers fix the order, so results never depend on
+        timing or transport)."""
+        scratch = getattr(self, "_reduce_scratch", None)
+        if scratch is None or scratch.nbytes < dst.nbytes:
+            # one per link: receives on a link are serialised, so nothing else uses it meanwhile
+            scratch = self._reduce_scratch = np.empty(dst.nbytes, np.uint8)
+        t = scratch[:dst.nbytes].view(dst.dtype)
+        self.recv(memoryview(t).cast("B"), tag, deadline)
+        if received_first:
+            combine(op, t, dst, dst)
+        else:
+            combine(op, dst, t, dst)
 
     @abc.abstractmethod
     def close(self) -> None:
