@@ -1,18 +1,27 @@
 """Causal self-attention with grouped-query heads, on (B, heads, T, D) blocks.
 
-Scores and outputs are batched numpy GEMMs: the G = n_head / n_kv query heads of
-one key/value head are stacked into a (G*T, D) block, so GQA needs no copies of
-K and V and dK/dV sum over the group inside the GEMM. numba does the causal
-softmax (row t of a block sees keys 0..t) and its backward, in place.
+Scores and outputs are numpy GEMMs over query blocks of `block` rows: query
+block [r0, r1) only meets keys [0, r1), so the score blocks above the diagonal
+(nearly half of every attention GEMM at T=256) are never computed. The G =
+n_head / n_kv query heads of one key/value head broadcast over one K/V head, so
+GQA needs no copies of K and V; dK/dV sum the G heads with one add per head.
+numba does the causal softmax (row t of a block sees keys 0..t) and its
+backward, in place.
 
 Rules: `att` (B, n_head, T, T) keeps the probabilities for backward; entries
-above the diagonal are exactly 0. All outputs are written, not added.
+above the diagonal are exactly 0 (the softmax writes them; the GEMMs never read
+them). All outputs are written, not added. `out` (forward) and `dout`
+(backward) may be strided views (e.g. token rows (B, T, H, D) transposed), as
+long as the last axis has unit stride: the model reads and writes its token-row
+buffers directly, with no head merge/split copies.
 Tests: tests/test_kernels.py::test_attention.
 """
 import numpy as np
 from numba import njit, prange
 
-from .expf import FAST, expf
+from .expf import FAST, expf, rowmax
+
+BLOCK = 64   # query/key block: GEMMs of 64 x 64 x (<= T) still run near BLAS speed, and T=256 skips 3/8 of the work
 
 
 @njit(cache=True, nogil=True, parallel=True, fastmath=FAST)
@@ -22,10 +31,7 @@ def causal_softmax_forward(att, scale):
     for r in prange(R):
         t = r % T
         row = att[r]
-        m = row[0]
-        for j in range(1, t + 1):
-            m = max(m, row[j])
-        m = m * scale  # scale > 0, so the max of the scaled row
+        m = rowmax(row, t + 1) * scale  # scale > 0, so the max of the scaled row
         s = np.float32(0.0)
         for j in range(t + 1):
             e = expf(row[j] * scale - m)
@@ -55,27 +61,60 @@ def causal_softmax_backward(att, datt, scale):
             d[j] = 0.0
 
 
-def attention_forward(q, k, v, scale, att, out):
+def _split_heads(a, kv):
+    """(B, H, T, X) -> (B, KV, G, T, X) as a view; raises rather than silently copying a strided array."""
+    B, H, T, X = a.shape
+    v = a.view()
+    v.shape = (B, kv, H // kv, T, X)
+    return v
+
+
+def _blocks(T, block):
+    if block < 1:
+        raise ValueError(f"attention block must be >= 1, got {block}")
+    return [(r0, min(T, r0 + block)) for r0 in range(0, T, block)]
+
+
+def attention_forward(q, k, v, scale, att, out, block=BLOCK):
     """q (B, H, T, D), k, v (B, KV, T, D) -> att (B, H, T, T) probabilities, out (B, H, T, D)."""
     B, H, T, D = q.shape
     KV = k.shape[1]
-    G = H // KV
-    a = att.reshape(B, KV, G * T, T)
-    np.matmul(q.reshape(B, KV, G * T, D), k.transpose(0, 1, 3, 2), out=a)
+    q5, a5, o5 = _split_heads(q, KV), _split_heads(att, KV), _split_heads(out, KV)
+    kT, v5 = k[:, :, None].swapaxes(-1, -2), v[:, :, None]
+    blocks = _blocks(T, block)
+    for r0, r1 in blocks:
+        np.matmul(q5[:, :, :, r0:r1], kT[..., :r1], out=a5[:, :, :, r0:r1, :r1])
     causal_softmax_forward(att.reshape(B * H * T, T), np.float32(scale))
-    np.matmul(a, v, out=out.reshape(B, KV, G * T, D))
+    for r0, r1 in blocks:
+        np.matmul(a5[:, :, :, r0:r1, :r1], v5[:, :, :, :r1], out=o5[:, :, :, r0:r1])
 
 
-def attention_backward(dout, q, k, v, att, scale, dq, dk, dv, datt):
+def _grad_kv(p5, g5, dst, blocks):
+    """dst (B, KV, T, X) = sum over the G heads of p5[..., g, :, :].T @ g5[..., g, :, :], causal:
+    key block [c0, c1) only receives from queries c0..T-1."""
+    B, KV, G = p5.shape[:3]
+    tmp = np.empty((B, KV, blocks[0][1] - blocks[0][0], dst.shape[-1]), np.float32) if G > 1 else None
+    for c0, c1 in blocks:
+        d = dst[:, :, c0:c1]
+        np.matmul(p5[:, :, 0, c0:, c0:c1].swapaxes(-1, -2), g5[:, :, 0, c0:], out=d)
+        for g in range(1, G):
+            t = tmp[:, :, :c1 - c0]
+            np.matmul(p5[:, :, g, c0:, c0:c1].swapaxes(-1, -2), g5[:, :, g, c0:], out=t)
+            d += t
+
+
+def attention_backward(dout, q, k, v, att, scale, dq, dk, dv, datt, block=BLOCK):
     """dout (B, H, T, D) -> dq (B, H, T, D), dk, dv (B, KV, T, D); datt (B, H, T, T) is scratch."""
     B, H, T, D = q.shape
     KV = k.shape[1]
-    G = H // KV
-    a = att.reshape(B, KV, G * T, T)
-    da = datt.reshape(B, KV, G * T, T)
-    dg = dout.reshape(B, KV, G * T, D)
-    np.matmul(dg, v.transpose(0, 1, 3, 2), out=da)
-    np.matmul(a.transpose(0, 1, 3, 2), dg, out=dv)
+    a5, da5, g5 = _split_heads(att, KV), _split_heads(datt, KV), _split_heads(dout, KV)
+    q5, dq5 = _split_heads(q, KV), _split_heads(dq, KV)
+    vT, k5 = v[:, :, None].swapaxes(-1, -2), k[:, :, None]
+    blocks = _blocks(T, block)
+    for r0, r1 in blocks:
+        np.matmul(g5[:, :, :, r0:r1], vT[..., :r1], out=da5[:, :, :, r0:r1, :r1])
+    _grad_kv(a5, g5, dv, blocks)
     causal_softmax_backward(att.reshape(B * H * T, T), datt.reshape(B * H * T, T), np.float32(scale))
-    np.matmul(da, k, out=dq.reshape(B, KV, G * T, D))
-    np.matmul(da.transpose(0, 1, 3, 2), q.reshape(B, KV, G * T, D), out=dk)
+    for r0, r1 in blocks:
+        np.matmul(da5[:, :, :, r0:r1, :r1], k5[:, :, :, :r1], out=dq5[:, :, :, r0:r1])
+    _grad_kv(da5, q5, dk, blocks)

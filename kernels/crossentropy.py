@@ -12,7 +12,7 @@ Tests: tests/test_kernels.py::test_crossentropy.
 import numpy as np
 from numba import njit, prange
 
-from .expf import FAST, expf
+from .expf import FAST, expf, rowmax
 
 
 @njit(cache=True, nogil=True)
@@ -27,9 +27,7 @@ def _count_valid(targets, ignore_index):
 @njit(cache=True, nogil=True, inline="always", fastmath=FAST)
 def _row_lse(row):
     """log(sum(exp(row))) in float64 from float32 terms; returns (lse, max)."""
-    m = row[0]
-    for j in range(1, row.shape[0]):
-        m = max(m, row[j])
+    m = rowmax(row, row.shape[0])
     s = np.float32(0.0)
     for j in range(row.shape[0]):
         s += expf(row[j] - m)
@@ -60,9 +58,7 @@ def _fused(logits, targets, ignore_index, dscale, losses):
             for j in range(V):
                 row[j] = 0.0
             continue
-        m = row[0]
-        for j in range(1, V):
-            m = max(m, row[j])
+        m = rowmax(row, V)
         target_logit = row[t]
         s = np.float32(0.0)
         for j in range(V):

@@ -88,27 +88,3 @@ def qkv_rope_backward(dq, dk, dv, cos, sin, dqkv):
                 src = dv[b, hh - n_head - n_kv, t]
                 for i in range(D):
                     dqkv[bt, base + i] = src[i]
-
-
-@njit(cache=True, nogil=True, parallel=True)
-def heads_merge(yh, y):
-    """yh (B, H, T, D) -> y (B*T, H*D): the attention output back in token rows."""
-    B, H, T, D = yh.shape
-    for bt in prange(B * T):
-        b = bt // T
-        t = bt % T
-        for h in range(H):
-            for i in range(D):
-                y[bt, h * D + i] = yh[b, h, t, i]
-
-
-@njit(cache=True, nogil=True, parallel=True)
-def heads_split(y, yh):
-    """y (B*T, H*D) -> yh (B, H, T, D); the backward of heads_merge."""
-    B, H, T, D = yh.shape
-    for bt in prange(B * T):
-        b = bt // T
-        t = bt % T
-        for h in range(H):
-            for i in range(D):
-                yh[b, h, t, i] = y[bt, h * D + i]

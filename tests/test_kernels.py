@@ -42,8 +42,9 @@ def test_embedding():
     close(dw - dw0, tw.grad)
 
 
-def test_rmsnorm():
-    N, C, eps = 37, 24, 1e-5
+@pytest.mark.parametrize("C", [24, 29, 5])   # row sums run 8 wide: whole blocks, a tail, a tail only
+def test_rmsnorm(C):
+    N, eps = 37, 1e-5
     x, w = randn(N, C), randn(C)
     out, rstd = np.empty_like(x), np.empty(N, np.float32)
     rmsnorm.rmsnorm_forward(x, w, eps, out, rstd)
@@ -120,22 +121,20 @@ def test_qkv_rope_and_heads():
     dqkv = np.empty_like(qkv)
     rope.qkv_rope_backward(dq, dk, dv, cos, sin, dqkv)
     close(dqkv, t.grad)
-    # heads_merge / heads_split are inverse permutations
-    y = np.empty((B * T, H * D), np.float32)
-    rope.heads_merge(q, y)
-    close(y, rq.transpose(1, 2).reshape(B * T, H * D))
-    back = np.empty_like(q)
-    rope.heads_split(y, back)
-    np.testing.assert_array_equal(back, q)
 
 
-@pytest.mark.parametrize("H,KV", [(4, 4), (4, 2), (6, 1)])
-def test_attention(H, KV):
+@pytest.mark.parametrize("H,KV,block", [(4, 4, 64), (4, 2, 4), (6, 1, 1), (6, 3, 2), (4, 2, 9)])
+def test_attention(H, KV, block):
+    # block 4 over T=9 leaves a short last block; block >= T is the unblocked case
     B, T, D = 2, 9, 8
     q, k, v = randn(B, H, T, D), randn(B, KV, T, D), randn(B, KV, T, D)
     scale = 1.0 / np.sqrt(D)
-    att, out = np.empty((B, H, T, T), np.float32), np.empty((B, H, T, D), np.float32)
-    attention.attention_forward(q, k, v, scale, att, out)
+    # uninitialised memory must not leak through the skipped upper blocks
+    att = np.full((B, H, T, T), np.nan, np.float32)
+    # out and dout as the model passes them: token rows (B, T, H, D) seen as (B, H, T, D)
+    y = np.full((B, T, H, D), np.nan, np.float32)
+    out = y.transpose(0, 2, 1, 3)
+    attention.attention_forward(q, k, v, scale, att, out, block=block)
     tq, tk, tv = leaf(q), leaf(k), leaf(v)
     ref = F.scaled_dot_product_attention(tq, tk.repeat_interleave(H // KV, 1), tv.repeat_interleave(H // KV, 1),
                                          is_causal=True)
@@ -143,8 +142,10 @@ def test_attention(H, KV):
     assert np.all(np.triu(att, 1) == 0.0)
     dout = randn(B, H, T, D)
     ref.backward(torch.from_numpy(dout))
-    dq, dk, dv, datt = (np.empty_like(a) for a in (q, k, v, att))
-    attention.attention_backward(dout, q, k, v, att, scale, dq, dk, dv, datt)
+    dq, dk, dv = (np.full_like(a, np.nan) for a in (q, k, v))
+    datt = np.full_like(att, np.nan)
+    dout_rows = np.ascontiguousarray(dout.transpose(0, 2, 1, 3)).transpose(0, 2, 1, 3)
+    attention.attention_backward(dout_rows, q, k, v, att, scale, dq, dk, dv, datt, block=block)
     close(dq, tq.grad)
     close(dk, tk.grad)
     close(dv, tv.grad)
@@ -264,3 +265,17 @@ def test_expf():
     out = np.empty_like(edge)
     vexp(edge, out)
     assert out[0] < 1e-37 and out[1] < 1e-37 and out[2] == 1.0 and out[3] == np.inf
+
+
+def test_rowmax():
+    from cke_kernels.expf import rowmax
+    # every length around the 8-wide unroll, the max in every lane and in the tail
+    for n in range(1, 40):
+        for pos in range(n):
+            row = rng.standard_normal(n).astype(np.float32) - 10.0
+            row[pos] = 3.5
+            assert rowmax(row, n) == np.float32(3.5), (n, pos)
+    row = np.array([-np.inf, -1e30, -np.inf, -5.0, -np.inf], np.float32)
+    assert rowmax(row, 5) == -5.0
+    assert rowmax(row, 3) == np.float32(-1e30)   # only the first n count
+    assert rowmax(np.full(9, -np.inf, np.float32), 9) == -np.inf

@@ -25,7 +25,7 @@ from cke_kernels.embedding import embedding_backward, embedding_forward
 from cke_kernels.linear import linear_backward, linear_forward
 from cke_kernels.residual import residual_forward
 from cke_kernels.rmsnorm import rmsnorm_backward, rmsnorm_forward
-from cke_kernels.rope import heads_merge, heads_split, qkv_rope_backward, qkv_rope_forward, rope_tables
+from cke_kernels.rope import qkv_rope_backward, qkv_rope_forward, rope_tables
 from cke_kernels.swiglu import swiglu_backward, swiglu_forward
 
 from .config import LlamaConfig
@@ -59,6 +59,12 @@ def param_shapes(cfg: LlamaConfig) -> list[tuple[str, tuple[int, ...]]]:
     if not cfg.tie_word_embeddings:
         out += [("lm_head.weight", (V, C))]
     return out
+
+
+def _heads_view(rows, B, T, H):
+    """Token rows (B*T, H*D) seen as (B, H, T, D) without a copy: attention GEMMs write and read
+    them in place (BLAS takes the row stride), so no head merge/split pass is needed."""
+    return rows.reshape(B, T, H, -1).transpose(0, 2, 1, 3)
 
 
 class _Layer:
@@ -99,14 +105,13 @@ class Activations:
         self.rstd1, self.rstd2 = e((Lk, N), F32), e((Lk, N), F32)
         self.q, self.k, self.v = e((Lk, B, H, T, D), F32), e((Lk, B, KV, T, D), F32), e((Lk, B, KV, T, D), F32)
         self.att = e((Lk, B, H, T, T), F32)
-        self.y = e((Lk, N, H * D), F32)           # attention output in token rows (o_proj input)
+        self.y = e((Lk, N, H * D), F32)           # attention output in token rows (o_proj input), written in place
         self.gu = e((Lk, N, 2 * I), F32)
         self.h = e((Lk, N, I), F32)
         self.lnf, self.rstdf = e((N, C), F32), e((N,), F32)
         self.logits = e((N, V), F32)
         # scratch, shared by all layers
         self.qkv = e((N, (H + 2 * KV) * D), F32)
-        self.yh = e((B, H, T, D), F32)
         self.tmp = e((N, C), F32)
         self.cos, self.sin = rope_tables(D, cfg.rope_theta, np.arange(T))
         if keep:
@@ -258,8 +263,7 @@ class Model:
             rmsnorm_forward(x, W.ln1, cfg.rms_norm_eps, a.ln1[j], a.rstd1[j])
             linear_forward(a.ln1[j], W.w_qkv, W.b_qkv, a.qkv)
             qkv_rope_forward(a.qkv, a.cos, a.sin, H, KV, a.q[j], a.k[j], a.v[j])
-            attention_forward(a.q[j], a.k[j], a.v[j], scale, a.att[j], a.yh)
-            heads_merge(a.yh, a.y[j])
+            attention_forward(a.q[j], a.k[j], a.v[j], scale, a.att[j], _heads_view(a.y[j], B, T, H))
             linear_forward(a.y[j], W.w_o, W.b_o, a.tmp)
             residual_forward(x, a.tmp, a.xmid[j])
             rmsnorm_forward(a.xmid[j], W.ln2, cfg.rms_norm_eps, a.ln2[j], a.rstd2[j])
@@ -341,8 +345,8 @@ class Model:
             rmsnorm_backward(a.dln, a.xmid[l], W.ln2, a.rstd2[l], a.dresid, GW.ln2)
             # attention: xmid = x + o(attn(rope(qkv(ln1(x)))))
             linear_backward(a.dresid, a.y[l], W.w_o, a.dy, GW.w_o, GW.b_o, acc, scratch)
-            heads_split(a.dy, a.yh)
-            attention_backward(a.yh, a.q[l], a.k[l], a.v[l], a.att[l], scale, a.dq, a.dk, a.dv, a.datt)
+            attention_backward(_heads_view(a.dy, a.B, a.T, cfg.num_attention_heads), a.q[l], a.k[l], a.v[l],
+                               a.att[l], scale, a.dq, a.dk, a.dv, a.datt)
             qkv_rope_backward(a.dq, a.dk, a.dv, a.cos, a.sin, a.qkv)
             linear_backward(a.qkv, a.ln1[l], W.w_qkv, a.dln, GW.w_qkv, GW.b_qkv, acc, scratch)
             rmsnorm_backward(a.dln, a.resid[l], W.ln1, a.rstd1[l], a.dresid, GW.ln1)
