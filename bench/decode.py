@@ -5,6 +5,7 @@ memory-bandwidth roofline, all measured in one run.
     python bench/decode.py                 # Llama-3.2-1B shape, random weights (~7 GB of RAM)
     python bench/decode.py --small         # a small model, for a quick check that it all runs
                                            # (its weights fit in L3, so "% roofline" means nothing)
+    python bench/decode.py --gemv          # only the GEMVs: float32 vs Q8_0 on 1B-shaped matrices
 
 Per thread count (--threads 1,2): a read bandwidth B measured here (numba, parallel sum over
 a buffer far larger than the caches), then for each implementation the median time of one
@@ -27,6 +28,11 @@ def parse():
     p.add_argument("--prompt-len", type=int, default=16)
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--no-torch", action="store_true", help="skip transformers")
+    p.add_argument("--gemv", action="store_true",
+                   help="micro-benchmark the decode GEMVs instead (8192x2048, 2048x8192, "
+                        "a quarter of the 128256x2048 LM head)")
+    p.add_argument("--gemv-mib", type=int, default=1024,
+                   help="float32 bytes cycled through per shape in --gemv (far beyond L3: DRAM speed)")
     p.add_argument("--bandwidth-mib", type=int, default=2048, help="buffer size of the bandwidth probe")
     return p.parse_args()
 
@@ -126,7 +132,43 @@ def torch_decode(hf, prompt, n_new):
     return float(np.median(np.diff(s.t[1:]))), out[0, len(prompt):].tolist()
 
 
+def gemv_bench():
+    """ms per call of the float32 and the Q8_0 GEMV (M=1), cycling through copies of the matrix
+    whose float32 total is --gemv-mib, so weights come from DRAM as in a real decode step."""
+    from cke_kernels.decode_matvec import f32_matvec
+    from cke_kernels.q8_0 import q8_0_matvec, quantize_q8_0
+    rng = np.random.default_rng(0)
+    print("| threads | shape (N x K) | f32 ms | f32 GB/s | Q8_0 ms | Q8_0 GB/s | Q8_0 / f32 speed |")
+    print("|---|---|---|---|---|---|---|")
+    for n, k in ((8192, 2048), (2048, 8192), (128256 // 4, 2048)):
+        copies = max(2, args.gemv_mib * 2**20 // (4 * n * k))
+        ws = [rng.standard_normal((n, k), dtype=np.float32) for _ in range(copies)]
+        qs = [quantize_q8_0(w) for w in ws]
+        x = rng.standard_normal((1, k), dtype=np.float32)
+        out = np.empty((1, n), np.float32)
+        for t in THREADS:
+            set_num_threads(t)
+            f32_matvec(ws[0], x, out)
+            q8_0_matvec(*qs[0], x, out)
+            best = {}
+            for _ in range(5):          # interleaved rounds, best of each: a shared machine drifts
+                for name, fn in (("f32", lambda i: f32_matvec(ws[i], x, out)),
+                                 ("q8", lambda i: q8_0_matvec(*qs[i], x, out))):
+                    t0 = time.perf_counter()
+                    for i in range(copies):
+                        fn(i)
+                    best[name] = min(best.get(name, 1e9), (time.perf_counter() - t0) / copies)
+            b32, b8 = 4 * n * k, qs[0][0].nbytes + qs[0][1].nbytes
+            print(f"| {t} | {n} x {k} | {best['f32'] * 1e3:.2f} | {b32 / best['f32'] / 1e9:.1f} | "
+                  f"{best['q8'] * 1e3:.2f} | {b8 / best['q8'] / 1e9:.1f} | {best['f32'] / best['q8']:.2f}x |",
+                  flush=True)
+        ws, qs = [], []             # free this shape's copies before the next
+    return 0
+
+
 def main():
+    if args.gemv:
+        return gemv_bench()
     cfg = LlamaConfig.from_dict(SMALL if args.small else LLAMA_1B)
     t0 = time.perf_counter()
     model = Model.from_config(cfg, seed=0)
