@@ -21,12 +21,14 @@ def test_two_host_config_makes_the_hydra_command():
 
 
 def test_localhost_config_runs_a_real_two_rank_job():
+    # every rank checks its sum (a failed assert fails the job); rank 0 reports, so lines cannot interleave
     job = [sys.executable, "-c",
            "from cke_dist.comm import init; import numpy as np; w = init(timeout=30); x = np.ones(5) * (w.rank + 1);"
-           "w.allreduce(x); print('sum', int(x[0]), w.plan.of(0, 1) if w.plan else None)"]
+           "w.allreduce(x); assert (x == 3).all(), x; w.barrier();"
+           "w.rank == 0 and print(f'ranks {w.size} sum {int(x[0])} over {w.plan.of(0, 1)}', flush=True)"]
     res = _run(str(REPO / "cluster-configs" / "localhost.toml"), "--exec", "--", *job, timeout=120)
     assert res.returncode == 0, res.stdout + res.stderr
-    assert res.stdout.count("sum 3 shm") == 2
+    assert "ranks 2 sum 3 over shm" in res.stdout
 
 
 def test_grid_that_does_not_fill_the_slots_is_refused(tmp_path):

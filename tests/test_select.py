@@ -128,5 +128,6 @@ def test_mpi_select_one_host():
 def test_mpi_select_two_posed_hosts():
     """Ranks 0-1 pose as host A and 2-3 as host B."""
     res = run_two_hosts(2, 2, PYTEST_MPI)
+    # exit 0 from mpiexec: every rank's pytest ran its tests and passed (pytest exits 5 on none collected)
     assert res.returncode == 0, res.stdout[-8000:]
-    assert res.stdout.count(" passed") == 4
+    assert " passed" in res.stdout

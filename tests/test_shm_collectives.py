@@ -21,5 +21,6 @@ def test_collective_suite_over_shm_and_tcp_mixed():
     """Ranks 0-1 on "hostA", 2-3 on "hostB": auto takes shm within each and tcp (no RDMA device) across."""
     res = run_two_hosts(2, 2, ["-m", "pytest", "--with-mpi", "-q", "-p", "no:cacheprovider", str(SUITE)],
                         timeout=150, env={"CKE_TRANSPORT": "auto", "CKE_COMM_INTERFACE": "lo"})
+    # exit 0 from mpiexec: every rank's pytest ran its tests and passed (pytest exits 5 on none collected)
     assert res.returncode == 0, res.stdout[-8000:]
-    assert res.stdout.count(" passed") == 4 and "failed" not in res.stdout
+    assert " passed" in res.stdout and "failed" not in res.stdout
