@@ -17,16 +17,32 @@ import numpy as np
 from numba import njit, prange
 
 
-def rope_inv_freq(head_dim, theta):
+def rope_inv_freq(head_dim, theta, llama3=None):
+    """Inverse frequencies (head_dim // 2,) float32; `llama3` = Llama 3.x rope scaling parameters
+    {factor, low_freq_factor, high_freq_factor, original_max_position_embeddings} or None.
+
+    Llama 3 scaling keeps the high frequencies, divides the low ones by `factor` and blends in
+    between, in float32 as transformers does (so the angles agree with HF's)."""
     exps = np.arange(0, head_dim, 2, dtype=np.int64).astype(np.float32) / np.float32(head_dim)
-    return (np.float32(1.0) / (np.float32(theta) ** exps)).astype(np.float32)
+    inv = (np.float32(1.0) / (np.float32(theta) ** exps)).astype(np.float32)
+    if llama3 is None:
+        return inv
+    factor = np.float32(llama3["factor"])
+    low, high = llama3["low_freq_factor"], llama3["high_freq_factor"]
+    old_ctx = llama3["original_max_position_embeddings"]
+    wavelen = np.float32(2 * np.pi) / inv
+    scaled = np.where(wavelen > np.float32(old_ctx / low), inv / factor, inv).astype(np.float32)
+    smooth = ((np.float32(old_ctx) / wavelen - np.float32(low)) / np.float32(high - low)).astype(np.float32)
+    blended = ((np.float32(1) - smooth) * scaled / factor + smooth * scaled).astype(np.float32)
+    medium = ~(wavelen < np.float32(old_ctx / high)) & ~(wavelen > np.float32(old_ctx / low))
+    return np.where(medium, blended, scaled).astype(np.float32)
 
 
-def rope_tables(head_dim, theta, positions):
+def rope_tables(head_dim, theta, positions, llama3=None):
     """positions (T,) ints -> cos, sin of shape (T, head_dim // 2), float32."""
     if head_dim % 2:
         raise ValueError(f"RoPE needs an even head_dim, got {head_dim}")
-    ang = np.asarray(positions).astype(np.float32)[:, None] * rope_inv_freq(head_dim, theta)[None, :]
+    ang = np.asarray(positions).astype(np.float32)[:, None] * rope_inv_freq(head_dim, theta, llama3)[None, :]
     ang64 = ang.astype(np.float64)
     return np.cos(ang64).astype(np.float32), np.sin(ang64).astype(np.float32)
 

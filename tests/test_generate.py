@@ -46,10 +46,20 @@ def make_hf_checkpoint(d, arch="llama", max_pos=128, seed=0, **over):
     return model
 
 
-@pytest.fixture(scope="module", params=["llama", "qwen2", "llama_bias"])
+# Llama 3.x RoPE scaling; with head_dim 16 and theta 1e4 the wavelengths (6.3, 20, 63, ...) fall in all
+# three of its regions for an original context of 32: kept, blended, divided by factor
+LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0,
+               "high_freq_factor": 4.0, "original_max_position_embeddings": 32}
+
+
+@pytest.fixture(scope="module", params=["llama", "qwen2", "llama_bias", "llama3_rope"])
 def ckpt(request, tmp_path_factory):
     d = tmp_path_factory.mktemp(request.param)
-    hf = make_hf_checkpoint(d, request.param)
+    if request.param == "llama3_rope":
+        hf = make_hf_checkpoint(d, "llama", rope_parameters=LLAMA3_ROPE)
+        assert json.loads((d / "config.json").read_text())["rope_parameters"]["rope_type"] == "llama3"
+    else:
+        hf = make_hf_checkpoint(d, request.param)
     return d, hf
 
 

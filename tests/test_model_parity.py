@@ -215,6 +215,7 @@ def test_load_rejects_mismatched_checkpoint(tmp_path):
     (dict(head_dim=7), "head_dim"),
     (dict(hidden_size=0), "hidden_size"),
     (dict(rope_parameters={"rope_type": "yarn", "factor": 4.0}), "rope_type"),
+    (dict(rope_scaling={"rope_type": "llama3", "factor": 8.0}), "low_freq_factor"),
     (dict(model_type="gpt2"), "model_type"),
     (dict(hidden_act="gelu"), "hidden_act"),
 ])
@@ -237,6 +238,36 @@ def test_config_round_trips_through_transformers():
                 "num_key_value_heads", "head_dim", "rms_norm_eps", "rope_theta", "tie_word_embeddings",
                 "attention_bias", "model_type"):
         assert getattr(back, key) == getattr(cfg, key), key
+
+
+LLAMA3_ROPE = {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               # with head_dim 8 and theta 1000 the wavelengths (6.3, 35, 199, 1117) fall in all three
+               # regions of Llama 3 scaling: kept (< 16), blended (16..64) and divided by factor (> 64)
+               "original_max_position_embeddings": 64}
+
+
+def test_llama3_rope_scaling_matches_transformers():
+    """Llama 3.x checkpoints (rope_type "llama3") load and compute as in transformers."""
+    cfg = LlamaConfig.from_dict(dict(vocab_size=61, hidden_size=32, intermediate_size=40, num_hidden_layers=2,
+                                     num_attention_heads=4, num_key_value_heads=2, rope_theta=1000.0,
+                                     rms_norm_eps=1e-5, rope_scaling={"rope_type": "llama3", **LLAMA3_ROPE}))
+    assert cfg.rope_scaling == LLAMA3_ROPE
+    model = Model.from_config(cfg, seed=0, init_std=0.1)
+    plain = Model.from_config(cfg.replace(rope_scaling=None), seed=0, init_std=0.1)
+    x, y = batch(cfg, T=40, seed=1)
+    hf = R.hf_model(cfg, model.named_params)
+    assert hf.config.rope_parameters["rope_type"] == "llama3"
+    out = hf(torch.from_numpy(x))
+    assert_close(model.forward(x), out.logits, "logits vs transformers (llama3 rope)")
+    # the scaling is really applied: without it the logits differ
+    assert np.abs(plain.forward(x) - out.logits.detach().numpy()).max() > 1e-3
+    loss = torch.nn.functional.cross_entropy(out.logits.reshape(-1, cfg.vocab_size), torch.from_numpy(y).reshape(-1))
+    loss.backward()
+    model.zero_grad()
+    assert model.forward_backward(x, y) == pytest.approx(loss.item(), rel=1e-6)
+    hf_grads = dict(hf.named_parameters())
+    for name, g in model.named_grads.items():
+        assert_close(g, hf_grads[name].grad, f"grad {name} vs transformers (llama3 rope)")
 
 
 def test_bad_tokens():

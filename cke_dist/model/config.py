@@ -3,8 +3,9 @@
 A plain dataclass (nanoGPT style). `from_dict` accepts the config.json that
 transformers writes for LlamaForCausalLM / Qwen2ForCausalLM: keys we do not use
 are kept in `extra` and written back by `to_dict`; keys that would change the
-computation in a way we do not implement (rope scaling, sliding windows, MLP
-bias, another activation) and impossible shapes raise ValueError naming the key.
+computation in a way we do not implement (RoPE scaling other than Llama 3's,
+sliding windows, MLP bias, another activation) and impossible shapes raise
+ValueError naming the key.
 """
 from __future__ import annotations
 
@@ -17,7 +18,10 @@ _ARCH = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
 _REQUIRED = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
 # keys of ours that to_dict writes; everything else from the input goes to `extra`
 _OURS = set(_REQUIRED) | {"num_key_value_heads", "head_dim", "max_position_embeddings", "rms_norm_eps",
-                          "rope_theta", "tie_word_embeddings", "attention_bias", "model_type", "architectures"}
+                          "rope_theta", "tie_word_embeddings", "attention_bias", "model_type", "architectures",
+                          "rope_parameters"}
+# Llama 3.x RoPE scaling (rope_type "llama3"): these keys, all required
+_LLAMA3_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
 
 
 @dataclass
@@ -36,6 +40,7 @@ class LlamaConfig:
     attention_bias: bool | None = None       # None -> True for qwen2 (q/k/v biases), False for llama
     model_type: str = "llama"
     architectures: list[str] | None = None
+    rope_scaling: dict | None = None         # Llama 3 scaling: the _LLAMA3_KEYS; None = plain RoPE
     extra: dict = field(default_factory=dict, repr=False)
 
     def __post_init__(self):
@@ -71,6 +76,12 @@ class LlamaConfig:
             raise ValueError(f"config key 'rms_norm_eps' must be a positive number, got {self.rms_norm_eps!r}")
         if not (isinstance(self.rope_theta, (int, float)) and self.rope_theta > 0):
             raise ValueError(f"config key 'rope_theta' must be a positive number, got {self.rope_theta!r}")
+        if self.rope_scaling is not None:
+            r = self.rope_scaling
+            if set(r) != set(_LLAMA3_KEYS) or not (r["factor"] > 0 and r["high_freq_factor"] > r["low_freq_factor"] > 0
+                                                   and r["original_max_position_embeddings"] > 0):
+                raise ValueError(f"config key 'rope_parameters' (llama3) needs positive {list(_LLAMA3_KEYS)} with "
+                                 f"high_freq_factor > low_freq_factor, got {r!r}")
         self.rms_norm_eps = float(self.rms_norm_eps)
         self.rope_theta = float(self.rope_theta)
         self.tie_word_embeddings = bool(self.tie_word_embeddings)
@@ -94,9 +105,15 @@ class LlamaConfig:
         if not isinstance(rope, dict):
             raise ValueError(f"config key 'rope_parameters' must be a mapping, got {rope!r}")
         rope_type = rope.get("rope_type", rope.get("type", "default"))
-        if rope_type != "default":
-            raise ValueError(f"config key 'rope_parameters.rope_type' is {rope_type!r}; only 'default' RoPE "
-                             f"is implemented")
+        if rope_type not in ("default", "llama3"):
+            raise ValueError(f"config key 'rope_parameters.rope_type' is {rope_type!r}; only 'default' and "
+                             f"'llama3' RoPE are implemented")
+        scaling = None
+        if rope_type == "llama3":
+            missing = [k for k in _LLAMA3_KEYS if k not in rope]
+            if missing:
+                raise ValueError(f"config key 'rope_parameters' (rope_type 'llama3') lacks {missing}")
+            scaling = {k: rope[k] for k in _LLAMA3_KEYS}
         theta = d.get("rope_theta", rope.get("rope_theta", 10000.0))
         if d.get("mlp_bias"):
             raise ValueError("config key 'mlp_bias' is true; MLP biases are not implemented")
@@ -116,7 +133,7 @@ class LlamaConfig:
             rms_norm_eps=d.get("rms_norm_eps", 1e-6), rope_theta=theta,
             tie_word_embeddings=d.get("tie_word_embeddings", False),
             attention_bias=d.get("attention_bias") if model_type == "llama" else True,
-            model_type=model_type, architectures=d.get("architectures"), extra=extra)
+            model_type=model_type, architectures=d.get("architectures"), rope_scaling=scaling, extra=extra)
 
     @classmethod
     def from_json(cls, path) -> "LlamaConfig":
@@ -143,7 +160,8 @@ class LlamaConfig:
             "num_attention_heads": self.num_attention_heads, "num_key_value_heads": self.num_key_value_heads,
             "head_dim": self.head_dim, "max_position_embeddings": self.max_position_embeddings,
             "rms_norm_eps": self.rms_norm_eps, "rope_theta": self.rope_theta,
-            "rope_parameters": {"rope_type": "default", "rope_theta": self.rope_theta},
+            "rope_parameters": ({"rope_type": "llama3", "rope_theta": self.rope_theta, **self.rope_scaling}
+                                if self.rope_scaling else {"rope_type": "default", "rope_theta": self.rope_theta}),
             "tie_word_embeddings": self.tie_word_embeddings, "hidden_act": "silu",
         })
         if self.model_type == "llama":

@@ -121,7 +121,7 @@ class InferenceModel:
         D = cfg.head_dim
         self.head_dim = D
         self.eps = cfg.rms_norm_eps
-        self.inv_freq = rope_inv_freq(D, cfg.rope_theta)
+        self.inv_freq = rope_inv_freq(D, cfg.rope_theta, cfg.rope_scaling)
 
         def get(name):
             if name not in tensors:

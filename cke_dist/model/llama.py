@@ -113,7 +113,7 @@ class Activations:
         # scratch, shared by all layers
         self.qkv = e((N, (H + 2 * KV) * D), F32)
         self.tmp = e((N, C), F32)
-        self.cos, self.sin = rope_tables(D, cfg.rope_theta, np.arange(T))
+        self.cos, self.sin = rope_tables(D, cfg.rope_theta, np.arange(T), cfg.rope_scaling)
         if keep:
             self.dresid = e((N, C), F32)
             self.dln = e((N, C), F32)
