@@ -33,6 +33,8 @@ for _v in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_
 import numpy as np  # noqa: E402
 from mpi4py import MPI  # noqa: E402
 
+from gloo_peer import setup_gloo  # noqa: E402  (bench/ is sys.path[0] when run as a script)
+
 SIZES = "4K,64K,1M,16M,64M"
 UNITS = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
 
@@ -88,22 +90,6 @@ def pose_hosts(k: int) -> None:
         raise SystemExit(f"--hosts {k}: need 1..{comm.size} (the number of ranks)")
     os.environ["CKE_COMM_HOSTNAME"] = f"{socket.gethostname()}-host{comm.rank * k // comm.size}"
     os.environ.setdefault("CKE_COMM_INTERFACE", "lo")
-
-
-def setup_gloo(comm):
-    import torch
-    import torch.distributed as dist
-
-    torch.set_num_threads(1)
-    port = None
-    if comm.rank == 0:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-    port = comm.bcast(port, root=0)
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=comm.rank, world_size=comm.size)
-    return torch, dist
 
 
 def main(argv=None):

@@ -85,24 +85,14 @@ def worker_ours(s, bucket_mb, overlap=True):
 
 
 def worker_torch(s, bucket_mb):
-    import socket
-
-    import torch
-    import torch.distributed as dist
     from mpi4py import MPI
     from torch.nn.parallel import DistributedDataParallel as DDP
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    from gloo_peer import setup_gloo
+
     comm = MPI.COMM_WORLD
-    torch.set_num_threads(1)
-    port = None
-    if comm.rank == 0:
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            port = sock.getsockname()[1]
-    port = comm.bcast(port, root=0)
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=comm.rank, world_size=comm.size)
+    torch, _ = setup_gloo(comm)
     torch.manual_seed(0)
     hf = AutoModelForCausalLM.from_config(AutoConfig.for_model(**llama_config(s).to_dict()), dtype=torch.float32)
     hf.train()
