@@ -2,31 +2,52 @@
 
     from cke_dist.model import LlamaConfig, Model, load_model
     cfg = LlamaConfig.from_json("config.json")
-    model = Model.from_config(cfg, seed=0)      # or load_model("hf_dir")
+    model = Model.from_config(cfg, seed=0)      # or load_model("hf_dir"); tp_group=g for a shard
     logits = model.forward(tokens)              # (B, T) ints -> (B, T, V)
     loss = model.forward_backward(tokens, targets)
     model.named_grads["model.layers.0.mlp.up_proj.weight"]
     model.save("out_dir")
 """
 from .config import LlamaConfig
-from .llama import Model, param_shapes
+from .layout import LM_HEAD, param_shapes, param_specs
+from .llama import Model, check_names
 
 
 def load_model(model_dir, tp_group=None) -> Model:
-    """A Model from a Hugging Face directory (config.json + model.safetensors, or shards + index)."""
+    """A Model from a Hugging Face directory (config.json + model.safetensors, or shards + index).
+
+    With a tp group, each rank reads only its slices of each tensor (memory-mapped), never the
+    whole tensor."""
     import os
 
-    from .hf_io import read_hf_dir
-    config_dict, tensors = read_hf_dir(model_dir)
+    import numpy as np
+
+    from .hf_io import open_hf_tensors, read_hf_config
+    config_dict = read_hf_config(model_dir)
     try:
         cfg = LlamaConfig.from_dict(config_dict)
     except ValueError as e:
         raise ValueError(f"{os.path.join(os.fspath(model_dir), 'config.json')}: {e}") from None
-    model = Model(cfg, tp_group=tp_group)
+    files = open_hf_tensors(model_dir)
     single = os.path.join(os.fspath(model_dir), "model.safetensors")
     source = single if os.path.exists(single) else os.path.join(os.fspath(model_dir), "model-*.safetensors")
-    model.load_state_dict(tensors, source=source)
+    model = Model(cfg, tp_group=tp_group)
+    names = set(files)
+    if cfg.tie_word_embeddings and LM_HEAD in names:
+        # some tools write the tied head too; it must be the embedding (compared shard by shard)
+        emb = next(s for s in model.specs if s.name == "model.embed_tokens.weight")
+        if not np.array_equal(files[LM_HEAD].read(LM_HEAD, emb.index), files[emb.name].read(emb.name, emb.index)):
+            raise ValueError(f"{source}: config.json has tie_word_embeddings=true but lm_head.weight "
+                             f"differs from model.embed_tokens.weight; set tie_word_embeddings=false")
+        names.discard(LM_HEAD)
+    check_names({s.name for s in model.specs}, names, source)
+    for spec in model.specs:
+        f = files[spec.name]
+        if f.shape(spec.name) != spec.full:
+            raise ValueError(f"{source}: tensor {spec.name} has shape {f.shape(spec.name)}, "
+                             f"the config expects {spec.full}")
+        model.named_params[spec.name][...] = f.read(spec.name, spec.index)
     return model
 
 
-__all__ = ["LlamaConfig", "Model", "load_model", "param_shapes"]
+__all__ = ["LlamaConfig", "Model", "load_model", "param_shapes", "param_specs"]

@@ -77,32 +77,48 @@ def _read_header(path: Path) -> tuple[dict, int]:
     return header, 8 + hlen
 
 
+def _widen(stored_dtype: str, arr: np.ndarray) -> np.ndarray:
+    """Stored values -> a C-contiguous float32 copy (bf16 is the top half of a float32: shift it up)."""
+    if stored_dtype == "BF16":
+        return (arr.astype(np.uint32) << 16).view(np.float32)
+    return np.ascontiguousarray(arr, dtype=np.float32)
+
+
+class SafetensorsFile:
+    """One safetensors file, header checked; `read(name, index)` reads just that part of a tensor.
+
+    The data are memory-mapped, so a tensor-parallel rank that reads its rows or columns of a
+    tensor touches only those pages and holds only its shard (numpy has no bf16, so this reads
+    every dtype the same way rather than through the safetensors package's numpy loader)."""
+
+    def __init__(self, path):
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise FileNotFoundError(f"{self.path}: safetensors file not found")
+        self.header, self.data_start = _read_header(self.path)
+
+    def names(self) -> list[str]:
+        return sorted(self.header, key=lambda n: self.header[n]["data_offsets"][0])
+
+    def shape(self, name) -> tuple[int, ...]:
+        return tuple(self.header[name]["shape"])
+
+    def read(self, name, index=()) -> np.ndarray:
+        entry = self.header[name]
+        stored, _ = _STORED[entry["dtype"]]
+        shape = tuple(entry["shape"])
+        try:
+            mm = np.memmap(self.path, dtype=stored, mode="r", offset=self.data_start + entry["data_offsets"][0],
+                           shape=shape) if int(np.prod(shape, dtype=np.int64)) else np.zeros(shape, stored)
+            return _widen(entry["dtype"], mm[index])
+        except (OSError, ValueError) as e:
+            raise HFFormatError(f"{self.path}: cannot read tensor {name!r}: {e}") from e
+
+
 def read_safetensors(path) -> dict[str, np.ndarray]:
     """All tensors of one safetensors file as float32 arrays (file order)."""
-    from safetensors import safe_open
-
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: safetensors file not found")
-    header, data_start = _read_header(path)
-    out = {}
-    try:
-        with safe_open(str(path), framework="np") as f:
-            for name in sorted(header, key=lambda n: header[n]["data_offsets"][0]):
-                entry = header[name]
-                if entry["dtype"] == "BF16":
-                    # bf16 is the top half of a float32: widen by shifting the bits up.
-                    n = int(np.prod(entry["shape"], dtype=np.int64))
-                    bits = np.fromfile(path, dtype="<u2", count=n, offset=data_start + entry["data_offsets"][0])
-                    arr = (bits.astype(np.uint32) << 16).view(np.float32).reshape(entry["shape"])
-                else:
-                    arr = f.get_tensor(name)
-                out[name] = np.ascontiguousarray(arr, dtype=np.float32)
-    except HFFormatError:
-        raise
-    except Exception as e:  # the library's own message, with the file named
-        raise HFFormatError(f"{path}: cannot read safetensors file: {e}") from e
-    return out
+    f = SafetensorsFile(path)
+    return {name: f.read(name) for name in f.names()}
 
 
 def _read_index(index_path: Path) -> dict[str, list[str]]:
@@ -124,8 +140,8 @@ def _read_index(index_path: Path) -> dict[str, list[str]]:
     return shards
 
 
-def read_hf_dir(path) -> tuple[dict, dict[str, np.ndarray]]:
-    """(config dict, {tensor name: float32 array}) of a Hugging Face model directory."""
+def read_hf_config(path) -> dict:
+    """config.json of a Hugging Face model directory, checked to be a float (unquantized) model."""
     path = Path(path)
     if not path.is_dir():
         raise FileNotFoundError(f"{path}: model directory not found")
@@ -142,27 +158,38 @@ def read_hf_dir(path) -> tuple[dict, dict[str, np.ndarray]]:
     if quant is not None:
         raise HFFormatError(f"{config_path}: weights are quantized ({quant!r}); a quantized directory is for "
                             f"inference only: `cke-dist generate --model {path}` (train from the float checkpoint)")
+    return config
 
+
+def open_hf_tensors(path) -> dict[str, SafetensorsFile]:
+    """Tensor name -> the (header-checked) file that holds it, for the weights of an HF directory."""
+    path = Path(path)
     index_path = path / INDEX_NAME
     if index_path.is_file():
-        tensors = {}
+        where = {}
         for shard, names in _read_index(index_path).items():
             shard_path = path / shard
             if not shard_path.is_file():
                 raise FileNotFoundError(f"{shard_path}: shard listed in {index_path.name} not found")
-            got = read_safetensors(shard_path)
-            missing = [n for n in names if n not in got]
+            f = SafetensorsFile(shard_path)
+            missing = [n for n in names if n not in f.header]
             if missing:
                 raise HFFormatError(
                     f"{shard_path}: {index_path.name} lists {len(missing)} tensor(s) this shard lacks, "
                     f"e.g. {missing[0]!r}")
-            for n in names:
-                tensors[n] = got[n]
-        return config, tensors
+            where.update({n: f for n in names})
+        return where
     single = path / SINGLE_NAME
     if single.is_file():
-        return config, read_safetensors(single)
+        f = SafetensorsFile(single)
+        return {n: f for n in f.names()}
     raise FileNotFoundError(f"{path}: no {SINGLE_NAME} and no {INDEX_NAME}; nothing to load weights from")
+
+
+def read_hf_dir(path) -> tuple[dict, dict[str, np.ndarray]]:
+    """(config dict, {tensor name: float32 array}) of a Hugging Face model directory."""
+    config = read_hf_config(path)
+    return config, {n: f.read(n) for n, f in open_hf_tensors(path).items()}
 
 
 def fsync_path(p: Path) -> None:

@@ -10,8 +10,12 @@ biases) and gate/up weights are adjacent: each pair/triple is one GEMM on one
 view. Backward fills the gradient buffer back to front and reports each finished
 range through `on_grad_ready(start, stop)` (data-parallel buckets overlap with it).
 
-Tensor parallelism: the model takes `tp_group` (anything with size/rank/allreduce);
-only a group of size 1 (or None) exists today.
+Tensor parallelism (Megatron): the model takes `tp_group` (anything with size, rank,
+allreduce, allgather) and holds only its shards (cke_dist.model.layout says which): q/k/v and
+gate/up are column-parallel, o/down row-parallel, the embedding, LM head and cross-entropy
+vocab-parallel. Per layer 2 allreduces of (tokens x hidden) forward and 2 backward, plus the
+embedding's, the LM head input gradient's and three (tokens,) ones in the cross-entropy; with a
+group of size 1 (or None) they vanish and this is the plain model.
 """
 from __future__ import annotations
 
@@ -20,7 +24,8 @@ import math
 import numpy as np
 
 from cke_kernels.attention import attention_backward, attention_forward
-from cke_kernels.crossentropy import crossentropy_forward, crossentropy_fused_backward
+from cke_kernels.crossentropy import (ce_exp_sum, ce_grad, ce_losses, ce_max_and_target, check_targets,
+                                       count_valid)
 from cke_kernels.embedding import embedding_backward, embedding_forward
 from cke_kernels.linear import linear_backward, linear_forward
 from cke_kernels.residual import residual_forward
@@ -29,36 +34,10 @@ from cke_kernels.rope import qkv_rope_backward, qkv_rope_forward, rope_tables
 from cke_kernels.swiglu import swiglu_backward, swiglu_forward
 
 from .config import LlamaConfig
+from .layout import (EMBED, LM_HEAD, NORM, attention_heads, head_name, layer_names, offsets, param_shapes,
+                     param_specs, split_range)
 
 F32 = np.float32
-
-
-def param_shapes(cfg: LlamaConfig) -> list[tuple[str, tuple[int, ...]]]:
-    """(HF name, shape) for every parameter, in flat-buffer order."""
-    C, I, V, D = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size, cfg.head_dim
-    H, KV = cfg.num_attention_heads, cfg.num_key_value_heads
-    out = [("model.embed_tokens.weight", (V, C))]
-    for i in range(cfg.num_hidden_layers):
-        p = f"model.layers.{i}."
-        out += [(p + "input_layernorm.weight", (C,)),
-                (p + "self_attn.q_proj.weight", (H * D, C)),
-                (p + "self_attn.k_proj.weight", (KV * D, C)),
-                (p + "self_attn.v_proj.weight", (KV * D, C))]
-        if cfg.attention_bias:
-            out += [(p + "self_attn.q_proj.bias", (H * D,)),
-                    (p + "self_attn.k_proj.bias", (KV * D,)),
-                    (p + "self_attn.v_proj.bias", (KV * D,))]
-        out += [(p + "self_attn.o_proj.weight", (C, H * D))]
-        if cfg.o_proj_bias:
-            out += [(p + "self_attn.o_proj.bias", (C,))]
-        out += [(p + "post_attention_layernorm.weight", (C,)),
-                (p + "mlp.gate_proj.weight", (I, C)),
-                (p + "mlp.up_proj.weight", (I, C)),
-                (p + "mlp.down_proj.weight", (C, I))]
-    out += [("model.norm.weight", (C,))]
-    if not cfg.tie_word_embeddings:
-        out += [("lm_head.weight", (V, C))]
-    return out
 
 
 def _heads_view(rows, B, T, H):
@@ -67,35 +46,56 @@ def _heads_view(rows, B, T, H):
     return rows.reshape(B, T, H, -1).transpose(0, 2, 1, 3)
 
 
-class _Layer:
-    """Views of one decoder layer's parameters (or gradients) in a flat buffer."""
+class LayerViews:
+    """One decoder layer's local parameters (or gradients) as views of a flat buffer; q/k/v (and
+    gate/up) are one view each because the layout puts them side by side."""
 
     def __init__(self, flat, offsets, cfg, i):
-        p = f"model.layers.{i}."
-        C, I = cfg.hidden_size, cfg.intermediate_size
-        qkv = (cfg.num_attention_heads + 2 * cfg.num_key_value_heads) * cfg.head_dim
+        names = layer_names(cfg, i)
 
-        def span(first, last):
-            return flat[offsets[p + first][0]:offsets[p + last][1]]
+        def span(role, cols=None):
+            if not names[role]:
+                return None
+            v = flat[offsets[names[role][0]][0]:offsets[names[role][-1]][1]]
+            return v if cols is None else v.reshape(-1, cols)
 
-        self.ln1 = span("input_layernorm.weight", "input_layernorm.weight")
-        self.w_qkv = span("self_attn.q_proj.weight", "self_attn.v_proj.weight").reshape(qkv, C)
-        self.b_qkv = span("self_attn.q_proj.bias", "self_attn.v_proj.bias") if cfg.attention_bias else None
-        self.w_o = span("self_attn.o_proj.weight", "self_attn.o_proj.weight").reshape(C, -1)
-        self.b_o = span("self_attn.o_proj.bias", "self_attn.o_proj.bias") if cfg.o_proj_bias else None
-        self.ln2 = span("post_attention_layernorm.weight", "post_attention_layernorm.weight")
-        self.w_gu = span("mlp.gate_proj.weight", "mlp.up_proj.weight").reshape(2 * I, C)
-        self.w_down = span("mlp.down_proj.weight", "mlp.down_proj.weight").reshape(C, I)
-        self.start = offsets[p + "input_layernorm.weight"][0]
-        self.stop = offsets[p + "mlp.down_proj.weight"][1]
+        C = cfg.hidden_size
+        self.ln1, self.ln2 = span("ln1"), span("ln2")
+        self.w_qkv, self.b_qkv = span("qkv", C), span("qkv_bias")
+        self.w_o, self.b_o = span("o"), span("o_bias")
+        self.w_o = self.w_o.reshape(C, -1)
+        self.w_gu = span("gate_up", C)
+        self.w_down = span("down").reshape(C, -1)
+        self.start = offsets[names["ln1"][0]][0]
+        self.stop = offsets[names["down"][0]][1]
+
+
+def _attend(a, j, heads, scale, forward, dy=None):
+    """Attention of layer cache j on this rank's heads. Heads whose GQA groups straddle ranks come
+    in segments of different group sizes: one kernel call per (sequence, segment) then, so each
+    call's probabilities block is contiguous (the kernels reshape it in place)."""
+    B, T = a.B, a.T
+    y = _heads_view(a.y[j] if forward else dy, B, T, heads.n_q)
+    segs = heads.segments()
+    calls = [(slice(None), *segs[0])] if len(segs) == 1 else \
+        [(slice(b, b + 1), *seg) for b in range(B) for seg in segs]
+    for b, q0, q1, k0, k1 in calls:
+        q, k, v = a.q[j][b, q0:q1], a.k[j][b, k0:k1], a.v[j][b, k0:k1]
+        if forward:
+            attention_forward(q, k, v, scale, a.att[j][b, q0:q1], y[b, q0:q1])
+        else:
+            attention_backward(y[b, q0:q1], q, k, v, a.att[j][b, q0:q1], scale,
+                               a.dq[b, q0:q1], a.dk[b, k0:k1], a.dv[b, k0:k1], a.datt[b, q0:q1])
 
 
 class Activations:
-    """Every buffer one forward/backward of a (B, T) batch needs, allocated once per shape."""
+    """Every buffer one forward/backward of a (B, T) batch needs on this rank, allocated once per shape."""
 
-    def __init__(self, cfg: LlamaConfig, B: int, T: int, keep: bool):
-        N, C, I, V, D = B * T, cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size, cfg.head_dim
-        H, KV, L = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.num_hidden_layers
+    def __init__(self, model: "Model", B: int, T: int, keep: bool):
+        cfg = model.config
+        N, C, D, L = B * T, cfg.hidden_size, cfg.head_dim, cfg.num_hidden_layers
+        H, KV = model.heads.n_q, model.heads.n_kv
+        I, V = model.inter_range[1] - model.inter_range[0], model.vocab_range[1] - model.vocab_range[0]
         Lk = L if keep else 1   # forward-only runs reuse one layer's worth of caches
         e = np.empty
         self.B, self.T, self.keep = B, T, keep
@@ -109,7 +109,8 @@ class Activations:
         self.gu = e((Lk, N, 2 * I), F32)
         self.h = e((Lk, N, I), F32)
         self.lnf, self.rstdf = e((N, C), F32), e((N,), F32)
-        self.logits = e((N, V), F32)
+        self.logits = e((N, V), F32)              # this rank's vocab columns only
+        self.rmax, self.rsum, self.tlogit = e(N, F32), e(N, F32), e(N, F32)   # cross-entropy row stats
         # scratch, shared by all layers
         self.qkv = e((N, (H + 2 * KV) * D), F32)
         self.tmp = e((N, C), F32)
@@ -125,28 +126,26 @@ class Activations:
 
 
 class Model:
-    """A Llama-family causal LM with flat parameter and gradient buffers.
+    """A Llama-family causal LM with flat parameter and gradient buffers, holding this tensor-parallel
+    rank's shards only (the whole model when tp_group is None or of size 1).
 
-    Build with `Model.from_config(cfg, seed)` or `load_model(dir)`; see
-    `forward`, `forward_backward`, `zero_grad`, `save`.
+    Build with `Model.from_config(cfg, seed, tp_group=g)` or `load_model(dir, tp_group=g)`; see
+    `forward`, `loss`, `forward_backward`, `zero_grad`, `save`. With a tp group every method is
+    collective over it: all its ranks call it with the same inputs.
     """
 
     def __init__(self, config: LlamaConfig, tp_group=None):
-        if tp_group is not None and getattr(tp_group, "size", 1) != 1:
-            raise NotImplementedError(
-                f"tensor parallelism with a group of size {tp_group.size} is not implemented yet; "
-                f"pass tp_group=None or a group of size 1")
         self.config = config
         self.tp_group = tp_group
-        self.param_offsets: dict[str, tuple[int, int]] = {}
-        self.param_shapes: dict[str, tuple[int, ...]] = {}
-        n = 0
-        for name, shape in param_shapes(config):
-            size = math.prod(shape)
-            self.param_offsets[name] = (n, n + size)
-            self.param_shapes[name] = shape
-            n += size
-        self.num_params = n
+        self.tp_size = getattr(tp_group, "size", 1) if tp_group is not None else 1
+        self.tp_rank = tp_group.rank if self.tp_size > 1 else 0
+        self.specs = param_specs(config, self.tp_size, self.tp_rank)
+        self.heads = attention_heads(config, self.tp_size, self.tp_rank)
+        self.vocab_range = split_range(config.vocab_size, self.tp_size, self.tp_rank)
+        self.inter_range = split_range(config.intermediate_size, self.tp_size, self.tp_rank)
+        self.param_offsets: dict[str, tuple[int, int]] = offsets(self.specs)
+        self.param_shapes: dict[str, tuple[int, ...]] = {s.name: s.shape for s in self.specs}
+        n = self.num_params = sum(s.size for s in self.specs)
         self.params = np.zeros(n, dtype=F32)
         self.grads = np.zeros(n, dtype=F32)
         self.named_params = self._views(self.params)
@@ -163,17 +162,19 @@ class Model:
     @classmethod
     def from_config(cls, config: LlamaConfig, seed: int = 0, tp_group=None, init_std: float | None = None):
         """New model with Hugging Face's initialisation: normal(0, initializer_range) weights,
-        ones for norms, zeros for biases; deterministic for a seed."""
+        ones for norms, zeros for biases; deterministic for a seed. Every rank draws each full
+        tensor and keeps its shard, so the shards are exactly the one-process model's."""
         model = cls(config, tp_group=tp_group)
         std = init_std if init_std is not None else float(config.extra.get("initializer_range", 0.02))
         rng = np.random.default_rng(seed)
-        for name, view in model.named_params.items():
-            if name.endswith("norm.weight"):
+        for spec in model.specs:
+            view = model.named_params[spec.name]
+            if spec.name.endswith("norm.weight"):
                 view[...] = 1.0
-            elif name.endswith(".bias"):
+            elif spec.name.endswith(".bias"):
                 view[...] = 0.0
             else:
-                view[...] = rng.standard_normal(view.shape, dtype=F32) * F32(std)
+                view[...] = spec.take(rng.standard_normal(spec.full, dtype=F32) * F32(std))
         return model
 
     def _views(self, flat):
@@ -182,41 +183,125 @@ class Model:
     def _layout(self, flat):
         cfg, off = self.config, self.param_offsets
         v = self._views(flat)
-        lay = {"embed": v["model.embed_tokens.weight"], "norm": v["model.norm.weight"],
-               "layers": [_Layer(flat, off, cfg, i) for i in range(cfg.num_hidden_layers)]}
-        lay["lm_head"] = v["model.embed_tokens.weight" if cfg.tie_word_embeddings else "lm_head.weight"]
-        return lay
+        return {"embed": v[EMBED], "norm": v[NORM], "lm_head": v[head_name(cfg)],
+                "layers": [LayerViews(flat, off, cfg, i) for i in range(cfg.num_hidden_layers)]}
 
     def load_state_dict(self, tensors: dict, source: str = "state dict") -> None:
-        """Copy named float arrays into the flat buffer; every name and shape must match the config."""
-        expected = set(self.param_offsets)
+        """Copy named full-size float arrays (this rank's shard of each) into the flat buffer; every
+        name and full shape must match the config."""
+        full_shapes = {s.name: s.full for s in self.specs}
+        expected = set(full_shapes)
         # checkpoints of tied models written by some tools still carry lm_head.weight: it must equal the embedding
         names = set(tensors)
-        if self.config.tie_word_embeddings and "lm_head.weight" in names:
-            if not np.array_equal(tensors["lm_head.weight"], tensors.get("model.embed_tokens.weight")):
+        if self.config.tie_word_embeddings and LM_HEAD in names:
+            if not np.array_equal(tensors[LM_HEAD], tensors.get(EMBED)):
                 raise ValueError(f"{source}: config.json has tie_word_embeddings=true but lm_head.weight "
                                  f"differs from model.embed_tokens.weight; set tie_word_embeddings=false")
-            names.discard("lm_head.weight")
-        missing = sorted(expected - names)
-        unexpected = sorted(n for n in names - expected if not n.endswith("rotary_emb.inv_freq"))
-        if missing:
-            raise ValueError(f"{source}: missing tensor(s) {missing[:5]}{' ...' if len(missing) > 5 else ''} "
-                             f"that the config needs")
-        if unexpected:
-            raise ValueError(f"{source}: tensor(s) {unexpected[:5]}{' ...' if len(unexpected) > 5 else ''} "
-                             f"do not belong to this config (check num_hidden_layers, attention_bias, "
-                             f"tie_word_embeddings)")
-        for name in expected:
-            arr = np.asarray(tensors[name])
-            if tuple(arr.shape) != self.param_shapes[name]:
-                raise ValueError(f"{source}: tensor {name} has shape {tuple(arr.shape)}, "
-                                 f"the config expects {self.param_shapes[name]}")
-            self.named_params[name][...] = arr
+            names.discard(LM_HEAD)
+        check_names(expected, names, source)
+        for spec in self.specs:
+            arr = np.asarray(tensors[spec.name])
+            if tuple(arr.shape) != spec.full:
+                raise ValueError(f"{source}: tensor {spec.name} has shape {tuple(arr.shape)}, "
+                                 f"the config expects {spec.full}")
+            self.named_params[spec.name][...] = spec.take(arr)
+
+    # ---- shards <-> the one-process layout (collective over tp) -----------------------------------
+
+    def gather_flat(self, local: np.ndarray) -> np.ndarray:
+        """A flat array in this rank's layout (params, grads, optimizer state) -> the same array in
+        the one-process layout, on every tp rank (one allgather)."""
+        if self.tp_size == 1:
+            return local
+        cfg, tp = self.config, self.tp_size
+        every = [param_specs(cfg, tp, r) for r in range(tp)]
+        width = max(sum(s.size for s in specs) for specs in every)
+        send = np.zeros(width, local.dtype)
+        send[:local.size] = local
+        recv = np.empty(tp * width, local.dtype)
+        self.tp_group.allgather(send, recv)
+        full_specs = param_specs(cfg)
+        full_off = offsets(full_specs)
+        out = np.empty(sum(s.size for s in full_specs), local.dtype)
+        for r, specs in enumerate(every):
+            n = 0
+            for s in specs:
+                a, b = full_off[s.name]
+                s.take(out[a:b].reshape(s.full))[...] = recv[r * width + n:r * width + n + s.size].reshape(s.shape)
+                n += s.size
+        return out
+
+    def shard_flat(self, full: np.ndarray) -> np.ndarray:
+        """The inverse of gather_flat: this rank's part of a one-process-layout flat array."""
+        if self.tp_size == 1:
+            return full
+        full_off = offsets(param_specs(self.config))
+        out = np.empty(self.num_params, full.dtype)
+        for s in self.specs:
+            a, b = full_off[s.name]
+            c, d = self.param_offsets[s.name]
+            out[c:d] = s.take(full[a:b].reshape(s.full)).reshape(-1)
+        return out
 
     def save(self, out_dir, max_shard_bytes=None) -> None:
-        """Write config.json + model.safetensors (HF names) into out_dir."""
+        """Write config.json + model.safetensors (HF names, full tensors) into out_dir. Collective
+        over tp: the shards are gathered and tp rank 0 writes."""
         from .hf_io import write_hf_dir
-        write_hf_dir(out_dir, self.config.to_dict(), dict(self.named_params), max_shard_bytes=max_shard_bytes)
+        full = self.gather_flat(self.params)
+        if self.tp_rank == 0:
+            tensors = {name: full[a:b].reshape(shape) for (name, shape), (a, b)
+                       in zip(param_shapes(self.config), offsets(param_specs(self.config)).values())}
+            write_hf_dir(out_dir, self.config.to_dict(), tensors, max_shard_bytes=max_shard_bytes)
+
+    def owned_ranges(self) -> list[tuple[int, int]]:
+        """[start, stop) ranges of the flat buffer this rank counts as its own: over the tp group they
+        cover every parameter of the model exactly once (the global grad norm sums them)."""
+        out = []
+        for s in self.specs:
+            lo, hi = s.owned_elems()
+            if hi > lo:
+                a = self.param_offsets[s.name][0]
+                if out and out[-1][1] == a + lo:
+                    out[-1] = (out[-1][0], a + hi)
+                else:
+                    out.append((a + lo, a + hi))
+        return out
+
+    # ---- tensor-parallel communication --------------------------------------------------------
+
+    def _allreduce(self, buf, op="sum"):
+        """The one tp collective of the model: after a row-parallel linear (forward), before a
+        column-parallel one (backward), and the vocab-parallel embedding / cross-entropy."""
+        if self.tp_size > 1:
+            self.tp_group.allreduce(buf, op=op)
+
+    def _gather_vocab(self, local):
+        """(N, V_local) logits shards -> (N, V) on every tp rank (only `forward` asks for them)."""
+        if self.tp_size == 1:
+            return local.copy()
+        N, V, tp = local.shape[0], self.config.vocab_size, self.tp_size
+        chunk = -(-V // tp)
+        send = np.zeros((N, chunk), F32)
+        send[:, :local.shape[1]] = local
+        recv = np.empty((tp, N, chunk), F32)
+        self.tp_group.allgather(send, recv)
+        return np.ascontiguousarray(recv.transpose(1, 0, 2).reshape(N, tp * chunk)[:, :V])
+
+    def _cross_entropy(self, a, targets, ignore_index, grad_scale=None):
+        """Vocab-parallel cross-entropy over this rank's logits: three allreduces of (N,) row stats.
+        With grad_scale, the logits become grad_scale * dloss/dlogits in place."""
+        N = targets.size
+        check_targets(targets, N, self.config.vocab_size, ignore_index)
+        n = count_valid(targets, ignore_index)
+        v0 = self.vocab_range[0]
+        ce_max_and_target(a.logits, targets, v0, ignore_index, a.rmax, a.tlogit)
+        self._allreduce(a.rmax, op="max")
+        self._allreduce(a.tlogit)
+        ce_exp_sum(a.logits, targets, ignore_index, a.rmax, a.rsum)
+        self._allreduce(a.rsum)
+        if grad_scale is not None:
+            ce_grad(a.logits, targets, v0, ignore_index, a.rsum, float(grad_scale) / max(n, 1))
+        return float(ce_losses(targets, ignore_index, a.rmax, a.rsum, a.tlogit) / n) if n else 0.0
 
     # ---- forward ------------------------------------------------------------------------------
 
@@ -236,12 +321,12 @@ class Model:
             return tr
         if keep:
             self._acts_train = None   # free the old set before allocating the new one
-            self._acts_train = Activations(self.config, B, T, keep=True)
+            self._acts_train = Activations(self, B, T, keep=True)
             return self._acts_train
         ev = self._acts_eval
         if ev is None or ev.B != B or ev.T != T:
             self._acts_eval = None
-            ev = self._acts_eval = Activations(self.config, B, T, keep=False)
+            ev = self._acts_eval = Activations(self, B, T, keep=False)
         return ev
 
     def _forward(self, tokens, keep):
@@ -253,42 +338,46 @@ class Model:
         if lo < 0 or hi >= cfg.vocab_size:
             raise ValueError(f"token id {lo if lo < 0 else hi} is outside the vocabulary [0, {cfg.vocab_size})")
         a = self._activations(B, T, keep)
-        H, KV, D = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-        scale = 1.0 / math.sqrt(D)
-        flat_tok = tokens.reshape(-1)
-        embedding_forward(flat_tok, P["embed"], a.resid[0])
+        H, KV = self.heads.n_q, self.heads.n_kv
+        scale = 1.0 / math.sqrt(cfg.head_dim)
+        embedding_forward(tokens.reshape(-1), P["embed"], a.resid[0], self.vocab_range[0])
+        self._allreduce(a.resid[0])                    # vocab-parallel embedding: each row from one rank
         for l, W in enumerate(P["layers"]):
             j = l if a.keep else 0
             x = a.resid[l]
             rmsnorm_forward(x, W.ln1, cfg.rms_norm_eps, a.ln1[j], a.rstd1[j])
-            linear_forward(a.ln1[j], W.w_qkv, W.b_qkv, a.qkv)
+            linear_forward(a.ln1[j], W.w_qkv, W.b_qkv, a.qkv)          # column-parallel: local heads
             qkv_rope_forward(a.qkv, a.cos, a.sin, H, KV, a.q[j], a.k[j], a.v[j])
-            attention_forward(a.q[j], a.k[j], a.v[j], scale, a.att[j], _heads_view(a.y[j], B, T, H))
-            linear_forward(a.y[j], W.w_o, W.b_o, a.tmp)
+            _attend(a, j, self.heads, scale, forward=True)
+            linear_forward(a.y[j], W.w_o, None, a.tmp)                 # row-parallel: partial sums
+            self._allreduce(a.tmp)
+            if W.b_o is not None:                                      # the bias once, after the sum
+                a.tmp += W.b_o
             residual_forward(x, a.tmp, a.xmid[j])
             rmsnorm_forward(a.xmid[j], W.ln2, cfg.rms_norm_eps, a.ln2[j], a.rstd2[j])
-            linear_forward(a.ln2[j], W.w_gu, None, a.gu[j])
+            linear_forward(a.ln2[j], W.w_gu, None, a.gu[j])            # column-parallel
             swiglu_forward(a.gu[j], a.h[j])
-            linear_forward(a.h[j], W.w_down, None, a.tmp)
+            linear_forward(a.h[j], W.w_down, None, a.tmp)              # row-parallel
+            self._allreduce(a.tmp)
             residual_forward(a.xmid[j], a.tmp, a.resid[l + 1])
         L = cfg.num_hidden_layers
         rmsnorm_forward(a.resid[L], P["norm"], cfg.rms_norm_eps, a.lnf, a.rstdf)
-        linear_forward(a.lnf, P["lm_head"], None, a.logits)
+        linear_forward(a.lnf, P["lm_head"], None, a.logits)           # vocab-parallel LM head
         return a
 
     def forward(self, tokens) -> np.ndarray:
-        """tokens (B, T) ints -> logits (B, T, V) float32 (a new array)."""
+        """tokens (B, T) ints -> logits (B, T, V) float32 (a new array; gathered over tp)."""
         tokens = self._check_tokens(tokens)
         a = self._forward(tokens, keep=False)
         B, T = tokens.shape
-        return a.logits.reshape(B, T, -1).copy()
+        return self._gather_vocab(a.logits).reshape(B, T, -1)
 
     def loss(self, tokens, targets, ignore_index: int = -100) -> float:
         """Mean cross-entropy over non-ignored targets, forward only (for evaluation)."""
         tokens = self._check_tokens(tokens)
         targets = self._check_targets(tokens, targets)
         a = self._forward(tokens, keep=False)
-        return crossentropy_forward(a.logits, targets.reshape(-1), ignore_index)
+        return self._cross_entropy(a, targets.reshape(-1), ignore_index)
 
     def _check_targets(self, tokens, targets):
         targets = self._check_tokens(targets, "targets")
@@ -314,7 +403,8 @@ class Model:
         """Mean cross-entropy over non-ignored targets; ADDS grad_scale * dloss/dparams into self.grads.
 
         on_grad_ready(start, stop) is called as soon as grads[start:stop] are final for this call,
-        last layer first; the calls cover the flat buffer exactly once.
+        last layer first; the calls cover the flat buffer exactly once. With tp, the gradients of
+        KV-head replicas are partial sums until cke_dist.parallel sums them over their holders.
         """
         cfg, P, G = self.config, self._p, self._g
         tokens = self._check_tokens(tokens)
@@ -322,18 +412,19 @@ class Model:
         a = self._forward(tokens, keep=True)
         scale = 1.0 / math.sqrt(cfg.head_dim)
         acc = not self._grads_zero
-        scratch = self._scratch_for(max(G["lm_head"].size, cfg.intermediate_size * 2 * cfg.hidden_size,
+        scratch = self._scratch_for(max(G["lm_head"].size, G["layers"][0].w_gu.size if G["layers"] else 0,
                                         G["layers"][0].w_qkv.size if G["layers"] else 0)) if acc else None
         notify = on_grad_ready or (lambda start, stop: None)
 
-        loss = crossentropy_fused_backward(a.logits, targets.reshape(-1), ignore_index, grad_scale)
+        loss = self._cross_entropy(a, targets.reshape(-1), ignore_index, grad_scale)
         dlogits = a.logits
         # lm_head (its gradient is the embedding's when tied; the embedding backward then adds to it)
         linear_backward(dlogits, a.lnf, P["lm_head"], a.dln, G["lm_head"], None, acc, scratch)
+        self._allreduce(a.dln)
         a.dresid.fill(0.0)
         L = cfg.num_hidden_layers
         rmsnorm_backward(a.dln, a.resid[L], P["norm"], a.rstdf, a.dresid, G["norm"])
-        norm_start = self.param_offsets["model.norm.weight"][0]
+        norm_start = self.param_offsets[NORM][0]
         notify(norm_start, self.num_params)
 
         for l in range(L - 1, -1, -1):
@@ -342,17 +433,31 @@ class Model:
             linear_backward(a.dresid, a.h[l], W.w_down, a.dh, GW.w_down, None, acc, scratch)
             swiglu_backward(a.dh, a.gu[l], a.dgu)
             linear_backward(a.dgu, a.ln2[l], W.w_gu, a.dln, GW.w_gu, None, acc, scratch)
+            self._allreduce(a.dln)
             rmsnorm_backward(a.dln, a.xmid[l], W.ln2, a.rstd2[l], a.dresid, GW.ln2)
             # attention: xmid = x + o(attn(rope(qkv(ln1(x)))))
             linear_backward(a.dresid, a.y[l], W.w_o, a.dy, GW.w_o, GW.b_o, acc, scratch)
-            attention_backward(_heads_view(a.dy, a.B, a.T, cfg.num_attention_heads), a.q[l], a.k[l], a.v[l],
-                               a.att[l], scale, a.dq, a.dk, a.dv, a.datt)
+            _attend(a, l, self.heads, scale, forward=False, dy=a.dy)
             qkv_rope_backward(a.dq, a.dk, a.dv, a.cos, a.sin, a.qkv)
             linear_backward(a.qkv, a.ln1[l], W.w_qkv, a.dln, GW.w_qkv, GW.b_qkv, acc, scratch)
+            self._allreduce(a.dln)
             rmsnorm_backward(a.dln, a.resid[l], W.ln1, a.rstd1[l], a.dresid, GW.ln1)
             notify(GW.start, GW.stop)
 
-        embedding_backward(tokens.reshape(-1), a.dresid, G["embed"])
-        notify(0, self.param_offsets["model.embed_tokens.weight"][1])
+        embedding_backward(tokens.reshape(-1), a.dresid, G["embed"], self.vocab_range[0])
+        notify(0, self.param_offsets[EMBED][1])
         self._grads_zero = False
         return loss
+
+
+def check_names(expected: set, names: set, source: str) -> None:
+    """Every tensor the config needs is there and nothing else (rotary inv_freq buffers aside)."""
+    missing = sorted(expected - names)
+    unexpected = sorted(n for n in names - expected if not n.endswith("rotary_emb.inv_freq"))
+    if missing:
+        raise ValueError(f"{source}: missing tensor(s) {missing[:5]}{' ...' if len(missing) > 5 else ''} "
+                         f"that the config needs")
+    if unexpected:
+        raise ValueError(f"{source}: tensor(s) {unexpected[:5]}{' ...' if len(unexpected) > 5 else ''} "
+                         f"do not belong to this config (check num_hidden_layers, attention_bias, "
+                         f"tie_word_embeddings)")

@@ -1,0 +1,222 @@
+"""Every parameter's Hugging Face name, full shape and tensor-parallel cut: written once, here.
+
+    specs = param_specs(cfg, tp_size=2, tp_rank=1)      # this rank's shards, in flat-buffer order
+    spec.full, spec.shape, spec.take(full_tensor)        # the full HF shape, the local one, the cut
+    layer_names(cfg, 3)["qkv"]                           # the role -> HF names map of a layer
+    heads = attention_heads(cfg, tp_size, tp_rank)       # query / KV heads this rank holds
+
+Training (Model), inference (decode.py), checkpoint load/save and the tests all read this
+module; nobody else spells out a tensor name or a cut.
+
+The Megatron split, as this module cuts it:
+- q/k/v (column-parallel, by heads): rank r holds query heads [r*H/tp, (r+1)*H/tp) and every KV
+  head those query heads use. A KV head used by query heads on several ranks (tp > KV heads, or
+  a GQA group that straddles ranks) is held by each of them: a replica. `owned` marks the rows
+  one rank counts as its own (the first holder), so a global grad norm counts each row once;
+  `kv_replica_holders` names who must sum a replica's gradient. Biases follow their rows.
+- gate/up (column-parallel, by rows), o_proj/down_proj (row-parallel, by input columns).
+- embedding and LM head (tied or not): vocab-parallel, rows cut as the vocab padded to a
+  multiple of tp would be cut, but the pad rows are never materialised (the last shards are
+  just shorter), so no pad can leak into logits, loss, checkpoints or sampling.
+- norms (and o_proj's bias, added after the allreduce): replicated; tp rank 0 owns them.
+Tests: tests/test_layout.py, tests/tp_mpi.py.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from .config import LlamaConfig
+
+
+@dataclass(frozen=True)
+class ParamSpec:
+    """One tensor of this rank: `full` HF shape, cut along `dim` to [start, stop) (dim None: whole).
+
+    `owned` is the [lo, hi) range of local indices along `dim` (or of the whole tensor when it is
+    replicated) that this rank counts as its own, e.g. for the global grad norm."""
+    name: str
+    full: tuple[int, ...]
+    dim: int | None = None
+    start: int = 0
+    stop: int = 0
+    owned: tuple[int, int] = (0, 0)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        if self.dim is None:
+            return self.full
+        s = list(self.full)
+        s[self.dim] = self.stop - self.start
+        return tuple(s)
+
+    @property
+    def size(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def index(self) -> tuple:
+        """The numpy index of this shard in the full tensor."""
+        if self.dim is None:
+            return ()
+        return (slice(None),) * self.dim + (slice(self.start, self.stop),)
+
+    def take(self, full):
+        """This rank's shard of the full tensor (a view)."""
+        return full[self.index]
+
+    def owned_elems(self) -> tuple[int, int]:
+        """`owned` as a [lo, hi) range of the local tensor's flat elements."""
+        if self.dim is None:
+            return self.owned
+        if self.dim == 0:
+            row = self.size // self.shape[0]
+            return self.owned[0] * row, self.owned[1] * row
+        return 0, self.size   # column cuts never overlap: every rank owns all it holds
+
+
+def split_range(n: int, parts: int, i: int) -> tuple[int, int]:
+    """Part i of [0, n) cut in `parts` chunks of ceil(n / parts) (the last ones shorter): the cut
+    of n padded to a multiple of `parts`, without the padding."""
+    chunk = -(-n // parts)
+    return min(n, i * chunk), min(n, (i + 1) * chunk)
+
+
+@dataclass(frozen=True)
+class AttentionHeads:
+    """Query heads [q0, q1) and KV heads [kv0, kv1) of one tp rank, and how they pair up."""
+    q0: int
+    q1: int
+    kv0: int
+    kv1: int
+    group: int                      # query heads per KV head in the full model
+
+    @property
+    def n_q(self) -> int:
+        return self.q1 - self.q0
+
+    @property
+    def n_kv(self) -> int:
+        return self.kv1 - self.kv0
+
+    def segments(self) -> list[tuple[int, int, int, int]]:
+        """Local (q_lo, q_hi, kv_lo, kv_hi) pieces in which every KV head serves the same number of
+        query heads (the attention kernels' GQA layout). One piece when the rank's heads are whole
+        groups or a part of one group; one per KV head when a group straddles ranks."""
+        counts = []
+        for g in range(self.kv0, self.kv1):
+            lo, hi = max(self.q0, g * self.group), min(self.q1, (g + 1) * self.group)
+            counts.append(hi - lo)
+        if len(set(counts)) == 1:
+            return [(0, self.n_q, 0, self.n_kv)]
+        out, q = [], 0
+        for j, c in enumerate(counts):
+            out.append((q, q + c, j, j + 1))
+            q += c
+        return out
+
+
+def check_tp(cfg: LlamaConfig, tp_size: int) -> None:
+    if tp_size < 1 or cfg.num_attention_heads % tp_size:
+        ok = [t for t in range(1, cfg.num_attention_heads + 1) if cfg.num_attention_heads % t == 0]
+        raise ValueError(f"tensor parallel size {tp_size} does not divide num_attention_heads "
+                         f"({cfg.num_attention_heads}); tp can be one of {ok}")
+    for key, n in (("vocab_size", cfg.vocab_size), ("intermediate_size", cfg.intermediate_size)):
+        if n < tp_size:
+            raise ValueError(f"tensor parallel size {tp_size} exceeds {key} ({n}): a rank would hold nothing")
+
+
+def attention_heads(cfg: LlamaConfig, tp_size: int = 1, tp_rank: int = 0) -> AttentionHeads:
+    check_tp(cfg, tp_size)
+    per = cfg.num_attention_heads // tp_size
+    group = cfg.num_attention_heads // cfg.num_key_value_heads
+    q0, q1 = tp_rank * per, (tp_rank + 1) * per
+    return AttentionHeads(q0, q1, q0 // group, (q1 - 1) // group + 1, group)
+
+
+def kv_holders(cfg: LlamaConfig, tp_size: int, kv_head: int) -> tuple[int, ...]:
+    """The tp ranks that hold KV head `kv_head` (more than one: a replica whose grads are summed)."""
+    per = cfg.num_attention_heads // tp_size
+    group = cfg.num_attention_heads // cfg.num_key_value_heads
+    return tuple(range(kv_head * group // per, ((kv_head + 1) * group - 1) // per + 1))
+
+
+def layer_names(cfg: LlamaConfig, i: int) -> dict[str, list[str]]:
+    """Role -> HF names of layer i, in flat-buffer order within each role (q/k/v and gate/up are
+    adjacent so each fused projection is one view). Roles absent from the config map to []."""
+    p = f"model.layers.{i}."
+    return {
+        "ln1": [p + "input_layernorm.weight"],
+        "qkv": [p + f"self_attn.{x}_proj.weight" for x in "qkv"],
+        "qkv_bias": [p + f"self_attn.{x}_proj.bias" for x in "qkv"] if cfg.attention_bias else [],
+        "o": [p + "self_attn.o_proj.weight"],
+        "o_bias": [p + "self_attn.o_proj.bias"] if cfg.o_proj_bias else [],
+        "ln2": [p + "post_attention_layernorm.weight"],
+        "gate_up": [p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight"],
+        "down": [p + "mlp.down_proj.weight"],
+    }
+
+
+EMBED, NORM, LM_HEAD = "model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"
+
+
+def head_name(cfg: LlamaConfig) -> str:
+    """The tensor the LM head reads (the embedding when tied)."""
+    return EMBED if cfg.tie_word_embeddings else LM_HEAD
+
+
+def param_specs(cfg: LlamaConfig, tp_size: int = 1, tp_rank: int = 0) -> list[ParamSpec]:
+    """This rank's tensors in flat-buffer order: embed, layers 0..N-1, final norm, lm_head."""
+    C, I, V, D = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size, cfg.head_dim
+    H, KV = cfg.num_attention_heads, cfg.num_key_value_heads
+    heads = attention_heads(cfg, tp_size, tp_rank)
+    first = tp_rank == 0
+
+    def replicated(name, shape):
+        return ParamSpec(name, shape, None, 0, 0, (0, math.prod(shape) if first else 0))
+
+    def cut(name, shape, dim, start, stop, owned=None):
+        return ParamSpec(name, shape, dim, start, stop, owned or (0, stop - start))
+
+    # the KV rows this rank owns: those of KV heads whose first holder it is
+    own = [g for g in range(heads.kv0, heads.kv1) if kv_holders(cfg, tp_size, g)[0] == tp_rank]
+    kv_owned = ((own[0] - heads.kv0) * D, (own[-1] + 1 - heads.kv0) * D) if own else (0, 0)
+    v0, v1 = split_range(V, tp_size, tp_rank)
+    i0, i1 = split_range(I, tp_size, tp_rank)
+    q_rows, kv_rows = (heads.q0 * D, heads.q1 * D), (heads.kv0 * D, heads.kv1 * D)
+    out = [cut(EMBED, (V, C), 0, v0, v1)]
+    for i in range(cfg.num_hidden_layers):
+        n = layer_names(cfg, i)
+        q, k, v = n["qkv"]
+        out += [replicated(n["ln1"][0], (C,)),
+                cut(q, (H * D, C), 0, *q_rows), cut(k, (KV * D, C), 0, *kv_rows, kv_owned),
+                cut(v, (KV * D, C), 0, *kv_rows, kv_owned)]
+        if n["qkv_bias"]:
+            qb, kb, vb = n["qkv_bias"]
+            out += [cut(qb, (H * D,), 0, *q_rows), cut(kb, (KV * D,), 0, *kv_rows, kv_owned),
+                    cut(vb, (KV * D,), 0, *kv_rows, kv_owned)]
+        out += [cut(n["o"][0], (C, H * D), 1, *q_rows)]
+        if n["o_bias"]:
+            out += [replicated(n["o_bias"][0], (C,))]
+        gate, up = n["gate_up"]
+        out += [replicated(n["ln2"][0], (C,)),
+                cut(gate, (I, C), 0, i0, i1), cut(up, (I, C), 0, i0, i1),
+                cut(n["down"][0], (C, I), 1, i0, i1)]
+    out += [replicated(NORM, (C,))]
+    if not cfg.tie_word_embeddings:
+        out += [cut(LM_HEAD, (V, C), 0, v0, v1)]
+    return out
+
+
+def param_shapes(cfg: LlamaConfig) -> list[tuple[str, tuple[int, ...]]]:
+    """(HF name, full shape) of every parameter, in flat-buffer order."""
+    return [(s.name, s.full) for s in param_specs(cfg)]
+
+
+def offsets(specs: list[ParamSpec]) -> dict[str, tuple[int, int]]:
+    """name -> [start, stop) of each spec's local tensor in a flat buffer laid out in spec order."""
+    out, n = {}, 0
+    for s in specs:
+        out[s.name] = (n, n + s.size)
+        n += s.size
+    return out
