@@ -1,4 +1,4 @@
-"""Data-parallel training bench: tokens/s of our dp_step at dp=1 and dp=2, and of transformers'
+"""Data-parallel training bench: tokens/s of our train_step at dp=1 and dp=2, and of transformers'
 LlamaForCausalLM under torch DistributedDataParallel (gloo) at dp=1 and dp=2, in one run.
 
     python bench/data_parallel.py             # the ~32M config: hidden 512, 8 layers, 8/4 heads,
@@ -65,7 +65,7 @@ def worker_ours(s, bucket_mb, overlap=True):
     from cke_dist.comm import init
     from cke_dist.model import Model
     from cke_dist.optim import AdamW
-    from cke_dist.parallel import GradBuckets, ProcessGrid, dp_step, sync_params
+    from cke_dist.parallel import GradBuckets, ProcessGrid, train_step, sync_params
 
     grid = ProcessGrid(init())
     model = Model.from_config(llama_config(s), seed=0)
@@ -77,7 +77,7 @@ def worker_ours(s, bucket_mb, overlap=True):
     for i, mb in enumerate(data):
         grid.world.barrier()  # every rank starts the step together: a step's time is the slowest rank's
         t0 = time.perf_counter()
-        dp_step(model, opt, grid, [mb], 1e-4, 1.0, buckets)
+        train_step(model, opt, grid, [mb], 1e-4, 1.0, buckets)
         if i >= s["warmup"]:
             times.append(time.perf_counter() - t0)
             waits.append(buckets.wait_s)
@@ -179,7 +179,7 @@ def main(argv=None):
         med = median(r["times"])
         tok_s[impl, dp] = dp * s["batch"] * s["seq"] / med
         if impl == "ours":
-            name = f"cke-dist dp_step ({r['buckets']} buckets{'' if not args.no_overlap else ', no overlap'})"
+            name = f"cke-dist train_step ({r['buckets']} buckets{'' if not args.no_overlap else ', no overlap'})"
             wait = f"{median(r['waits']):12.3f}"  # what backward did not hide (rank 0, median)
         else:
             name, wait = "torch DDP gloo (transformers)", f"{'-':>12}"

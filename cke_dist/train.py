@@ -13,7 +13,7 @@ Rules this module keeps:
   `--resume` restores the model, the optimizer state and the step and reproduces an
   uninterrupted run exactly (tests/test_train_job.py checks it bitwise).
 - Under mpiexec every rank is a data-parallel replica (cke_dist.parallel): parameters start as
-  rank 0's, each rank takes `rows_for_rank` of every micro-batch, `dp_step` averages the
+  rank 0's, each rank takes `rows_for_rank` of every micro-batch, `train_step` averages the
   gradients (bucketed, overlapped with backward) before the clip, the logged loss and the
   validation loss are dp-averages, replicas are checked identical at every checkpoint, and only
   rank 0 writes. Without mpiexec the world is one process and the same code runs.
@@ -139,7 +139,7 @@ def train(cfg: TrainConfig, resume: Path | None = None, progress: bool = True) -
     """Run the job; returns {"model", "out_dir", "checkpoint", "step", "loss", "val_loss", "sample"}."""
     from .comm import init
     from .model import load_model
-    from .parallel import GradBuckets, ProcessGrid, average_over_dp, check_params_in_sync, dp_step, sync_params
+    from .parallel import GradBuckets, ProcessGrid, average_over_dp, check_params_in_sync, train_step, sync_params
 
     grid = ProcessGrid(init())  # under mpiexec: world = dp ranks; one plain process: a size-1 world
     rank, world_size = grid.dp_rank, grid.dp
@@ -227,7 +227,7 @@ def train(cfg: TrainConfig, resume: Path | None = None, progress: bool = True) -
         micro_batches = [train_batches.micro_batch(step, micro, micro_rows, rank, world_size)
                          for micro in range(accum)]
         try:
-            loss, grad_norm = dp_step(model, optimizer, grid, micro_batches, lr, cfg.optim.grad_clip, buckets)
+            loss, grad_norm = train_step(model, optimizer, grid, micro_batches, lr, cfg.optim.grad_clip, buckets)
         except FloatingPointError as e:
             raise FloatingPointError(f"{e} at step {step}; lower optim.lr or raise optim.warmup_steps") from None
         done = step + 1

@@ -50,8 +50,8 @@ def adamw(model):
 
 
 def train_dp(grid, sampler, accum, bucket_mb=0.02, steps=STEPS, seed=0):
-    """`steps` AdamW steps of dp_step on this rank's rows; returns (model, per-step losses, buckets)."""
-    from cke_dist.parallel import GradBuckets, dp_step, sync_params
+    """`steps` AdamW steps of train_step on this rank's rows; returns (model, per-step losses, buckets)."""
+    from cke_dist.parallel import GradBuckets, train_step, sync_params
 
     model = new_model(seed=seed + grid.dp_rank)  # different on purpose: sync_params must fix it
     sync_params(model, grid)
@@ -61,7 +61,7 @@ def train_dp(grid, sampler, accum, bucket_mb=0.02, steps=STEPS, seed=0):
     losses, norms = [], []
     for step in range(steps):
         mbs = [sampler.micro_batch(step, k, micro_rows, grid.dp_rank, grid.dp) for k in range(accum)]
-        loss, norm = dp_step(model, opt, grid, mbs, LR, CLIP, buckets)
+        loss, norm = train_step(model, opt, grid, mbs, LR, CLIP, buckets)
         losses.append(loss)
         norms.append(norm)
     return model, losses, norms
@@ -125,7 +125,7 @@ def test_same_layout_twice_is_bitwise_identical(grid, sampler):
 def test_buckets_launch_during_backward(grid, sampler):
     """Overlap is real: most buckets start before backward reports its last slice; the no-overlap
     baseline (every bucket after backward) fails the same check, so the check can fail."""
-    from cke_dist.parallel import GradBuckets, dp_step, sync_params
+    from cke_dist.parallel import GradBuckets, train_step, sync_params
 
     cfg = dict(CFG, num_hidden_layers=6, hidden_size=64, intermediate_size=192)
     model = new_model(cfg)
@@ -136,7 +136,7 @@ def test_buckets_launch_during_backward(grid, sampler):
         buckets = GradBuckets(model.grads, grid.dp_group, bucket_mb=bucket_mb, overlap=overlap)
         assert len(buckets.buckets) >= 10
         mbs = [sampler.micro_batch(0, 0, ROWS, grid.dp_rank, grid.dp)]
-        dp_step(model, opt, grid, mbs, LR, CLIP, buckets)
+        train_step(model, opt, grid, mbs, LR, CLIP, buckets)
         backward_last_ready = buckets.ready_times[-1]
         assert len(buckets.ready_times) == cfg["num_hidden_layers"] + 2  # head+norm, each layer, embedding
         early = sum(t < backward_last_ready for t in buckets.launch_times)
@@ -151,7 +151,7 @@ def test_buckets_launch_during_backward(grid, sampler):
 
 
 def test_accumulation_launches_only_on_last_micro_batch(grid, sampler):
-    from cke_dist.parallel import GradBuckets, dp_step, sync_params
+    from cke_dist.parallel import GradBuckets, train_step, sync_params
 
     model = new_model()
     sync_params(model, grid)
@@ -164,7 +164,7 @@ def test_accumulation_launches_only_on_last_micro_batch(grid, sampler):
         orig(start, stop)
     buckets.on_grad_ready = counting
     mbs = [sampler.micro_batch(0, k, ROWS // 2, grid.dp_rank, grid.dp) for k in range(2)]
-    dp_step(model, adamw(model), grid, mbs, LR, CLIP, buckets)
+    train_step(model, adamw(model), grid, mbs, LR, CLIP, buckets)
     # one backward's worth of callbacks: the buffer covered exactly once
     assert sum(b - a for a, b in calls) == model.num_params
     assert len(buckets.launch_times) == len(buckets.buckets)
@@ -196,7 +196,7 @@ def test_mismatched_model_configs_are_an_error_not_a_hang(world, grid):
 
 
 def test_nonfinite_loss_stops_every_rank_before_the_update(grid, sampler):
-    from cke_dist.parallel import GradBuckets, dp_step, sync_params
+    from cke_dist.parallel import GradBuckets, train_step, sync_params
 
     model = new_model()
     sync_params(model, grid)
@@ -205,7 +205,7 @@ def test_nonfinite_loss_stops_every_rank_before_the_update(grid, sampler):
     before = model.params.copy()
     buckets = GradBuckets(model.grads, grid.dp_group)
     with pytest.raises(FloatingPointError, match="loss is nan"):
-        dp_step(model, adamw(model), grid, [sampler.micro_batch(0, 0, ROWS, grid.dp_rank, grid.dp)], LR, CLIP,
+        train_step(model, adamw(model), grid, [sampler.micro_batch(0, 0, ROWS, grid.dp_rank, grid.dp)], LR, CLIP,
                 buckets)
     np.testing.assert_array_equal(model.params, before)
 

@@ -43,12 +43,12 @@ def test_bad_bucket_arguments_are_named():
         GradBuckets(np.zeros(16, np.float32), None, bucket_mb=0)
 
 
-def test_dp_step_on_one_process_is_the_plain_train_step():
-    """A size-1 world: dp_step with K micro-batches equals zero_grad + K x (1/K) + clip + step, bitwise."""
+def test_train_step_on_one_process_is_the_plain_step():
+    """A size-1 world: train_step with K micro-batches equals zero_grad + K x (1/K) + clip + step, bitwise."""
     from cke_dist.comm import init
     from cke_dist.model import LlamaConfig, Model
     from cke_dist.optim import AdamW, clip_grad_norm
-    from cke_dist.parallel import GradBuckets, ProcessGrid, dp_step, sync_params
+    from cke_dist.parallel import GradBuckets, ProcessGrid, train_step, sync_params
 
     cfg = LlamaConfig.from_dict(dict(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=16))
@@ -61,7 +61,7 @@ def test_dp_step_on_one_process_is_the_plain_train_step():
     oa, ob = AdamW(a, lr=1e-2), AdamW(b, lr=1e-2)
     buckets = GradBuckets(a.grads, grid.dp_group, bucket_mb=0.01)
     for _ in range(3):
-        loss, norm = dp_step(a, oa, grid, mbs, 1e-2, 0.5, buckets)
+        loss, norm = train_step(a, oa, grid, mbs, 1e-2, 0.5, buckets)
         b.zero_grad()
         ref = sum(b.forward_backward(x, y, grad_scale=1 / 3) for x, y in mbs) / 3
         ref_norm = clip_grad_norm(b.grads, 0.5)
@@ -69,7 +69,7 @@ def test_dp_step_on_one_process_is_the_plain_train_step():
         assert loss == ref and norm == ref_norm
     np.testing.assert_array_equal(a.params, b.params)
     with pytest.raises(ValueError, match="at least one micro-batch"):
-        dp_step(a, oa, grid, [], 1e-2, 0.5, buckets)
+        train_step(a, oa, grid, [], 1e-2, 0.5, buckets)
 
 
 # ---- the train job under mpiexec, one rank killed ----------------------------------------------

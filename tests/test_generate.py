@@ -266,33 +266,22 @@ def test_bad_generation_arguments(tmp_path):
 # ---- tensor parallelism: the same InferenceModel on head/column shards, over real ranks ------------
 
 def _tp_shards(model, rank, size):
-    """Megatron split of a Model's tensors: q/k/v, gate/up by rows (heads); o/down by columns."""
-    cfg, D = model.config, model.config.head_dim
-    H, KV, I = cfg.num_attention_heads // size, cfg.num_key_value_heads // size, cfg.intermediate_size // size
-    out = {}
-    for name, w in model.named_params.items():
-        if ".q_proj." in name:
-            w = w[rank * H * D:(rank + 1) * H * D]
-        elif ".k_proj." in name or ".v_proj." in name:
-            w = w[rank * KV * D:(rank + 1) * KV * D]
-        elif ".gate_proj." in name or ".up_proj." in name:
-            w = w[rank * I:(rank + 1) * I]
-        elif ".o_proj.weight" in name:
-            w = w[:, rank * H * D:(rank + 1) * H * D]
-        elif ".down_proj." in name:
-            w = w[:, rank * I:(rank + 1) * I]
-        out[name] = np.ascontiguousarray(w)
-    return out
+    """This rank's shards of a one-process Model's tensors, cut as the layout cuts them."""
+    from cke_dist.model import param_specs
+    return {s.name: np.ascontiguousarray(s.take(model.named_params[s.name]))
+            for s in param_specs(model.config, size, rank)}
 
 
 @pytest.mark.mpi(min_size=2)
-@pytest.mark.parametrize("model_type, bias", [("llama", False), ("qwen2", True), ("llama", True)])
-def test_tp_mpi_sharded_decode_matches_single(model_type, bias):
+@pytest.mark.parametrize("model_type, bias, heads", [("llama", False, (4, 2)), ("qwen2", True, (4, 2)),
+                                                     ("llama", True, (4, 2)), ("llama", False, (12, 3))])
+def test_tp_mpi_sharded_decode_matches_single(model_type, bias, heads):
+    """Head-sharded layers, vocab-parallel embedding and LM head; (12, 3) cuts a GQA group in two."""
     from cke_dist.comm import init
     from cke_dist.model import LlamaConfig, Model
     world = init(transport="tcp")
-    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=16 * heads[0], intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=heads[0], num_key_value_heads=heads[1], max_position_embeddings=64,
                       tie_word_embeddings=model_type == "llama", model_type=model_type, attention_bias=bias)
     model = Model.from_config(cfg, seed=0, init_std=0.2)                   # the same on every rank
     for name, p in model.named_params.items():
@@ -300,7 +289,7 @@ def test_tp_mpi_sharded_decode_matches_single(model_type, bias):
             p[...] = np.random.default_rng(1).standard_normal(p.shape) * 0.5
     full = InferenceModel.from_model(model)
     tp = InferenceModel(cfg, _tp_shards(model, world.rank, world.size), tp_group=world)
-    assert tp.layers[0].n_heads == 4 // world.size
+    assert tp.heads.n_q == heads[0] // world.size
     ids = prompt(9)
     cf, ct = full.new_cache(1, 16), tp.new_cache(1, 16)
     a, b = [full.prefill(cf, 0, ids)], [tp.prefill(ct, 0, ids)]
@@ -314,7 +303,7 @@ def test_tp_mpi_sharded_decode_matches_single(model_type, bias):
 def test_tp_driver_two_ranks():
     from mpirun import REPO, run_pytest_mpi
     res = run_pytest_mpi(2, REPO / "tests" / "test_generate.py", timeout=180, extra=["-k", "tp_mpi"])
-    assert "3 passed" in res.stdout
+    assert "4 passed" in res.stdout
 
 
 @pytest.mark.parametrize("n, k, m", [(1, 5, 1), (7, 33, 3), (13, 100, 8), (300, 64, 1)])

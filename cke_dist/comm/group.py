@@ -1,27 +1,37 @@
-"""Communicators: the world and its `split` sub-groups, sync and async ops, one engine per process.
+"""Communicators: the world and its `split` sub-groups, sync and async ops, one engine per group family.
 
 Rules this module keeps:
-- One engine per process runs every op of every group, one op at a time, in
-  the order the ops were issued (a sync op runs in the caller's thread when
-  nothing is queued, otherwise it queues behind the async ones and waits).
-  So a world op and a sub-group op that share a peer pair never interleave on
-  a link: that is how groups stay uncorrupted, and it is why every member of
-  overlapping groups must issue their collectives in the same order (as with
-  MPI and NCCL). Collectives on disjoint groups run at once on their ranks.
-  The one exception: a queued point-to-point send moves to the send thread
-  and the next op starts, so `send(async_op=True)` + `recv` on both ranks of a
-  pair works like MPI's Isend/Recv (see Engine).
+- An engine runs the ops of its groups one at a time, in the order they were
+  issued (a sync op runs in the caller's thread when nothing is queued,
+  otherwise it queues behind the async ones and waits). The world has an
+  engine; every split of the world (the grid's dp, pp and tp groups) gets an
+  engine of its own, and a split of a sub-group shares its parent's. So
+  ordering is per group, as in MPI and NCCL: a tp allreduce on the critical
+  path never waits behind dp buckets in flight, and every member of a group
+  (and of the sub-groups that share its engine) must issue its collectives in
+  the same order.
+- Links are shared by all groups. Groups made by splitting the world into
+  axes (dp, pp, tp) meet no common peer, so their engines never share a link;
+  the world (which meets everyone) and its splits do, so before an op starts
+  on the world the other engines are drained, and the other way round. A link
+  therefore never carries two groups' messages at once.
+- The one exception to "one op at a time": a queued point-to-point send moves
+  to the send thread and the next op starts, so `send(async_op=True)` + `recv`
+  on both ranks of a pair works like MPI's Isend/Recv (see Engine).
 - `async_op=True` returns a `Handle`; the op runs on the engine's comm thread
   so kernels that release the GIL overlap with it. The caller must not touch
   the buffer until `wait()` returns.
 - Within an op, sends that cannot complete before the peer receives go through
   the engine's send thread so a ring step sends and receives at once.
 - Tags carry (group id, op code, per-group sequence number): a rank that is in
-  a different collective than its peer gets `FrameError`, never mixed data.
-- The first `CommError` breaks the engine: every later op raises at once, and
-  (with `abort_on_error`) the job is aborted through MPI at exit or when the
-  error goes uncaught, so no rank is left waiting.
-Tests: tests/comm_collectives_mpi.py, tests/test_comm_single.py, tests/test_comm_faults.py.
+  a different collective than its peer gets `FrameError`, never mixed data. A
+  point-to-point tag that does not fit its 16 bits is an error, never cut.
+- Each group counts its collectives and their bytes (`stats`), so a test can
+  assert the exact traffic of a training step.
+- The first `CommError` breaks every engine of the process: every later op
+  raises at once, and (with `abort_on_error`) the job is aborted through MPI
+  at exit or when the error goes uncaught, so no rank is left waiting.
+Tests: tests/comm_collectives_mpi.py, tests/test_comm_single.py, tests/test_comm_faults.py, tests/tp_mpi.py.
 """
 from __future__ import annotations
 
@@ -75,19 +85,50 @@ class Engine:
     ever carries two sends or two receives at once.
     """
 
-    def __init__(self):
-        self.error: CommError | None = None
+    def __init__(self, family: "_Family | None" = None):
+        self.family = family if family is not None else _Family()
+        self.family.engines.append(self)
         self._state = threading.Lock()
         self._exec = threading.Lock()
         self._pending = 0                      # queued or running ops, p2p sends until they finish
         self._jobs: queue.SimpleQueue = queue.SimpleQueue()
         self._sends: queue.SimpleQueue = queue.SimpleQueue()
         self._inflight: list[Handle] = []      # p2p sends handed to the send thread (comm thread only)
-        self._worker = threading.Thread(target=self._work, name="cke-comm", daemon=True)
-        self._sender = threading.Thread(target=self._send_loop, name="cke-comm-send", daemon=True)
-        self._worker.start()
-        self._sender.start()
+        self._busy = False                     # an op of this engine is running (see _enter)
+        self._worker: threading.Thread | None = None   # started with the first queued op
+        self._sender: threading.Thread | None = None
         self._scratch = np.zeros(0, np.uint8)
+
+    @property
+    def error(self) -> CommError | None:
+        return self.family.error
+
+    @error.setter
+    def error(self, e):
+        self.family.error = e
+
+    def _start_threads(self):
+        if self._worker is None:
+            self._worker = threading.Thread(target=self._work, name="cke-comm", daemon=True)
+            self._sender = threading.Thread(target=self._send_loop, name="cke-comm-send", daemon=True)
+            self._worker.start()
+            self._sender.start()
+
+    def _sending(self) -> bool:
+        return any(not h.is_completed() for h in self._inflight)
+
+    def _enter(self):
+        """Mark an op running, once no engine that shares links with this one runs one (the world's
+        engine shares links with all the others; the others only with the world's)."""
+        fam = self.family
+        related = fam.engines[1:] if self is fam.engines[0] else fam.engines[:1]
+        while True:
+            with fam.gate:
+                if not any(e._busy or e._sending() for e in related):
+                    self._busy = True
+                    return
+            self._check()
+            time.sleep(0.0002)
 
     # -- ops -----------------------------------------------------------------
     def _check(self):
@@ -105,6 +146,7 @@ class Engine:
         self._check()
         if async_op:
             h = Handle(what)
+            self._start_threads()
             with self._state:
                 self._pending += 1
                 self._jobs.put((fn, h, kind))
@@ -120,11 +162,13 @@ class Engine:
         if not inline:
             return h.wait()
         try:
+            self._enter()
             return fn()
         except CommError as e:
             self._record(e)
             raise
         finally:
+            self._busy = False
             self._exec.release()
 
     def _done(self, h, result=None, error=None):
@@ -153,9 +197,12 @@ class Engine:
                 try:
                     if self.error is not None:
                         self._check()
+                    self._enter()
                     result, error = fn(), None
                 except BaseException as e:  # handed to whoever waits on the handle
                     result, error = None, e
+                finally:
+                    self._busy = False
             self._done(h, result, error)
 
     # -- sends ---------------------------------------------------------------
@@ -165,6 +212,7 @@ class Engine:
             for mv in mvs:
                 link.send(mv, tag, deadline_fn())
         h = Handle("send")
+        self._start_threads()
         self._sends.put((fn, h, None))
         return h
 
@@ -190,6 +238,15 @@ class Engine:
         return self._scratch[:nbytes]
 
 
+class _Family:
+    """The engines of one process: the first is the world's. They share the first error."""
+
+    def __init__(self):
+        self.engines: list[Engine] = []
+        self.error: CommError | None = None
+        self.gate = threading.Lock()
+
+
 class Communicator:
     """A group of ranks. `rank`/`size` are within the group; `ranks` are the members' world ranks."""
 
@@ -206,6 +263,7 @@ class Communicator:
         self._engine = engine
         self._seq = 0
         self._world = world or self
+        self.stats: dict[str, list[int]] = {}    # op -> [calls, bytes of the caller's buffer]
 
     def __repr__(self):
         return f"<Communicator {self.name} rank {self.rank}/{self.size}>"
@@ -235,6 +293,14 @@ class Communicator:
             seq = self._seq
         return (self.gid & 0xFFF) << 20 | (opcode & 0xF) << 16 | (seq & 0xFFFF)
 
+    def reset_stats(self):
+        self.stats = {}
+
+    def _count(self, opname, nbytes):
+        c = self.stats.setdefault(opname, [0, 0])
+        c[0] += 1
+        c[1] += int(nbytes)
+
     def _run(self, opname, fn, async_op, kind="collective"):
         def guarded():
             try:
@@ -248,6 +314,13 @@ class Communicator:
                               peer=e.peer if peer == e.peer else f"{e.peer} (group rank {peer})",
                               host=e.host) from e
         return self._engine.run(guarded, opname, async_op, kind)
+
+    @staticmethod
+    def _check_tag(tag):
+        if isinstance(tag, bool) or not isinstance(tag, (int, np.integer)) or not 0 <= tag <= 0xFFFF:
+            raise ValueError(f"tag={tag!r}: point-to-point tags are integers in 0..65535 (16 bits of the "
+                             f"frame tag; the rest names the group and the op)")
+        return int(tag)
 
     def _check_peer(self, r, what):
         if not isinstance(r, (int, np.integer)) or not 0 <= r < self.size or r == self.rank:
@@ -270,6 +343,7 @@ class Communicator:
             result = out
         check_op(op, flat.dtype)
         tag = self._tag(_ALLREDUCE)
+        self._count("allreduce", flat.nbytes)
 
         def go():
             if out is not None:
@@ -283,6 +357,7 @@ class Communicator:
         if not isinstance(root, (int, np.integer)) or not 0 <= root < self.size:
             raise ValueError(f"root={root!r} is not a rank of {self.name} (size {self.size})")
         tag = self._tag(_BCAST)
+        self._count("broadcast", flat.nbytes)
 
         def go():
             C.broadcast(self, flat, int(root), tag)
@@ -301,6 +376,7 @@ class Communicator:
             raise ValueError(f"allgather: recv must be {s.dtype} with size*send.size = "
                              f"{self.size * s.size} elements, got {r.dtype} with {r.size}")
         tag = self._tag(_ALLGATHER)
+        self._count("allgather", r.nbytes)
 
         def go():
             C.allgather(self, s, r, tag)
@@ -316,6 +392,7 @@ class Communicator:
                              f"elements of recv's dtype {r.dtype}, got {s.dtype} with {s.size}")
         check_op(op, s.dtype)
         tag = self._tag(_REDUCE_SCATTER)
+        self._count("reduce_scatter", s.nbytes)
 
         def go():
             C.reduce_scatter(self, s, r, op, tag)
@@ -326,7 +403,8 @@ class Communicator:
         """Send `buf` to group rank `dst`; the matching `recv` must expect the same length and tag."""
         flat = check_buffer(buf, "buf", writable=False)
         dst = self._check_peer(dst, "dst")
-        t = self._tag(_P2P, seq=tag)
+        t = self._tag(_P2P, seq=self._check_tag(tag))
+        self._count("send", flat.nbytes)
 
         def go():
             self.link(dst).send(memoryview(flat).cast("B"), t, self.deadline())
@@ -336,7 +414,8 @@ class Communicator:
         """Receive exactly buf.nbytes from group rank `src` into `buf`."""
         flat = check_buffer(buf, "buf", writable=True)
         src = self._check_peer(src, "src")
-        t = self._tag(_P2P, seq=tag)
+        t = self._tag(_P2P, seq=self._check_tag(tag))
+        self._count("recv", flat.nbytes)
 
         def go():
             self.link(src).recv(memoryview(flat).cast("B"), t, self.deadline())
@@ -347,7 +426,9 @@ class Communicator:
     def split(self, ranks):
         """A sub-group of these group ranks (in the order given), reusing this group's connections.
 
-        Needs no communication; ranks outside `ranks` get None.
+        Needs no communication; ranks outside `ranks` get None. A split of the world gets an
+        engine of its own (its ops progress independently of other groups'); a split of a
+        sub-group shares its parent's engine (its ops are ordered with the parent's).
         """
         ranks = [int(r) for r in ranks]
         if not ranks or len(set(ranks)) != len(ranks) or any(not 0 <= r < self.size for r in ranks):
@@ -357,7 +438,8 @@ class Communicator:
             return None
         gid = (zlib.crc32(np.asarray(members, np.int64).tobytes()) % 0xFFF) + 1  # world is 0
         name = "group[" + ",".join(map(str, members)) + "]"
-        return Communicator(members, self.world_rank, self._links, self._engine, self.hosts,
+        engine = Engine(self._engine.family) if self is self._world else self._engine
+        return Communicator(members, self.world_rank, self._links, engine, self.hosts,
                             self.timeout, name, gid, world=self._world)
 
     def close(self):

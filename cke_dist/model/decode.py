@@ -42,6 +42,9 @@ from cke_kernels.rmsnorm import rmsnorm_forward
 from cke_kernels.rope import rope_inv_freq
 from cke_kernels.swiglu import swiglu_forward
 
+from .layout import EMBED, LM_HEAD, NORM, attention_heads, head_name, layer_names, param_specs, split_range
+from .llama import gather_vocab
+
 F32 = np.float32
 Q8_METHOD = "cke_q8_0"      # config.json "quantization_config.quant_method" of a Q8_0 directory
 Q8_SCALE_SUFFIX = "_scale"  # "<name>.weight" int8 values + "<name>.weight_scale" float16 block scales
@@ -102,31 +105,34 @@ def _stack(arrays, flat=None, offsets=None, names=None):
     return np.ascontiguousarray(np.concatenate(arrays, axis=0), dtype=F32)
 
 
-class _Layer:
-    def __init__(self, ln1, qkv, o, ln2, gate_up, down, n_heads, n_kv):
-        self.ln1, self.qkv, self.o, self.ln2, self.gate_up, self.down = ln1, qkv, o, ln2, gate_up, down
-        self.n_heads, self.n_kv = n_heads, n_kv
-
-
 class InferenceModel:
     """The decoder for generation: float32 views of a Model (or Q8_0 linears) plus KV-cache forward."""
 
     def __init__(self, config, tensors: dict, tp_group=None, flat=None, offsets=None):
-        """config: a LlamaConfig. tensors: HF name -> float32 array, or for Q8_0 weights name ->
-        (qs, scales). With the Model's flat buffer and offsets, q/k/v and gate/up become single
-        views of it (no copy)."""
+        """config: a LlamaConfig. tensors: HF name -> this rank's shard (cke_dist.model.layout's cut
+        for the group's size and rank) as a float32 array, or for Q8_0 weights (qs, scales). With
+        the Model's flat buffer and offsets, q/k/v and gate/up become single views of it (no copy).
+        Each layer is a dict of layout roles (ln1, qkv, o, ln2, gate_up, down)."""
         self.config = cfg = config
         self.tp_group = tp_group
         self.tp_size = getattr(tp_group, "size", 1) if tp_group is not None else 1
-        D = cfg.head_dim
-        self.head_dim = D
+        tp_rank = tp_group.rank if self.tp_size > 1 else 0
+        self.heads = attention_heads(cfg, self.tp_size, tp_rank)
+        self.vocab_range = split_range(cfg.vocab_size, self.tp_size, tp_rank)
+        self.head_dim = cfg.head_dim
         self.eps = cfg.rms_norm_eps
-        self.inv_freq = rope_inv_freq(D, cfg.rope_theta, cfg.rope_scaling)
+        self.inv_freq = rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
+        shapes = {s.name: s.shape for s in param_specs(cfg, self.tp_size, tp_rank)}
 
         def get(name):
             if name not in tensors:
                 raise ValueError(f"missing tensor {name} that the config needs")
-            return tensors[name]
+            t = tensors[name]
+            shape = tuple((t[0] if isinstance(t, tuple) else t).shape)
+            if shape != shapes[name]:
+                raise ValueError(f"tensor {name} has shape {shape}; this rank's shard of it should be "
+                                 f"{shapes[name]}")
+            return t
 
         def lin(names, bias_names=()):
             ws = [get(n) for n in names]
@@ -138,41 +144,22 @@ class InferenceModel:
                 return Linear(bias=bias, q8=(np.ascontiguousarray(qs), np.ascontiguousarray(sc, dtype=F32)))
             return Linear(_stack(ws, flat, offsets, names), bias)
 
-        embed = get("model.embed_tokens.weight")
         self.layers = []
         for i in range(cfg.num_hidden_layers):
-            p = f"model.layers.{i}."
-            qkv_names = [p + f"self_attn.{x}_proj.weight" for x in "qkv"]
-            qkv_bias = [p + f"self_attn.{x}_proj.bias" for x in "qkv"] if cfg.attention_bias else []
-            o_bias = [p + "self_attn.o_proj.bias"] if getattr(cfg, "o_proj_bias", False) else []
-            q_rows = get(qkv_names[0])
-            q_rows = (q_rows[0] if isinstance(q_rows, tuple) else q_rows).shape[0]
-            k_rows = get(qkv_names[1])
-            k_rows = (k_rows[0] if isinstance(k_rows, tuple) else k_rows).shape[0]
-            self.layers.append(_Layer(
-                ln1=get(p + "input_layernorm.weight"),
-                qkv=lin(qkv_names, qkv_bias),
-                # row-parallel: the partial sums are allreduced, so only rank 0 adds the bias
-                o=lin([p + "self_attn.o_proj.weight"], o_bias if self.tp_size == 1 or tp_group.rank == 0 else []),
-                ln2=get(p + "post_attention_layernorm.weight"),
-                gate_up=lin([p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight"]),
-                down=lin([p + "mlp.down_proj.weight"]),
-                n_heads=q_rows // D, n_kv=k_rows // D))
-        self.norm = get("model.norm.weight")
-        head_name = "model.embed_tokens.weight" if cfg.tie_word_embeddings else "lm_head.weight"
-        self.lm_head = lin([head_name])
+            n = layer_names(cfg, i)
+            # o_proj's bias is added after the allreduce of the row-parallel partial sums (see forward)
+            self.layers.append({"ln1": get(n["ln1"][0]), "qkv": lin(n["qkv"], n["qkv_bias"]), "o": lin(n["o"]),
+                                "o_bias": get(n["o_bias"][0]) if n["o_bias"] else None,
+                                "ln2": get(n["ln2"][0]), "gate_up": lin(n["gate_up"]), "down": lin(n["down"])})
+        self.norm = get(NORM)
+        self.lm_head = lin([head_name(cfg)])
+        embed = get(EMBED)
         if cfg.tie_word_embeddings and self.lm_head.q8 is not None:
             self.embed_q8, self.embed = self.lm_head.q8, None     # one Q8_0 table serves both
         elif isinstance(embed, tuple):
             self.embed_q8, self.embed = embed, None
         else:
             self.embed_q8, self.embed = None, embed
-        V = (self.embed if self.embed is not None else self.embed_q8[0]).shape[0]
-        if V != cfg.vocab_size or self.lm_head.out_features != cfg.vocab_size:
-            raise NotImplementedError(
-                "a vocab-parallel embedding / LM head (a shard of the vocabulary) is not supported by the "
-                "inference forward yet; give each rank the whole embedding and LM head")
-        self.n_kv = self.layers[0].n_kv if self.layers else cfg.num_key_value_heads
         self.quantize = "q8_0" if self.lm_head.q8 is not None else None
         self._ws: dict[int, dict] = {}
 
@@ -214,9 +201,11 @@ class InferenceModel:
     def _from_q8_dir(cls, d: Path, raw: dict, tp_group) -> "InferenceModel":
         from safetensors.numpy import load_file
 
-        from cke_dist.model import LlamaConfig, param_shapes
+        from cke_dist.model import LlamaConfig
         _check_architecture(raw, d / "config.json")
         cfg = LlamaConfig.from_dict({k: v for k, v in raw.items() if k != "quantization_config"})
+        tp = getattr(tp_group, "size", 1) if tp_group is not None else 1
+        specs = param_specs(cfg, tp, tp_group.rank if tp > 1 else 0)
         path = d / "model.safetensors"
         if not path.is_file():
             raise FileNotFoundError(f"{path} is missing: a Q8_0 directory holds its weights in model.safetensors")
@@ -226,7 +215,8 @@ class InferenceModel:
             raise ValueError(f"{path}: not a readable safetensors file ({e}); rewrite it with "
                              f"`cke-dist quantize`") from None
         tensors = {}
-        for name, shape in param_shapes(cfg):
+        for spec in specs:
+            name, shape = spec.name, spec.full
             if name not in stored:
                 raise ValueError(f"{path}: missing tensor {name} that config.json needs")
             arr = stored[name]
@@ -240,12 +230,12 @@ class InferenceModel:
                 if tuple(arr.shape) != shape or tuple(sc.shape) != want_s:
                     raise ValueError(f"{path}: tensor {name} has shape {tuple(arr.shape)} / scales "
                                      f"{tuple(sc.shape)}, the config expects {shape} / {want_s}")
-                tensors[name] = (arr, sc.astype(F32))
+                tensors[name] = (np.ascontiguousarray(spec.take(arr)), _q8_scale_shard(spec, sc, path))
             else:
                 if tuple(arr.shape) != shape:
                     raise ValueError(f"{path}: tensor {name} has shape {tuple(arr.shape)}, "
                                      f"the config expects {shape}")
-                tensors[name] = np.ascontiguousarray(arr, dtype=F32)
+                tensors[name] = np.ascontiguousarray(spec.take(arr), dtype=F32)
         return cls(cfg, tensors, tp_group)
 
     def to_q8_0(self) -> "InferenceModel":
@@ -255,9 +245,8 @@ class InferenceModel:
         if self.quantize == "q8_0":
             return self
         q = copy.copy(self)
-        q.layers = [copy.copy(l) for l in self.layers]
-        for l in q.layers:
-            l.qkv, l.o, l.gate_up, l.down = (x.quantized() for x in (l.qkv, l.o, l.gate_up, l.down))
+        q.layers = [{role: (w.quantized() if isinstance(w, Linear) else w) for role, w in layer.items()}
+                    for layer in self.layers]
         q.lm_head = self.lm_head.quantized()
         q.embed = None
         q.embed_q8 = q.lm_head.q8 if self.config.tie_word_embeddings else quantize_q8_0(self.embed)
@@ -272,15 +261,14 @@ class InferenceModel:
 
     def weight_bytes_per_token(self) -> int:
         """Bytes of weights one decode step reads (every linear, the LM head, norms; one embedding row)."""
-        n = sum(lin.nbytes + l.ln1.nbytes + l.ln2.nbytes for l in self.layers
-                for lin in (l.qkv, l.o, l.gate_up, l.down))
+        n = sum(w.nbytes for layer in self.layers for w in layer.values() if w is not None)
         return n + self.lm_head.nbytes + self.norm.nbytes
 
     def new_cache(self, batch: int, max_len: int) -> KVCache:
         if max_len > self.max_context:
             raise ValueError(f"KV cache of {max_len} positions exceeds the model's context "
                              f"(max_position_embeddings={self.max_context} in config.json)")
-        return KVCache(len(self.layers), batch, self.n_kv, max_len, self.head_dim)
+        return KVCache(len(self.layers), batch, self.heads.n_kv, max_len, self.head_dim)
 
     # ---- forward --------------------------------------------------------------------------------
 
@@ -291,9 +279,9 @@ class InferenceModel:
             l0 = self.layers[0]
             e = np.empty
             ws = dict(x=e((M, C), F32), x2=e((M, C), F32), xn=e((M, C), F32), rstd=e((M,), F32),
-                      qkv=e((M, l0.qkv.out_features), F32), att=e((M, l0.n_heads, D), F32),
-                      tmp=e((M, C), F32), gu=e((M, l0.gate_up.out_features), F32),
-                      h=e((M, l0.gate_up.out_features // 2), F32))
+                      qkv=e((M, l0["qkv"].out_features), F32), att=e((M, self.heads.n_q, D), F32),
+                      tmp=e((M, C), F32), gu=e((M, l0["gate_up"].out_features), F32),
+                      h=e((M, l0["gate_up"].out_features // 2), F32))
             if M <= 16:   # decode shapes recur every step; prefill shapes are one-offs
                 self._ws[M] = ws
         return ws
@@ -324,17 +312,14 @@ class InferenceModel:
                              f"the model's context is {self.max_context})")
         if np.any(pos > cache.lengths[seq] + np.arange(M)):   # cheap guard against holes in the cache
             raise ValueError("positions must continue each sequence's cache without gaps")
-        D = self.head_dim
+        D, H, KV = self.head_dim, self.heads.n_q, self.heads.n_kv
         ws = self._workspace(M)
         x, x2, xn = ws["x"], ws["x2"], ws["xn"]
-        if self.embed is not None:
-            embedding_forward(ids, self.embed, x)
-        else:
-            q8_0_gather_rows(self.embed_q8[0], self.embed_q8[1], ids, x)
+        self._embed(ids, x)
+        segs = self.heads.segments()
         for li, L in enumerate(self.layers):
-            H, KV = L.n_heads, L.n_kv
-            rmsnorm_forward(x, L.ln1, self.eps, xn, ws["rstd"])
-            qkv = L.qkv(xn, ws["qkv"])
+            rmsnorm_forward(x, L["ln1"], self.eps, xn, ws["rstd"])
+            qkv = L["qkv"](xn, ws["qkv"])
             q = qkv[:, :H * D].reshape(M, H, D)
             k = qkv[:, H * D:(H + KV) * D].reshape(M, KV, D)
             v = qkv[:, (H + KV) * D:].reshape(M, KV, D)
@@ -342,20 +327,45 @@ class InferenceModel:
             rope_positions(k, pos, self.inv_freq)
             cache.k[li][seq, :, pos, :] = k
             cache.v[li][seq, :, pos, :] = v
-            att = cached_attention(q, cache.k[li], cache.v[li], seq, pos, ws["att"])
-            self._allreduce(L.o(att.reshape(M, H * D), ws["tmp"]))
+            att = ws["att"]
+            if len(segs) == 1:
+                cached_attention(q, cache.k[li], cache.v[li], seq, pos, att)
+            else:   # GQA groups cut by the tp split: one call per KV head of this rank
+                for q0, q1, k0, k1 in segs:
+                    att[:, q0:q1] = cached_attention(np.ascontiguousarray(q[:, q0:q1]), cache.k[li][:, k0:k1],
+                                                     cache.v[li][:, k0:k1], seq, pos, np.empty((M, q1 - q0, D), F32))
+            self._allreduce(L["o"](att.reshape(M, H * D), ws["tmp"]))
+            if L["o_bias"] is not None:
+                ws["tmp"] += L["o_bias"]
             residual_forward(x, ws["tmp"], x2)
-            rmsnorm_forward(x2, L.ln2, self.eps, xn, ws["rstd"])
-            swiglu_forward(L.gate_up(xn, ws["gu"]), ws["h"])
-            self._allreduce(L.down(ws["h"], ws["tmp"]))
+            rmsnorm_forward(x2, L["ln2"], self.eps, xn, ws["rstd"])
+            swiglu_forward(L["gate_up"](xn, ws["gu"]), ws["h"])
+            self._allreduce(L["down"](ws["h"], ws["tmp"]))
             residual_forward(x2, ws["tmp"], x)
         np.maximum.at(cache.lengths, seq, pos + 1)
         rows = slice(None) if logits_rows is None else np.asarray(logits_rows, dtype=np.int64)
         xf = np.ascontiguousarray(x[rows])
         xfn = np.empty_like(xf)
         rmsnorm_forward(xf, self.norm, self.eps, xfn, np.empty(xf.shape[0], F32))
-        logits = np.empty((xf.shape[0], V), F32)
-        return self.lm_head(xfn, logits)
+        local = self.lm_head(xfn, np.empty((xf.shape[0], self.lm_head.out_features), F32))
+        return gather_vocab(self.tp_group, local, V) if self.tp_size > 1 else local
+
+    def _embed(self, ids, x):
+        """Vocab-parallel lookup: rows of this rank's vocabulary shard, zeros elsewhere, summed over tp."""
+        v0, v1 = self.vocab_range
+        if self.embed is not None:
+            embedding_forward(ids, self.embed, x, v0)
+        else:
+            local = ids - v0
+            mine = (local >= 0) & (local < v1 - v0)
+            if mine.all():
+                q8_0_gather_rows(self.embed_q8[0], self.embed_q8[1], local, x)
+            else:
+                x.fill(0.0)
+                if mine.any():
+                    x[mine] = q8_0_gather_rows(self.embed_q8[0], self.embed_q8[1], local[mine],
+                                               np.empty((int(mine.sum()), x.shape[1]), F32))
+        self._allreduce(x)
 
     def prefill(self, cache: KVCache, row: int, ids, start: int = 0, all_logits: bool = False) -> np.ndarray:
         """Feed a prompt (or its continuation from `start`) into cache row `row`; logits of its last
@@ -377,6 +387,17 @@ class InferenceModel:
         return self.forward(ids, rows, cache.lengths[rows], cache)
 
 
+def _q8_scale_shard(spec, scales, path):
+    """The float32 block scales of this rank's shard of a Q8_0 tensor (blocks of 32 along a row)."""
+    if spec.dim == 1:
+        if spec.start % 32 or spec.stop % 32:
+            raise ValueError(f"{path}: tensor {spec.name} is cut at columns {spec.start}:{spec.stop} for tensor "
+                             f"parallelism, not on its 32-value Q8_0 blocks; use a tp size that cuts on block "
+                             f"boundaries or the float32 directory")
+        return np.ascontiguousarray(scales[:, spec.start // 32:spec.stop // 32], dtype=F32)
+    return np.ascontiguousarray(spec.take(scales), dtype=F32)
+
+
 def _check_architecture(raw: dict, cfg_path) -> None:
     supported = {"LlamaForCausalLM", "Qwen2ForCausalLM"}
     arch = raw.get("architectures") or []
@@ -394,7 +415,7 @@ def save_q8_dir(im: InferenceModel, out_dir) -> None:
     if im.quantize != "q8_0":
         raise ValueError("save_q8_dir needs an InferenceModel built with quantize='q8_0'")
     cfg = im.config
-    tensors = {"model.norm.weight": im.norm}
+    tensors = {NORM: im.norm}
 
     def put(name, lin_or_pair, bias_names=(), split=None):
         qs, sc = lin_or_pair.q8 if isinstance(lin_or_pair, Linear) else lin_or_pair
@@ -411,20 +432,21 @@ def save_q8_dir(im: InferenceModel, out_dir) -> None:
                 tensors[bn] = np.ascontiguousarray(lin_or_pair.bias[b0:b0 + r])
                 b0 += r
 
-    put("model.embed_tokens.weight", im.embed_q8)
+    if im.tp_size > 1:
+        raise ValueError("save_q8_dir writes a whole model; quantize the one-process model")
+    put(EMBED, im.embed_q8)
     D = im.head_dim
     for i, L in enumerate(im.layers):
-        p = f"model.layers.{i}."
-        tensors[p + "input_layernorm.weight"] = L.ln1
-        tensors[p + "post_attention_layernorm.weight"] = L.ln2
-        put([p + f"self_attn.{x}_proj.weight" for x in "qkv"], L.qkv,
-            [p + f"self_attn.{x}_proj.bias" for x in "qkv"], split=[L.n_heads * D, L.n_kv * D, L.n_kv * D])
-        put(p + "self_attn.o_proj.weight", L.o, [p + "self_attn.o_proj.bias"])
-        put([p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight"], L.gate_up,
-            split=[L.gate_up.out_features // 2] * 2)
-        put(p + "mlp.down_proj.weight", L.down)
+        n = layer_names(cfg, i)
+        tensors[n["ln1"][0]], tensors[n["ln2"][0]] = L["ln1"], L["ln2"]
+        put(n["qkv"], L["qkv"], n["qkv_bias"], split=[im.heads.n_q * D, im.heads.n_kv * D, im.heads.n_kv * D])
+        put(n["o"][0], L["o"])
+        if n["o_bias"]:
+            tensors[n["o_bias"][0]] = L["o_bias"]
+        put(n["gate_up"], L["gate_up"], split=[L["gate_up"].out_features // 2] * 2)
+        put(n["down"][0], L["down"])
     if not cfg.tie_word_embeddings:
-        put("lm_head.weight", im.lm_head)
+        put(LM_HEAD, im.lm_head)
     tensors = {k: np.ascontiguousarray(v) for k, v in tensors.items()}
     os.makedirs(out_dir, exist_ok=True)
     d = cfg.to_dict()

@@ -15,9 +15,10 @@ The Megatron split, as this module cuts it:
   one rank counts as its own (the first holder), so a global grad norm counts each row once;
   `kv_replica_holders` names who must sum a replica's gradient. Biases follow their rows.
 - gate/up (column-parallel, by rows), o_proj/down_proj (row-parallel, by input columns).
-- embedding and LM head (tied or not): vocab-parallel, rows cut as the vocab padded to a
-  multiple of tp would be cut, but the pad rows are never materialised (the last shards are
-  just shorter), so no pad can leak into logits, loss, checkpoints or sampling.
+- embedding and LM head (tied or not): vocab-parallel, by rows. A vocabulary that tp does not
+  divide is cut into shards one row apart in size (Megatron pads it to a multiple of tp
+  instead): no pad row exists, so none can leak into logits, loss, checkpoints or sampling; the
+  only padding is in the buffer that gathers full logits for `Model.forward`.
 - norms (and o_proj's bias, added after the allreduce): replicated; tp rank 0 owns them.
 Tests: tests/test_layout.py, tests/tp_mpi.py.
 """
@@ -76,10 +77,10 @@ class ParamSpec:
 
 
 def split_range(n: int, parts: int, i: int) -> tuple[int, int]:
-    """Part i of [0, n) cut in `parts` chunks of ceil(n / parts) (the last ones shorter): the cut
-    of n padded to a multiple of `parts`, without the padding."""
-    chunk = -(-n // parts)
-    return min(n, i * chunk), min(n, (i + 1) * chunk)
+    """Part i of [0, n) cut in `parts` contiguous pieces whose sizes differ by at most one (the
+    first n % parts are one longer), so no piece is empty while n >= parts and none is padding."""
+    q, r = divmod(n, parts)
+    return i * q + min(i, r), (i + 1) * q + min(i + 1, r)
 
 
 @dataclass(frozen=True)

@@ -275,18 +275,6 @@ class Model:
         if self.tp_size > 1:
             self.tp_group.allreduce(buf, op=op)
 
-    def _gather_vocab(self, local):
-        """(N, V_local) logits shards -> (N, V) on every tp rank (only `forward` asks for them)."""
-        if self.tp_size == 1:
-            return local.copy()
-        N, V, tp = local.shape[0], self.config.vocab_size, self.tp_size
-        chunk = -(-V // tp)
-        send = np.zeros((N, chunk), F32)
-        send[:, :local.shape[1]] = local
-        recv = np.empty((tp, N, chunk), F32)
-        self.tp_group.allgather(send, recv)
-        return np.ascontiguousarray(recv.transpose(1, 0, 2).reshape(N, tp * chunk)[:, :V])
-
     def _cross_entropy(self, a, targets, ignore_index, grad_scale=None):
         """Vocab-parallel cross-entropy over this rank's logits: three allreduces of (N,) row stats.
         With grad_scale, the logits become grad_scale * dloss/dlogits in place."""
@@ -370,7 +358,9 @@ class Model:
         tokens = self._check_tokens(tokens)
         a = self._forward(tokens, keep=False)
         B, T = tokens.shape
-        return self._gather_vocab(a.logits).reshape(B, T, -1)
+        V = self.config.vocab_size
+        logits = gather_vocab(self.tp_group, a.logits, V) if self.tp_size > 1 else a.logits.copy()
+        return logits.reshape(B, T, V)
 
     def loss(self, tokens, targets, ignore_index: int = -100) -> float:
         """Mean cross-entropy over non-ignored targets, forward only (for evaluation)."""
@@ -448,6 +438,18 @@ class Model:
         notify(0, self.param_offsets[EMBED][1])
         self._grads_zero = False
         return loss
+
+
+def gather_vocab(group, local, vocab_size):
+    """(N, V_local) vocab-parallel logits -> (N, V) on every rank of the tp group (one allgather)."""
+    N, tp = local.shape[0], group.size
+    chunk = -(-vocab_size // tp)   # shards differ by one row at most: pad each to the longest
+    send = np.zeros((N, chunk), F32)
+    send[:, :local.shape[1]] = local
+    recv = np.empty((tp, N, chunk), F32)
+    group.allgather(send, recv)
+    widths = [hi - lo for lo, hi in (split_range(vocab_size, tp, r) for r in range(tp))]
+    return np.concatenate([recv[r, :, :w] for r, w in enumerate(widths)], axis=1)
 
 
 def check_names(expected: set, names: set, source: str) -> None:

@@ -1,7 +1,9 @@
-"""How work is split: the process grid (dp x pp x tp) and data-parallel training steps."""
-from .data_parallel import (DEFAULT_BUCKET_MB, GradBuckets, average_over_dp, check_params_in_sync, dp_step,
-                            sync_params)
+"""How work is split: the process grid (dp x pp x tp), data-parallel buckets, tensor-parallel gradients,
+and the training step that composes them."""
+from .data_parallel import (DEFAULT_BUCKET_MB, GradBuckets, average_over_dp, check_params_in_sync, sync_params,
+                            train_step)
 from .grid import ProcessGrid
+from .tensor_parallel import TPGrads
 
-__all__ = ["DEFAULT_BUCKET_MB", "GradBuckets", "ProcessGrid", "average_over_dp", "check_params_in_sync",
-           "dp_step", "sync_params"]
+__all__ = ["DEFAULT_BUCKET_MB", "GradBuckets", "ProcessGrid", "TPGrads", "average_over_dp", "check_params_in_sync",
+           "sync_params", "train_step"]
