@@ -75,19 +75,28 @@ def step_dir_name(step: int) -> str:
 
 def save_checkpoint(root, step: int, model, optimizer, trainer_state: dict, tokenizer: dict | None = None,
                     keep: int | None = None) -> Path:
-    """Write `root/step_<step>` atomically and return its path; prune to the newest `keep`."""
+    """Write `root/step_<step>` atomically and return its path; prune to the newest `keep`.
+
+    Collective over the model's tp group: parameters and optimizer state are gathered into the
+    one-process layout (so the checkpoint loads on any layout) and tp rank 0 writes; the other
+    ranks return None."""
+    # optimizer arrays in the parameter layout are gathered like the parameters
+    opt_state = {k: model.gather_flat(v) if isinstance(v, np.ndarray) and v.shape == model.params.shape else v
+                 for k, v in optimizer.state_dict().items()}
     root = Path(root)
-    root.mkdir(parents=True, exist_ok=True)
     final = root / step_dir_name(step)
     tmp = root / f".tmp-{final.name}-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
-
+    if model.tp_rank == 0:
+        root.mkdir(parents=True, exist_ok=True)
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir()
     model.save(tmp)
+    if model.tp_rank != 0:
+        return None
     if tokenizer is not None:
         _write_json(tmp / TOKENIZER, tokenizer)
-    save_optimizer_state(tmp / OPTIMIZER, optimizer.state_dict())
+    save_optimizer_state(tmp / OPTIMIZER, opt_state)
     _write_json(tmp / TRAINER_STATE, dict(trainer_state, step=step))
 
     files = {}

@@ -89,6 +89,13 @@ class TrainSection:
 
 
 @dataclass
+class ParallelSection:
+    """The process grid: dp = world size / (tp * pp), tp ranks adjacent (see cke_dist.parallel.grid)."""
+    tp: int = 1                  # tensor parallel: must divide model.num_attention_heads
+    pp: int = 1                  # pipeline parallel: only 1 for now
+
+
+@dataclass
 class SampleSection:
     """The sample printed after training (byte-level data only)."""
     prompt: str = "ROMEO:\n"
@@ -103,6 +110,7 @@ class TrainConfig:
     data: DataSection = field(default_factory=DataSection)
     optim: OptimSection = field(default_factory=OptimSection)
     train: TrainSection = field(default_factory=TrainSection)
+    parallel: ParallelSection = field(default_factory=ParallelSection)
     sample: SampleSection = field(default_factory=SampleSection)
 
     def to_dict(self) -> dict:
@@ -237,6 +245,13 @@ def validate(cfg: TrainConfig) -> None:
     need(cfg.train.log_every >= 1, "train.log_every", "must be >= 1")
     need(cfg.train.bucket_mb > 0, "train.bucket_mb", "must be > 0 (MiB of gradients per allreduce)")
     need(cfg.train.threads >= 0, "train.threads", "must be >= 0")
+    need(cfg.parallel.tp >= 1, "parallel.tp", "must be >= 1")
+    need(cfg.parallel.pp == 1, "parallel.pp", "pipeline parallelism is not built yet; use 1")
+    if not cfg.model.init_from:
+        heads = cfg.model.num_attention_heads
+        need(heads % cfg.parallel.tp == 0, "parallel.tp",
+             f"must divide model.num_attention_heads ({heads}): one of "
+             f"{[t for t in range(1, heads + 1) if heads % t == 0]}")
     need(cfg.sample.max_new_tokens >= 0, "sample.max_new_tokens", "must be >= 0")
     need(cfg.sample.temperature >= 0, "sample.temperature", "must be >= 0 (0 = greedy)")
     need(cfg.sample.top_k >= 0, "sample.top_k", "must be >= 0")

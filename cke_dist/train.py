@@ -12,11 +12,14 @@ Rules this module keeps:
 - Batches depend only on (seed, step) (cke_dist.data), and the schedule only on the step, so
   `--resume` restores the model, the optimizer state and the step and reproduces an
   uninterrupted run exactly (tests/test_train_job.py checks it bitwise).
-- Under mpiexec every rank is a data-parallel replica (cke_dist.parallel): parameters start as
-  rank 0's, each rank takes `rows_for_rank` of every micro-batch, `train_step` averages the
-  gradients (bucketed, overlapped with backward) before the clip, the logged loss and the
-  validation loss are dp-averages, replicas are checked identical at every checkpoint, and only
-  rank 0 writes. Without mpiexec the world is one process and the same code runs.
+- Under mpiexec the world is a dp x tp grid (`[parallel] tp`, dp = world size / tp; tp ranks
+  adjacent): each tp group holds one model in shards (cke_dist.model.layout) and sees the same
+  rows; each dp replica takes `rows_for_rank` of every micro-batch; `train_step` averages the
+  gradients over dp (bucketed, overlapped with backward), sums KV-head replicas over tp and clips
+  by the global norm; the logged loss and the validation loss are dp-averages; replicas are
+  checked identical at every checkpoint; dp replica 0's tp group gathers the shards and world
+  rank 0 writes one full checkpoint that loads on any layout. Without mpiexec the world is one
+  process and the same code runs.
 - Every bad input (config key, corpus, checkpoint) ends the job with one message naming the file
   or key, exit status 2.
 """
@@ -31,6 +34,7 @@ import numpy as np
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .config import ConfigError, TrainConfig, load_config, to_toml
 from .data import TRAIN, VAL, BatchSampler, DataError, open_corpus, rows_for_rank
+from .model import param_specs
 from .model.hf_io import HFFormatError
 from .schedule import lr_at
 
@@ -99,19 +103,19 @@ def _run_dir_of(ckpt: Path) -> Path:
     return ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt.parent
 
 
-def build_model(cfg: TrainConfig):
+def build_model(cfg: TrainConfig, tp_group=None):
     from .model import LlamaConfig, Model, load_model
 
     if cfg.model.init_from:
         try:
-            return load_model(cfg.model.init_from)
+            return load_model(cfg.model.init_from, tp_group=tp_group)
         except ValueError as e:
             raise HFFormatError(f"model.init_from {cfg.model.init_from!r}: {e}") from e
     try:
         llama = LlamaConfig.from_dict(cfg.model.hf_config())
     except ValueError as e:  # LlamaConfig names the key; say where it came from
         raise ConfigError(f"[model] section: {e}") from e
-    return Model.from_config(llama, seed=cfg.train.seed)
+    return Model.from_config(llama, seed=cfg.train.seed, tp_group=tp_group)
 
 
 def build_optimizer(cfg: TrainConfig, model):
@@ -131,6 +135,37 @@ def evaluate(model, sampler: BatchSampler, n_batches: int, rank: int = 0, world_
     return float(np.mean([model.loss(*sampler.batch(i, rows)) for i in range(n_batches)]))
 
 
+def make_grid(world, cfg: TrainConfig):
+    """The dp x pp x tp grid of the config over this world, or a ConfigError that every rank raises
+    alike (nothing has been communicated yet, so no rank waits for another)."""
+    from .parallel import ProcessGrid
+
+    tp, pp = cfg.parallel.tp, cfg.parallel.pp
+    if world.size % (tp * pp):
+        fits = [t for t in range(1, world.size + 1) if world.size % (t * pp) == 0]
+        raise ConfigError(f"parallel.tp = {tp} x parallel.pp = {pp} does not divide the world of {world.size} "
+                          f"rank(s): launch with mpiexec -n {tp * pp} (or a multiple), or set parallel.tp to "
+                          f"one of {fits}")
+    return ProcessGrid(world, pp=pp, tp=tp)
+
+
+def describe_transports(grid) -> str:
+    """'dp over shm, tp over shm' style: which transports carry each group's traffic."""
+    parts = []
+    for axis, group in (("dp", grid.dp_group), ("pp", grid.pp_group), ("tp", grid.tp_group)):
+        if group.size > 1:
+            kinds = sorted({link.kind for link in group.links.values()})
+            parts.append(f"{axis} over {'+'.join(kinds)}")
+    return ", ".join(parts) or "one process"
+
+
+def shard_optimizer_state(model, state: dict) -> dict:
+    """A checkpoint's optimizer state (flat arrays in the one-process layout) -> this rank's shards."""
+    full = sum(s.size for s in param_specs(model.config))
+    return {k: model.shard_flat(v) if isinstance(v, np.ndarray) and v.shape == (full,) else v
+            for k, v in state.items()}
+
+
 def _default_out_dir() -> Path:
     return Path("runs") / datetime.now(timezone.utc).strftime("train-%Y%m%d-%H%M%S")
 
@@ -139,11 +174,14 @@ def train(cfg: TrainConfig, resume: Path | None = None, progress: bool = True) -
     """Run the job; returns {"model", "out_dir", "checkpoint", "step", "loss", "val_loss", "sample"}."""
     from .comm import init
     from .model import load_model
-    from .parallel import GradBuckets, ProcessGrid, average_over_dp, check_params_in_sync, train_step, sync_params
+    from .parallel import GradBuckets, ProcessGrid, TPGrads, average_over_dp, check_params_in_sync, sync_params, \
+        train_step
 
-    grid = ProcessGrid(init())  # under mpiexec: world = dp ranks; one plain process: a size-1 world
-    rank, world_size = grid.dp_rank, grid.dp
+    world = init()  # under mpiexec: every rank; one plain process: a size-1 world
+    grid = make_grid(world, cfg)
+    dp_rank, dp_size = grid.dp_rank, grid.dp
     is_rank0 = grid.world.rank == 0
+    writer_group = grid.dp_rank == 0   # the tp group that gathers checkpoints and generates the sample
 
     if cfg.train.threads:
         from cke_kernels.threads import set_num_threads
@@ -152,7 +190,7 @@ def train(cfg: TrainConfig, resume: Path | None = None, progress: bool = True) -
     ckpt = load_checkpoint(resume) if resume is not None else None
     if ckpt is not None:
         try:
-            model = load_model(ckpt.path)
+            model = load_model(ckpt.path, tp_group=grid.tp_group)
         except ValueError as e:
             raise CheckpointError(f"{ckpt.path}: {e}") from e
         start_step = int(ckpt.trainer_state["step"])
@@ -160,7 +198,10 @@ def train(cfg: TrainConfig, resume: Path | None = None, progress: bool = True) -
         # a resumed run continues in the run directory it came from unless told otherwise
         out_dir = Path(cfg.train.out_dir) if cfg.train.out_dir != saved_out else _run_dir_of(ckpt.path)
     else:
-        model = build_model(cfg)
+        try:
+            model = build_model(cfg, grid.tp_group)
+        except ValueError as e:   # e.g. a tp that does not fit an init_from model's heads
+            raise ConfigError(f"parallel.tp = {cfg.parallel.tp}: {e}") from e
         start_step = 0
         out_dir = Path(cfg.train.out_dir) if cfg.train.out_dir else _default_out_dir()
     cfg.train.out_dir = str(out_dir)
@@ -179,18 +220,21 @@ def train(cfg: TrainConfig, resume: Path | None = None, progress: bool = True) -
     optimizer = build_optimizer(cfg, model)
     if ckpt is not None:
         try:
-            optimizer.load_state_dict(ckpt.optimizer_state)
+            optimizer.load_state_dict(shard_optimizer_state(model, ckpt.optimizer_state))
         except ValueError as e:
             raise CheckpointError(f"{ckpt.path / 'optimizer.npz'} does not fit optim.name = "
                                   f"{cfg.optim.name!r} and this model: {e}") from e
     buckets = GradBuckets(model.grads, grid.dp_group, bucket_mb=cfg.train.bucket_mb)
+    tp_grads = TPGrads(model)
 
     steps = cfg.train.steps
     tokens_per_step = micro_rows * accum * seq_len
     metrics_path = out_dir / "metrics.jsonl"
     if is_rank0:
         out_dir.mkdir(parents=True, exist_ok=True)
-        n_params = model.params.size
+        n_params = sum(s.size for s in param_specs(model.config))
+        print(f"cke-dist train: grid dp={grid.dp} x pp={grid.shape.pp} x tp={grid.shape.tp} "
+              f"({describe_transports(grid)})", file=sys.stderr)
         print(f"cke-dist train: {n_params / 1e6:.2f}M parameters, {len(corpus.train):,} train / "
               f"{len(corpus.val):,} val tokens from {data_path}, {tokens_per_step:,} tokens/step, "
               f"steps {start_step}..{steps}, out_dir {out_dir}", file=sys.stderr)
@@ -208,7 +252,8 @@ def train(cfg: TrainConfig, resume: Path | None = None, progress: bool = True) -
                      "next_step": step, "rng": "np.random.default_rng([seed, split, step])",
                      "train_tokens": int(len(corpus.train)), "val_tokens": int(len(corpus.val))},
             "tokens_seen": step * tokens_per_step,
-            "world_size": world_size,
+            "world_size": grid.world.size,
+            "grid": {"dp": grid.dp, "pp": grid.shape.pp, "tp": grid.shape.tp},
         }
         return save_checkpoint(out_dir / "checkpoints", step, model, optimizer, state, corpus.tokenizer,
                                keep=cfg.train.keep_checkpoints)
@@ -224,10 +269,11 @@ def train(cfg: TrainConfig, resume: Path | None = None, progress: bool = True) -
     for step in range(start_step, steps):
         t0 = time.perf_counter()
         lr = lr_at(step, cfg.optim.lr, cfg.optim.min_lr, cfg.optim.warmup_steps, steps)
-        micro_batches = [train_batches.micro_batch(step, micro, micro_rows, rank, world_size)
+        micro_batches = [train_batches.micro_batch(step, micro, micro_rows, dp_rank, dp_size)
                          for micro in range(accum)]
         try:
-            loss, grad_norm = train_step(model, optimizer, grid, micro_batches, lr, cfg.optim.grad_clip, buckets)
+            loss, grad_norm = train_step(model, optimizer, grid, micro_batches, lr, cfg.optim.grad_clip, buckets,
+                                         tp_grads)
         except FloatingPointError as e:
             raise FloatingPointError(f"{e} at step {step}; lower optim.lr or raise optim.warmup_steps") from None
         done = step + 1
@@ -243,14 +289,14 @@ def train(cfg: TrainConfig, resume: Path | None = None, progress: bool = True) -
                  "tokens": done * tokens_per_step, "tokens_per_s": tok_s, "time": time.time()})
             window_time, window_tokens = 0.0, 0
         if (cfg.train.eval_every and done % cfg.train.eval_every == 0) or done == steps:
-            val_loss = average_over_dp(evaluate(model, val_batches, cfg.train.eval_batches, rank, world_size), grid)
+            val_loss = average_over_dp(evaluate(model, val_batches, cfg.train.eval_batches, dp_rank, dp_size), grid)
             log({"step": done, "val_loss": val_loss, "time": time.time()})
             if bar is not None:
                 bar.write(f"step {done}: train loss {loss:.4f}, val loss {val_loss:.4f}", file=sys.stderr)
         if (cfg.train.checkpoint_every and done % cfg.train.checkpoint_every == 0) or done == steps:
             check_params_in_sync(model, grid)  # every rank: a diverged replica is an error, not a checkpoint
-            if is_rank0:
-                last_ckpt = checkpoint(done)
+            if writer_group:
+                last_ckpt = checkpoint(done)   # collective over tp; the path on world rank 0
     if bar is not None:
         bar.close()
     if start_step >= steps:
@@ -258,9 +304,10 @@ def train(cfg: TrainConfig, resume: Path | None = None, progress: bool = True) -
               f"raise it with --set train.steps=N", file=sys.stderr)
 
     sample = None
-    if is_rank0 and cfg.sample.max_new_tokens and corpus.tokenizer is not None and start_step < steps:
-        sample = _sample(cfg, model, last_ckpt)
-        print(f"--- sample (temperature {cfg.sample.temperature}) ---\n{sample}\n---")
+    if writer_group and cfg.sample.max_new_tokens and corpus.tokenizer is not None and start_step < steps:
+        sample = _sample(cfg, model)   # collective over tp: every rank draws the same tokens
+        if is_rank0:
+            print(f"--- sample (temperature {cfg.sample.temperature}) ---\n{sample}\n---")
     if is_rank0 and last_ckpt is not None:
         print(f"cke-dist train: step {steps}, train loss {loss:.4f}, val loss {val_loss:.4f}; "
               f"checkpoint {last_ckpt}", file=sys.stderr)
@@ -268,12 +315,12 @@ def train(cfg: TrainConfig, resume: Path | None = None, progress: bool = True) -
             "loss": loss, "val_loss": val_loss, "sample": sample}
 
 
-def _sample(cfg: TrainConfig, model, ckpt_dir: Path) -> str:
-    """Generate from the trained model with the tokenizer the checkpoint carries."""
+def _sample(cfg: TrainConfig, model) -> str:
+    """Generate from the trained model (byte-level data: the checkpoint's tokenizer is bytes)."""
     from .generate import generate
-    from .tokenizer import load_tokenizer
+    from .tokenizer import ByteTokenizer
 
-    tok = load_tokenizer(ckpt_dir)
+    tok = ByteTokenizer()
     ids = generate(model, tok.encode(cfg.sample.prompt), cfg.sample.max_new_tokens,
                    temperature=cfg.sample.temperature, top_k=cfg.sample.top_k or None, seed=cfg.train.seed)
     return cfg.sample.prompt + tok.decode(ids)
