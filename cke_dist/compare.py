@@ -8,6 +8,11 @@ absolute and relative differences of the logits, the loss, every gradient, and
 the parameters after N AdamW steps (torch.optim.AdamW on their side), and exit 1
 when any exceeds |ours - torch| <= atol + rtol * |torch|.
 
+With --tp N under `mpiexec -n N`, our side is the tensor-parallel model (each rank holds its
+shards, cke_dist.model.layout's cut): logits are gathered, gradients and parameters gathered into
+the full tensors (KV-head replicas summed first), and compared the same way; rank 0 prints, every
+rank exits with the same status.
+
 Needs the test extra (torch, transformers): pip install -e '.[test]'.
 """
 from __future__ import annotations
@@ -35,6 +40,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rtol", type=float, default=1e-4, help="relative tolerance (default 1e-4)")
     p.add_argument("--atol", type=float, default=1e-5, help="absolute tolerance (default 1e-5)")
     p.add_argument("--threads", type=int, default=None, help="BLAS/numba threads for our side")
+    p.add_argument("--tp", type=int, default=1,
+                   help="tensor-parallel size of our side; run under mpiexec -n TP (default 1)")
 
 
 def _diff(ours, ref, rtol, atol):
@@ -60,7 +67,9 @@ def run(args) -> int:
               f"pip install -e '.[test]'", file=sys.stderr)
         return 2
     from cke_dist.model import LlamaConfig, Model, load_model
+    from cke_dist.model.layout import offsets, param_specs
     from cke_dist.optim import AdamW
+    from cke_dist.parallel import TPGrads
 
     if args.threads:
         from cke_kernels.threads import set_num_threads
@@ -71,23 +80,44 @@ def run(args) -> int:
             print(f"--{name} must be positive, got {getattr(args, name)}", file=sys.stderr)
             return 2
 
+    def full_named(local):
+        """This rank's flat array -> {HF name: full tensor} (gathered over tp)."""
+        full = model.gather_flat(local)
+        return {sp.name: full[a:b].reshape(sp.full)
+                for sp, (a, b) in zip(param_specs(model.config), offsets(param_specs(model.config)).values())}
+
+    tp_group = None
+    if args.tp != 1:
+        from cke_dist.comm import init
+        world = init()
+        if args.tp < 1 or world.size != args.tp:
+            print(f"cke-dist compare: --tp {args.tp} needs exactly {args.tp} ranks (mpiexec -n {args.tp}); this "
+                  f"job has {world.size}", file=sys.stderr)
+            return 2
+        tp_group = world
+    say = print if tp_group is None or tp_group.rank == 0 else (lambda *a, **k: None)
+
     if args.model:
         try:
-            model = load_model(args.model)
+            model = load_model(args.model, tp_group=tp_group)
         except (OSError, ValueError) as e:
             print(f"cke-dist compare: cannot load --model {args.model}: {e}", file=sys.stderr)
             return 2
         ref = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32, attn_implementation="eager")
         source = args.model
     else:
-        model = Model.from_config(LlamaConfig.from_dict(DEFAULT_CONFIG), seed=args.seed)
+        try:
+            model = Model.from_config(LlamaConfig.from_dict(DEFAULT_CONFIG), seed=args.seed, tp_group=tp_group)
+        except ValueError as e:
+            print(f"cke-dist compare: {e}", file=sys.stderr)
+            return 2
         hf_cfg = AutoConfig.for_model(**model.config.to_dict())
         hf_cfg._attn_implementation = "eager"
         ref = AutoModelForCausalLM.from_config(hf_cfg, dtype=torch.float32)
         sd = ref.state_dict()
         with torch.no_grad():
-            for name, v in model.named_params.items():
-                sd[name].copy_(torch.from_numpy(v))
+            for name, v in full_named(model.params).items():
+                sd[name].copy_(torch.from_numpy(np.ascontiguousarray(v)))
         source = f"random model (seed {args.seed}) {DEFAULT_CONFIG}"
     cfg = model.config
     ref_params = dict(ref.named_parameters())
@@ -107,6 +137,7 @@ def run(args) -> int:
         loss = torch.nn.functional.cross_entropy(logits.reshape(-1, cfg.vocab_size), torch.from_numpy(y).reshape(-1))
         return logits, loss
 
+    tp_grads = TPGrads(model)
     rows = []
     x, y = make_batch()
     logits, loss = ref_loss(x, y)
@@ -114,11 +145,13 @@ def run(args) -> int:
     rows.append(("logits", *_diff(model.forward(x), logits.detach().numpy(), args.rtol, args.atol), ""))
     model.zero_grad()
     our_loss = model.forward_backward(x, y)
+    tp_grads.sum_replicas()
     rows.append(("loss", *_diff(our_loss, loss.item(), args.rtol, args.atol), ""))
+    grads = full_named(model.grads)
     worst = max(((n, *_diff(g, ref_params[n].grad.numpy(), args.rtol, args.atol))
-                 for n, g in model.named_grads.items()), key=lambda r: r[3])
-    rows.append(("grads", *_diff(model.grads, np.concatenate(
-        [ref_params[n].grad.numpy().reshape(-1) for n in model.named_grads]), args.rtol, args.atol)[:2],
+                 for n, g in grads.items()), key=lambda r: r[3])
+    rows.append(("grads", *_diff(np.concatenate([g.reshape(-1) for g in grads.values()]), np.concatenate(
+        [ref_params[n].grad.numpy().reshape(-1) for n in grads]), args.rtol, args.atol)[:2],
                  worst[3], f"worst: {worst[0]}"))
 
     opt = AdamW(model, lr=args.lr, betas=(0.9, 0.95), eps=args.eps, weight_decay=args.weight_decay)
@@ -131,27 +164,30 @@ def run(args) -> int:
             ref_loss(x, y)[1].backward()
             model.zero_grad()
             model.forward_backward(x, y)
+            tp_grads.sum_replicas()
         ref_opt.step()
         opt.step()
     if args.steps:
+        params = full_named(model.params)
         worst = max(((n, *_diff(v, ref_params[n].detach().numpy(), args.rtol, args.atol))
-                     for n, v in model.named_params.items()), key=lambda r: r[3])
-        rows.append((f"params after {args.steps} AdamW", *_diff(model.params, np.concatenate(
-            [ref_params[n].detach().numpy().reshape(-1) for n in model.named_params]), args.rtol, args.atol)[:2],
+                     for n, v in params.items()), key=lambda r: r[3])
+        rows.append((f"params after {args.steps} AdamW", *_diff(np.concatenate(
+            [v.reshape(-1) for v in params.values()]), np.concatenate(
+            [ref_params[n].detach().numpy().reshape(-1) for n in params]), args.rtol, args.atol)[:2],
                      worst[3], f"worst: {worst[0]}"))
 
-    print(f"cke-dist compare: {source}")
-    print(f"  {cfg.model_type}, {model.num_params:,} params, batch {args.batch} x {T}, "
+    say(f"cke-dist compare: {source}" + (f" (ours: tensor parallel over {args.tp} ranks)" if tp_group else ""))
+    say(f"  {cfg.model_type}, {sum(s.size for s in param_specs(cfg)):,} params, batch {args.batch} x {T}, "
           f"tolerance |ours - torch| <= {args.atol:g} + {args.rtol:g} * |torch|")
-    print(f"  {'quantity':<24} {'max abs diff':>13} {'max rel diff':>13} {'/ tolerance':>12}")
+    say(f"  {'quantity':<24} {'max abs diff':>13} {'max rel diff':>13} {'/ tolerance':>12}")
     failed = []
     for name, dabs, drel, ratio, note in rows:
         flag = "ok" if ratio <= 1.0 else "FAIL"
         if ratio > 1.0:
             failed.append(name)
-        print(f"  {name:<24} {dabs:13.3e} {drel:13.3e} {ratio:12.3f}  {flag} {note}")
+        say(f"  {name:<24} {dabs:13.3e} {drel:13.3e} {ratio:12.3f}  {flag} {note}")
     if failed:
-        print(f"FAILED: {', '.join(failed)} beyond tolerance", file=sys.stderr)
+        say(f"FAILED: {', '.join(failed)} beyond tolerance", file=sys.stderr)
         return 1
-    print("all within tolerance")
+    say("all within tolerance")
     return 0

@@ -21,6 +21,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--transport", default=None,
                         help="transport to evaluate: auto | tcp | shm | rdma (default: CKE_TRANSPORT, else auto)")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    parser.add_argument("--tp", type=int, default=1, help="tensor-parallel size of the grid to describe (default 1)")
+    parser.add_argument("--pp", type=int, default=1, help="pipeline-parallel size of the grid to describe (default 1)")
 
 
 def _threads() -> dict:
@@ -50,7 +52,23 @@ def _shm() -> dict:
         return {"dir": shm.SHM_DIR, "error": str(e)}
 
 
-def gather(transport=None) -> dict:
+def _grid(size, pp, tp, plan) -> dict:
+    """The dp x pp x tp grid over `size` ranks and the transport(s) inside each of its groups."""
+    from .parallel.grid import ProcessGrid
+
+    if pp < 1 or tp < 1 or size % (pp * tp):
+        return {"error": f"tp={tp} x pp={pp} does not divide the world of {size} rank(s)"}
+    out = {"dp": size // (pp * tp), "pp": pp, "tp": tp, "groups": {}}
+    for axis, groups in ProcessGrid.axis_groups(size, pp, tp).items():
+        rows = []
+        for g in groups:
+            kinds = sorted({plan.kind[(min(a, b), max(a, b))] for a in g for b in g if a != b}) if plan else []
+            rows.append({"ranks": list(g), "transports": kinds})
+        out["groups"][axis] = rows
+    return out
+
+
+def gather(transport=None, tp=1, pp=1) -> dict:
     """Everything `info` reports, as plain data (collective under mpiexec: every rank must call it)."""
     from mpi4py import MPI
 
@@ -74,6 +92,7 @@ def gather(transport=None) -> dict:
         "transport": {"requested": requested},
     }
     t = info["transport"]
+    plan = None
     if comm.Get_size() > 1:
         try:
             plan = select.plan(requested, all_facts)
@@ -91,6 +110,7 @@ def gather(transport=None) -> dict:
         if requested == "rdma" and not rdma["ok"]:
             t["ok"], t["error"] = False, (f"transport=rdma cannot work here: {rdma['reason']}. Checked: "
                                           + "; ".join(rdma["checked"]))
+    info["grid"] = _grid(comm.Get_size(), pp, tp, plan)
     return info
 
 
@@ -121,6 +141,15 @@ def _print_text(info) -> None:
         p(f"  {line}")
     if not t["ok"]:
         p(f"  {t['error']}")
+    g = info["grid"]
+    if "error" in g:
+        p(f"grid:          {g['error']}")
+    else:
+        p(f"grid:          dp={g['dp']} x pp={g['pp']} x tp={g['tp']}")
+        for axis, rows in g["groups"].items():
+            if len(rows[0]["ranks"]) > 1:
+                p(f"  {axis} groups: " + ", ".join(f"{r['ranks']} over {'+'.join(r['transports']) or '?'}"
+                                                   for r in rows))
     th = info["threads"]
     env = ", ".join(f"{v}={th[v] if th[v] is not None else 'unset'}" for v in THREAD_VARS)
     p(f"threads:       {env}; {th['cpus_usable']} of {th['cpu_count']} CPUs usable")
@@ -132,7 +161,7 @@ def run(args) -> int:
     from mpi4py import MPI
 
     try:
-        info = gather(args.transport)
+        info = gather(args.transport, tp=args.tp, pp=args.pp)
     except ValueError as e:  # a bad transport name
         print(f"cke-dist info: {e}", file=sys.stderr)
         return 2
@@ -142,4 +171,4 @@ def run(args) -> int:
         else:
             _print_text(info)
         sys.stdout.flush()
-    return 0 if info["transport"]["ok"] else 1
+    return 0 if info["transport"]["ok"] and "error" not in info["grid"] else 1

@@ -44,3 +44,14 @@ def test_bad_model_dir_is_a_clear_error(tmp_path):
     r = compare("--model", str(tmp_path / "nope"))
     assert r.returncode != 0
     assert "nope" in r.stderr and "not found" in r.stderr
+
+
+def test_tensor_parallel_compare_under_mpiexec():
+    """mpiexec -n 2 cke-dist compare --tp 2: the sharded model against transformers, gathered."""
+    from mpirun import run_mpi
+    r = run_mpi(2, ["-m", "cke_dist.cli", "compare", "--tp", "2", "--steps", "3"], timeout=180)
+    assert r.returncode == 0, r.stdout[-3000:]
+    assert "tensor parallel over 2 ranks" in r.stdout and "all within tolerance" in r.stdout
+    assert r.stdout.count("all within tolerance") == 1   # rank 0 prints
+    bad = run_mpi(2, ["-m", "cke_dist.cli", "compare", "--tp", "3"], timeout=60)
+    assert bad.returncode == 2 and "--tp 3 needs exactly 3 ranks (mpiexec -n 3); this job has 2" in bad.stdout

@@ -66,3 +66,15 @@ def test_info_under_mpiexec_prints_the_plan_once():
     if not PROBE["ok"]:
         assert "tcp: pairs 0-2 1-2 (remote; rdma: no device (rank 0 and 2 more))" in out or \
             "tcp: pairs 0-2 1-2 (remote; rdma: pyverbs not installed" in out
+
+
+def test_info_describes_the_grid_and_each_groups_transport():
+    """Two hosts of two ranks, --tp 2: tp groups stay on one host (shm), dp groups cross hosts (tcp)."""
+    p = run_two_hosts(2, 2, INFO[1:] + ["--tp", "2"])
+    assert p.returncode == 0, p.stdout
+    assert "grid:          dp=2 x pp=1 x tp=2" in p.stdout
+    assert "tp groups: [0, 1] over shm, [2, 3] over shm" in p.stdout
+    assert "dp groups: [0, 2] over tcp, [1, 3] over tcp" in p.stdout or (
+        PROBE["ok"] and "dp groups: [0, 2] over rdma, [1, 3] over rdma" in p.stdout)
+    alone = _run(INFO + ["--tp", "2"])
+    assert alone.returncode == 1 and "tp=2 x pp=1 does not divide the world of 1 rank(s)" in alone.stdout

@@ -5,9 +5,9 @@ tensor-parallel group sits on one host when hosts hold consecutive ranks:
 
     rank = (dp_index * pp + pp_index) * tp + tp_index
 
-Today only the dp axis does work (pp = tp = 1); the pipeline- and
-tensor-parallel issues fill in the other two without changing this layout.
-Every rank builds every group with no communication (`split` needs none).
+dp and tp do work today; pipeline parallelism fills in pp without changing this layout.
+Every rank builds every group with no communication (`split` needs none); each group gets its
+own comm engine, so tp traffic never waits behind dp buckets (cke_dist.comm.group).
 Tests: tests/test_grid.py (one process), tests/dp_mpi.py::test_grid_groups_on_four_ranks.
 """
 from __future__ import annotations
@@ -44,6 +44,16 @@ class ProcessGrid:
         self.dp_group = world.split([self.rank_of(d, self.pp_rank, self.tp_rank) for d in range(dp)])
         self.pp_group = world.split([self.rank_of(self.dp_rank, p, self.tp_rank) for p in range(pp)])
         self.tp_group = world.split([self.rank_of(self.dp_rank, self.pp_rank, t) for t in range(tp)])
+
+    @staticmethod
+    def axis_groups(size: int, pp: int = 1, tp: int = 1) -> dict[str, list[tuple[int, ...]]]:
+        """axis -> the world ranks of each of its groups, for a world of `size` (no communicator needed)."""
+        dp = size // (pp * tp)
+        def rank(d, p, t):
+            return (d * pp + p) * tp + t
+        return {"dp": [tuple(rank(d, p, t) for d in range(dp)) for p in range(pp) for t in range(tp)],
+                "pp": [tuple(rank(d, p, t) for p in range(pp)) for d in range(dp) for t in range(tp)],
+                "tp": [tuple(rank(d, p, t) for t in range(tp)) for d in range(dp) for p in range(pp)]}
 
     def rank_of(self, dp_index: int, pp_index: int, tp_index: int) -> int:
         s = self.shape
