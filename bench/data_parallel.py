@@ -92,7 +92,7 @@ def worker_torch(s, bucket_mb):
     from gloo_peer import setup_gloo
 
     comm = MPI.COMM_WORLD
-    torch, _ = setup_gloo(comm)
+    torch, dist = setup_gloo(comm)
     torch.manual_seed(0)
     hf = AutoModelForCausalLM.from_config(AutoConfig.for_model(**llama_config(s).to_dict()), dtype=torch.float32)
     hf.train()

@@ -44,37 +44,18 @@ for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA
     os.environ[var] = str(max(THREADS))
 
 import numpy as np  # noqa: E402
-from numba import njit, prange  # noqa: E402
 
 from cke_dist.model import LlamaConfig, Model  # noqa: E402
 from cke_dist.model.decode import InferenceModel  # noqa: E402
 from cke_dist.sampling import Sampler  # noqa: E402
 from cke_kernels.threads import set_num_threads  # noqa: E402
+from machine import read_bandwidth as bandwidth  # noqa: E402
 
 LLAMA_1B = dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
                 num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=2048,
                 rope_theta=500000.0, rms_norm_eps=1e-5, tie_word_embeddings=True)
 SMALL = dict(LLAMA_1B, vocab_size=32000, hidden_size=512, intermediate_size=2048, num_hidden_layers=4,
              num_attention_heads=8, num_key_value_heads=2)
-
-
-@njit(parallel=True, nogil=True, cache=True, fastmath=True)
-def _read_all(a):
-    s = np.float32(0.0)
-    for i in prange(a.size):
-        s += a[i]
-    return s
-
-
-def bandwidth(buf, repeats=7):
-    """Read bandwidth in bytes/s (median) at the current thread count."""
-    _read_all(buf)
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        _read_all(buf)
-        times.append(time.perf_counter() - t0)
-    return buf.nbytes / float(np.median(times))
 
 
 def our_decode(im, prompt, n_new):

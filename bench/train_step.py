@@ -48,25 +48,13 @@ import numpy as np  # noqa: E402
 from cke_dist.model import LlamaConfig, Model  # noqa: E402
 from cke_dist.optim import AdamW  # noqa: E402
 from cke_kernels.threads import set_num_threads  # noqa: E402
+from machine import matmul_peak  # noqa: E402
 
 
-def matmul_peak(cfg, n_tokens, repeats=3):
-    """Best float32 GEMM FLOP/s over the model's forward GEMM shapes (N x K @ K x M): the fastest
-    of `repeats` runs of each, since a peak is what the machine can do when nothing interferes."""
+def model_matmul_peak(cfg, n_tokens):
+    """The numpy matmul peak over the forward GEMM shapes this model runs."""
     C, I, V = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size
-    best = 0.0
-    for k, m in ((C, 2 * I), (I, C), (C, V)):
-        a = np.random.default_rng(0).standard_normal((n_tokens, k), dtype=np.float32)
-        b = np.random.default_rng(1).standard_normal((m, k), dtype=np.float32)
-        out = np.empty((n_tokens, m), np.float32)
-        np.matmul(a, b.T, out=out)
-        times = []
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            np.matmul(a, b.T, out=out)
-            times.append(time.perf_counter() - t0)
-        best = max(best, 2.0 * n_tokens * k * m / min(times))
-    return best
+    return matmul_peak([(n_tokens, C, 2 * I), (n_tokens, I, C), (n_tokens, C, V)])
 
 
 def main():
@@ -127,7 +115,7 @@ def main():
     times = {"ours": [], "torch": []}
     peak = 0.0
     for _ in range(args.repeats):
-        peak = max(peak, matmul_peak(cfg, tokens))  # sampled between steps: the same noise as the steps
+        peak = max(peak, model_matmul_peak(cfg, tokens))  # sampled between steps: the same noise as the steps
         t0 = time.perf_counter()
         ours_step()
         times["ours"].append(time.perf_counter() - t0)

@@ -18,9 +18,12 @@ Rules it keeps:
   q/k/v and gate/up are one product each, on the Model's adjacent views.
 - Q8_0 linears (`cke_kernels.q8_0`) replace float32 ones one for one, including
   the (tied) LM head; the embedding lookup then dequantizes the rows it reads.
-- tensor parallelism: head counts come from the weight shapes this rank holds
-  and row-parallel outputs (o_proj, down_proj) are allreduced over the model's
-  `tp_group` when its size is > 1, so the TP split adds shards, not a second path.
+- names, shards and heads come from cke_dist.model.layout, as in training: a
+  layer is a dict of the layout's roles. With a tp group of size > 1 the
+  row-parallel outputs (o_proj, down_proj) are allreduced (o_proj's bias added
+  after), the embedding lookup is vocab-parallel (allreduced) and the LM head's
+  vocab shards are gathered into full logits on every rank, so the TP split adds
+  shards, not a second path.
 - positions beyond the cache or the model's context raise, naming both numbers.
 Tests: tests/test_generate.py, tests/test_q8_0.py.
 """
