@@ -64,6 +64,23 @@ def test_bad_input_is_named(world):
     with pytest.raises(ValueError, match="distinct ranks"):
         world.split([0, 0])
     assert world.split([0]).size == 1
+    # a tag that does not fit the frame's 16 bits is refused, not cut to a tag another message uses
+    for bad in (1 << 16, -1, 2.0):
+        with pytest.raises(ValueError, match="tags are integers in 0..65535"):
+            world.send(np.zeros(3), 0, tag=bad)
+        with pytest.raises(ValueError, match="tags are integers in 0..65535"):
+            world.recv(np.zeros(3), 0, tag=bad)
+
+
+def test_counters_record_each_ops_calls_and_bytes(world):
+    world.reset_stats()
+    world.allreduce(np.zeros(10, np.float32))
+    world.allreduce(np.zeros(3, np.float64))
+    world.broadcast(np.zeros(4, np.int32))
+    assert world.stats == {"allreduce": [2, 64], "broadcast": [1, 16]}
+    sub = world.split([0])
+    sub.allreduce(np.zeros(2, np.float32))
+    assert sub.stats == {"allreduce": [1, 8]} and world.stats["allreduce"] == [2, 64]   # per group
 
 
 def test_listener_refuses_wrong_token_and_serves_the_right_one():

@@ -300,10 +300,30 @@ def test_tp_mpi_sharded_decode_matches_single(model_type, bias, heads):
     assert generate(tp, ids, 12, temperature=0) == generate(full, ids, 12, temperature=0)
 
 
+@pytest.mark.mpi(min_size=2)
+def test_tp_mpi_q8_0_directory_loads_its_shards(tmp_path):
+    """A Q8_0 directory loaded with a tp group: each rank keeps its slices (it used to keep whole
+    tensors, so o/down outputs were summed tp times over). Equals one-process Q8_0."""
+    from cke_dist.comm import init
+    from cke_dist.model import LlamaConfig, Model
+    from cke_dist.model.decode import save_q8_dir
+    world = init(transport="tcp")
+    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    model = Model.from_config(cfg, seed=0, init_std=0.2)
+    save_q8_dir(InferenceModel.from_model(model, quantize="q8_0"), tmp_path / "q8")   # each rank its own copy
+    one, tp = InferenceModel.from_dir(tmp_path / "q8"), InferenceModel.from_dir(tmp_path / "q8", tp_group=world)
+    assert tp.quantize == "q8_0" and tp.layers[0]["down"].in_features == 128 // world.size
+    ids = prompt(9)
+    a, b = one.prefill(one.new_cache(1, 16), 0, ids), tp.prefill(tp.new_cache(1, 16), 0, ids)
+    np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-4 * np.abs(a).max())
+    assert generate(tp, ids, 12, temperature=0) == generate(one, ids, 12, temperature=0)
+
+
 def test_tp_driver_two_ranks():
     from mpirun import REPO, run_pytest_mpi
     res = run_pytest_mpi(2, REPO / "tests" / "test_generate.py", timeout=180, extra=["-k", "tp_mpi"])
-    assert "4 passed" in res.stdout
+    assert "5 passed" in res.stdout
 
 
 @pytest.mark.parametrize("n, k, m", [(1, 5, 1), (7, 33, 3), (13, 100, 8), (300, 64, 1)])

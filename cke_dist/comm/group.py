@@ -402,8 +402,9 @@ class Communicator:
     def send(self, buf, dst, tag=0, async_op=False):
         """Send `buf` to group rank `dst`; the matching `recv` must expect the same length and tag."""
         flat = check_buffer(buf, "buf", writable=False)
+        tag = self._check_tag(tag)
         dst = self._check_peer(dst, "dst")
-        t = self._tag(_P2P, seq=self._check_tag(tag))
+        t = self._tag(_P2P, seq=tag)
         self._count("send", flat.nbytes)
 
         def go():
@@ -413,8 +414,9 @@ class Communicator:
     def recv(self, buf, src, tag=0, async_op=False):
         """Receive exactly buf.nbytes from group rank `src` into `buf`."""
         flat = check_buffer(buf, "buf", writable=True)
+        tag = self._check_tag(tag)
         src = self._check_peer(src, "src")
-        t = self._tag(_P2P, seq=self._check_tag(tag))
+        t = self._tag(_P2P, seq=tag)
         self._count("recv", flat.nbytes)
 
         def go():
