@@ -174,8 +174,7 @@ def train(cfg: TrainConfig, resume: Path | None = None, progress: bool = True) -
     """Run the job; returns {"model", "out_dir", "checkpoint", "step", "loss", "val_loss", "sample"}."""
     from .comm import init
     from .model import load_model
-    from .parallel import GradBuckets, ProcessGrid, TPGrads, average_over_dp, check_params_in_sync, sync_params, \
-        train_step
+    from .parallel import GradBuckets, TPGrads, average_over_dp, check_params_in_sync, sync_params, train_step
 
     world = init()  # under mpiexec: every rank; one plain process: a size-1 world
     grid = make_grid(world, cfg)
