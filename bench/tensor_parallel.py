@@ -22,12 +22,7 @@ import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS")
-FULL = dict(hidden=512, layers=8, heads=8, kv_heads=4, intermediate=1408, vocab=8192, batch=8, seq=256,
-            steps=5, warmup=2)
-SMALL = dict(hidden=64, layers=2, heads=4, kv_heads=2, intermediate=128, vocab=256, batch=2, seq=32,
-             steps=3, warmup=1)
+from data_parallel import FULL, REPO, SMALL, THREAD_VARS, llama_config, median  # the same shapes as dp's bench
 
 
 def parse(argv=None):
@@ -40,14 +35,6 @@ def parse(argv=None):
     p.add_argument("--shape", help=argparse.SUPPRESS)
     p.add_argument("--threads", type=int, default=1, help=argparse.SUPPRESS)
     return p.parse_args(argv)
-
-
-def llama_config(s):
-    from cke_dist.model import LlamaConfig
-
-    return LlamaConfig(vocab_size=s["vocab"], hidden_size=s["hidden"], intermediate_size=s["intermediate"],
-                       num_hidden_layers=s["layers"], num_attention_heads=s["heads"],
-                       num_key_value_heads=s["kv_heads"], max_position_embeddings=max(2048, s["seq"]))
 
 
 def batches(s, n):
@@ -151,11 +138,6 @@ def machine_line(s):
         n, C, I = s["batch"] * s["seq"], s["hidden"], s["intermediate"]
         peak = matmul_peak([(n, C, 2 * I), (n, I, C), (n, C, s["vocab"])])
     return f"machine, 1 thread: read bandwidth {bw / 1e9:.1f} GB/s, numpy float32 matmul peak {peak / 1e9:.1f} GFLOP/s"
-
-
-def median(xs):
-    xs = sorted(xs)
-    return xs[len(xs) // 2]
 
 
 def main(argv=None):

@@ -62,8 +62,7 @@ class LayerViews:
         C = cfg.hidden_size
         self.ln1, self.ln2 = span("ln1"), span("ln2")
         self.w_qkv, self.b_qkv = span("qkv", C), span("qkv_bias")
-        self.w_o, self.b_o = span("o"), span("o_bias")
-        self.w_o = self.w_o.reshape(C, -1)
+        self.w_o, self.b_o = span("o").reshape(C, -1), span("o_bias")
         self.w_gu = span("gate_up", C)
         self.w_down = span("down").reshape(C, -1)
         self.start = offsets[names["ln1"][0]][0]
