@@ -151,6 +151,11 @@ def test_ten_adamw_steps_with_clipping_match_one_process(world, name):
     assert np.median(diff) < 1e-7, np.median(diff)
     # the moments too: they are what a resumed run continues from
     np.testing.assert_allclose(shard.gather_flat(os_.exp_avg), of.exp_avg, rtol=1e-3, atol=1e-6)
+    # replicated tensors (norms, o_proj's bias) stay bitwise identical on every tp rank
+    rep = np.concatenate([shard.named_params[s.name].reshape(-1) for s in shard.specs if s.dim is None])
+    every = np.empty(world.size * rep.size, np.float32)
+    world.allgather(rep, every)
+    assert (every.reshape(world.size, -1) == rep).all()
 
 
 def test_forward_backward_moves_exactly_the_megatron_minimum(world):
