@@ -51,7 +51,7 @@ def worker_ours(s, threads):
     from cke_dist.comm import init
     from cke_dist.model import Model
     from cke_dist.optim import AdamW
-    from cke_dist.parallel import GradBuckets, ProcessGrid, TPGrads, train_step
+    from cke_dist.parallel import GradBuckets, ProcessGrid, ParallelGrads, train_step
     from cke_kernels.threads import set_num_threads
 
     set_num_threads(threads)
@@ -59,7 +59,7 @@ def worker_ours(s, threads):
     grid = ProcessGrid(world, tp=world.size)
     model = Model.from_config(llama_config(s), seed=0, tp_group=grid.tp_group)
     opt = AdamW(model, lr=1e-4, weight_decay=0.1)
-    buckets, tp_grads = GradBuckets(model.grads, grid.dp_group), TPGrads(model)
+    buckets, tp_grads = GradBuckets(model.grads, grid.dp_group), ParallelGrads(model, grid)
     tp = grid.tp_group
     comm_s = [0.0]
     if tp.size > 1:   # time what the step spends inside tp allreduces (all of them are synchronous)

@@ -69,7 +69,7 @@ def run(args) -> int:
     from cke_dist.model import LlamaConfig, Model, load_model
     from cke_dist.model.layout import offsets, param_specs
     from cke_dist.optim import AdamW
-    from cke_dist.parallel import TPGrads
+    from cke_dist.parallel import ParallelGrads
 
     if args.threads:
         from cke_kernels.threads import set_num_threads
@@ -137,7 +137,7 @@ def run(args) -> int:
         loss = torch.nn.functional.cross_entropy(logits.reshape(-1, cfg.vocab_size), torch.from_numpy(y).reshape(-1))
         return logits, loss
 
-    tp_grads = TPGrads(model)
+    tp_grads = ParallelGrads(model)
     rows = []
     x, y = make_batch()
     logits, loss = ref_loss(x, y)
@@ -145,7 +145,7 @@ def run(args) -> int:
     rows.append(("logits", *_diff(model.forward(x), logits.detach().numpy(), args.rtol, args.atol), ""))
     model.zero_grad()
     our_loss = model.forward_backward(x, y)
-    tp_grads.sum_replicas()
+    tp_grads.sum_shared()
     rows.append(("loss", *_diff(our_loss, loss.item(), args.rtol, args.atol), ""))
     grads = full_named(model.grads)
     worst = max(((n, *_diff(g, ref_params[n].grad.numpy(), args.rtol, args.atol))
@@ -164,7 +164,7 @@ def run(args) -> int:
             ref_loss(x, y)[1].backward()
             model.zero_grad()
             model.forward_backward(x, y)
-            tp_grads.sum_replicas()
+            tp_grads.sum_shared()
         ref_opt.step()
         opt.step()
     if args.steps:

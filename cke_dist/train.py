@@ -174,7 +174,7 @@ def train(cfg: TrainConfig, resume: Path | None = None, progress: bool = True) -
     """Run the job; returns {"model", "out_dir", "checkpoint", "step", "loss", "val_loss", "sample"}."""
     from .comm import init
     from .model import load_model
-    from .parallel import GradBuckets, TPGrads, average_over_dp, check_params_in_sync, sync_params, train_step
+    from .parallel import GradBuckets, ParallelGrads, average_over_dp, check_params_in_sync, sync_params, train_step
 
     world = init()  # under mpiexec: every rank; one plain process: a size-1 world
     grid = make_grid(world, cfg)
@@ -224,7 +224,7 @@ def train(cfg: TrainConfig, resume: Path | None = None, progress: bool = True) -
             raise CheckpointError(f"{ckpt.path / 'optimizer.npz'} does not fit optim.name = "
                                   f"{cfg.optim.name!r} and this model: {e}") from e
     buckets = GradBuckets(model.grads, grid.dp_group, bucket_mb=cfg.train.bucket_mb)
-    tp_grads = TPGrads(model)
+    tp_grads = ParallelGrads(model, grid)
 
     steps = cfg.train.steps
     tokens_per_step = micro_rows * accum * seq_len

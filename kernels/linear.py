@@ -35,13 +35,16 @@ def linear_forward(x, w, b, out):
 
 
 def linear_backward(dout, x, w, dx, dw, db, accumulate, scratch=None):
-    """dout (N, out) -> dx (N, in) written (skipped when None); dw (out, in), db (out,) or None.
+    """dout (N, out) -> dx (N, in) written (skipped when None); dw (out, in), db (out,) or None
+    (dw None: the input gradient only, as a zero-bubble schedule's B pass runs it).
 
     accumulate=True ADDS into dw/db and needs `scratch`, a float32 buffer of at
     least dw.size elements.
     """
     if dx is not None:
         np.matmul(dout, w, out=dx)
+    if dw is None:
+        return
     if accumulate:
         tmp = scratch[: dw.size].reshape(dw.shape)
         np.matmul(dout.T, x, out=tmp)

@@ -86,7 +86,7 @@ def test_init_is_the_one_process_init(world, name):
 
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_logits_loss_and_every_gradient_match_one_process(world, name):
-    from cke_dist.parallel import TPGrads
+    from cke_dist.parallel import ParallelGrads
 
     cfg = config(name)
     full, shard = models(cfg, world)
@@ -99,8 +99,8 @@ def test_logits_loss_and_every_gradient_match_one_process(world, name):
     ref_loss = full.forward_backward(x, y)
     loss = shard.forward_backward(x, y)
     assert loss == pytest.approx(ref_loss, rel=1e-6)
-    tg = TPGrads(shard)
-    tg.sum_replicas()
+    tg = ParallelGrads(shard)
+    tg.sum_shared()
     got = shard.gather_flat(shard.grads)
     for n, (a, b) in full.param_offsets.items():
         ref = full.grads[a:b]

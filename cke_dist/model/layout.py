@@ -166,8 +166,49 @@ def head_name(cfg: LlamaConfig) -> str:
     return EMBED if cfg.tie_word_embeddings else LM_HEAD
 
 
-def param_specs(cfg: LlamaConfig, tp_size: int = 1, tp_rank: int = 0) -> list[ParamSpec]:
-    """This rank's tensors in flat-buffer order: embed, layers 0..N-1, final norm, lm_head."""
+@dataclass(frozen=True)
+class Stage:
+    """A pipeline stage: layers [l0, l1); the first stage also holds the embedding, the last the final
+    norm and LM head (with tied embeddings, a copy of the embedding as its head)."""
+    l0: int
+    l1: int
+    first: bool = True
+    last: bool = True
+
+    @classmethod
+    def whole(cls, cfg: LlamaConfig) -> "Stage":
+        return cls(0, cfg.num_hidden_layers, True, True)
+
+
+def stage_layers(n_layers: int, pp: int, sizes=None) -> list[tuple[int, int]]:
+    """[l0, l1) of each of pp stages. Default: the layers and, as one unit of work each, the
+    embedding (first stage) and the LM head (last stage), cut as evenly as they go; `sizes` (layers
+    per stage) sets the split."""
+    if sizes:
+        sizes = [int(n) for n in sizes]
+        if len(sizes) != pp or sum(sizes) != n_layers or min(sizes) < 1:
+            raise ValueError(f"parallel.pp_layers = {sizes}: needs {pp} counts (one per stage), each >= 1, "
+                             f"summing to num_hidden_layers ({n_layers})")
+    else:
+        if n_layers < pp:
+            raise ValueError(f"pipeline parallel size {pp} exceeds num_hidden_layers ({n_layers}): a stage "
+                             f"would hold no layer")
+        units = n_layers + 2                       # unit 0: embedding, 1..n: layers, n + 1: head
+        cuts = [round(k * units / pp) for k in range(pp + 1)]
+        sizes = [min(cuts[k + 1], n_layers + 1) - max(cuts[k], 1) for k in range(pp)]
+        if min(sizes) < 1:                         # too few layers to balance the ends: plain even split
+            sizes = [split_range(n_layers, pp, k)[1] - split_range(n_layers, pp, k)[0] for k in range(pp)]
+    out, l0 = [], 0
+    for n in sizes:
+        out.append((l0, l0 + n))
+        l0 += n
+    return out
+
+
+def param_specs(cfg: LlamaConfig, tp_size: int = 1, tp_rank: int = 0, stage: Stage | None = None) -> list[ParamSpec]:
+    """This rank's tensors in flat-buffer order: embed, its layers, final norm, lm_head (a tied last
+    stage that is not also the first holds the embedding there, as its head; it does not own it)."""
+    stage = stage or Stage.whole(cfg)
     C, I, V, D = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size, cfg.head_dim
     H, KV = cfg.num_attention_heads, cfg.num_key_value_heads
     heads = attention_heads(cfg, tp_size, tp_rank)
@@ -177,7 +218,7 @@ def param_specs(cfg: LlamaConfig, tp_size: int = 1, tp_rank: int = 0) -> list[Pa
         return ParamSpec(name, shape, None, 0, 0, (0, math.prod(shape) if first else 0))
 
     def cut(name, shape, dim, start, stop, owned=None):
-        return ParamSpec(name, shape, dim, start, stop, owned or (0, stop - start))
+        return ParamSpec(name, shape, dim, start, stop, (0, stop - start) if owned is None else owned)
 
     # the KV rows this rank owns: those of KV heads whose first holder it is
     own = [g for g in range(heads.kv0, heads.kv1) if kv_holders(cfg, tp_size, g)[0] == tp_rank]
@@ -185,8 +226,8 @@ def param_specs(cfg: LlamaConfig, tp_size: int = 1, tp_rank: int = 0) -> list[Pa
     v0, v1 = split_range(V, tp_size, tp_rank)
     i0, i1 = split_range(I, tp_size, tp_rank)
     q_rows, kv_rows = (heads.q0 * D, heads.q1 * D), (heads.kv0 * D, heads.kv1 * D)
-    out = [cut(EMBED, (V, C), 0, v0, v1)]
-    for i in range(cfg.num_hidden_layers):
+    out = [cut(EMBED, (V, C), 0, v0, v1)] if stage.first else []
+    for i in range(stage.l0, stage.l1):
         n = layer_names(cfg, i)
         q, k, v = n["qkv"]
         out += [replicated(n["ln1"][0], (C,)),
@@ -203,9 +244,12 @@ def param_specs(cfg: LlamaConfig, tp_size: int = 1, tp_rank: int = 0) -> list[Pa
         out += [replicated(n["ln2"][0], (C,)),
                 cut(gate, (I, C), 0, i0, i1), cut(up, (I, C), 0, i0, i1),
                 cut(n["down"][0], (C, I), 1, i0, i1)]
-    out += [replicated(NORM, (C,))]
-    if not cfg.tie_word_embeddings:
-        out += [cut(LM_HEAD, (V, C), 0, v0, v1)]
+    if stage.last:
+        out += [replicated(NORM, (C,))]
+        if not cfg.tie_word_embeddings:
+            out += [cut(LM_HEAD, (V, C), 0, v0, v1)]
+        elif not stage.first:
+            out += [cut(EMBED, (V, C), 0, v0, v1, owned=(0, 0))]
     return out
 
 

@@ -34,7 +34,7 @@ from cke_kernels.rope import qkv_rope_backward, qkv_rope_forward, rope_tables
 from cke_kernels.swiglu import swiglu_backward, swiglu_forward
 
 from .config import LlamaConfig
-from .layout import (EMBED, LM_HEAD, NORM, attention_heads, head_name, layer_names, offsets, param_shapes,
+from .layout import (EMBED, LM_HEAD, NORM, Stage, attention_heads, head_name, layer_names, offsets,
                      param_specs, split_range)
 
 F32 = np.float32
@@ -92,7 +92,7 @@ class Activations:
 
     def __init__(self, model: "Model", B: int, T: int, keep: bool):
         cfg = model.config
-        N, C, D, L = B * T, cfg.hidden_size, cfg.head_dim, cfg.num_hidden_layers
+        N, C, D, L = B * T, cfg.hidden_size, cfg.head_dim, model.stage.l1 - model.stage.l0
         H, KV = model.heads.n_q, model.heads.n_kv
         I, V = model.inter_range[1] - model.inter_range[0], model.vocab_range[1] - model.vocab_range[0]
         Lk = L if keep else 1   # forward-only runs reuse one layer's worth of caches
@@ -108,7 +108,7 @@ class Activations:
         self.gu = e((Lk, N, 2 * I), F32)
         self.h = e((Lk, N, I), F32)
         self.lnf, self.rstdf = e((N, C), F32), e((N,), F32)
-        self.logits = e((N, V), F32)              # this rank's vocab columns only
+        self.logits = e((N, V if model.stage.last else 0), F32)   # this rank's vocab columns only
         self.rmax, self.rsum, self.tlogit = e(N, F32), e(N, F32), e(N, F32)   # cross-entropy row stats
         # scratch, shared by all layers
         self.qkv = e((N, (H + 2 * KV) * D), F32)
@@ -133,12 +133,13 @@ class Model:
     collective over it: all its ranks call it with the same inputs.
     """
 
-    def __init__(self, config: LlamaConfig, tp_group=None):
+    def __init__(self, config: LlamaConfig, tp_group=None, stage: Stage | None = None):
         self.config = config
         self.tp_group = tp_group
         self.tp_size = getattr(tp_group, "size", 1) if tp_group is not None else 1
         self.tp_rank = tp_group.rank if self.tp_size > 1 else 0
-        self.specs = param_specs(config, self.tp_size, self.tp_rank)
+        self.stage = stage or Stage.whole(config)
+        self.specs = param_specs(config, self.tp_size, self.tp_rank, self.stage)
         self.heads = attention_heads(config, self.tp_size, self.tp_rank)
         self.vocab_range = split_range(config.vocab_size, self.tp_size, self.tp_rank)
         self.inter_range = split_range(config.intermediate_size, self.tp_size, self.tp_rank)
@@ -159,31 +160,36 @@ class Model:
     # ---- construction -------------------------------------------------------------------------
 
     @classmethod
-    def from_config(cls, config: LlamaConfig, seed: int = 0, tp_group=None, init_std: float | None = None):
+    def from_config(cls, config: LlamaConfig, seed: int = 0, tp_group=None, init_std: float | None = None,
+                    stage: Stage | None = None):
         """New model with Hugging Face's initialisation: normal(0, initializer_range) weights,
         ones for norms, zeros for biases; deterministic for a seed. Every rank draws each full
-        tensor and keeps its shard, so the shards are exactly the one-process model's."""
-        model = cls(config, tp_group=tp_group)
+        tensor of the whole model in order and keeps its shards (and its stage's tensors), so they
+        are exactly the one-process model's."""
+        model = cls(config, tp_group=tp_group, stage=stage)
         std = init_std if init_std is not None else float(config.extra.get("initializer_range", 0.02))
         rng = np.random.default_rng(seed)
-        for spec in model.specs:
-            view = model.named_params[spec.name]
-            if spec.name.endswith("norm.weight"):
-                view[...] = 1.0
-            elif spec.name.endswith(".bias"):
-                view[...] = 0.0
-            else:
-                view[...] = spec.take(rng.standard_normal(spec.full, dtype=F32) * F32(std))
+        mine = {s.name: s for s in model.specs}
+        for spec in param_specs(config):
+            if spec.name.endswith("norm.weight") or spec.name.endswith(".bias"):
+                full = None
+            else:   # drawn on every rank, kept or not, so the stream stays the one-process one
+                full = rng.standard_normal(spec.full, dtype=F32) * F32(std)
+            if spec.name in mine:
+                view = model.named_params[spec.name]
+                view[...] = 1.0 if spec.name.endswith("norm.weight") else 0.0 if full is None \
+                    else mine[spec.name].take(full)
         return model
 
     def _views(self, flat):
         return {name: flat[a:b].reshape(self.param_shapes[name]) for name, (a, b) in self.param_offsets.items()}
 
     def _layout(self, flat):
-        cfg, off = self.config, self.param_offsets
+        cfg, off, st = self.config, self.param_offsets, self.stage
         v = self._views(flat)
-        return {"embed": v[EMBED], "norm": v[NORM], "lm_head": v[head_name(cfg)],
-                "layers": [LayerViews(flat, off, cfg, i) for i in range(cfg.num_hidden_layers)]}
+        return {"embed": v.get(EMBED) if st.first else None, "norm": v.get(NORM),
+                "lm_head": v[head_name(cfg)] if st.last else None,
+                "layers": [LayerViews(flat, off, cfg, i) for i in range(st.l0, st.l1)]}
 
     def load_state_dict(self, tensors: dict, source: str = "state dict") -> None:
         """Copy named full-size float arrays (this rank's shard of each) into the flat buffer; every
@@ -209,17 +215,17 @@ class Model:
 
     def gather_flat(self, local: np.ndarray) -> np.ndarray:
         """A flat array in this rank's layout (params, grads, optimizer state) -> the same array in
-        the one-process layout, on every tp rank (one allgather)."""
+        the one-process layout (of this pipeline stage's tensors), on every tp rank (one allgather)."""
         if self.tp_size == 1:
             return local
         cfg, tp = self.config, self.tp_size
-        every = [param_specs(cfg, tp, r) for r in range(tp)]
+        every = [param_specs(cfg, tp, r, self.stage) for r in range(tp)]
         width = max(sum(s.size for s in specs) for specs in every)
         send = np.zeros(width, local.dtype)
         send[:local.size] = local
         recv = np.empty(tp * width, local.dtype)
         self.tp_group.allgather(send, recv)
-        full_specs = param_specs(cfg)
+        full_specs = param_specs(cfg, stage=self.stage)
         full_off = offsets(full_specs)
         out = np.empty(sum(s.size for s in full_specs), local.dtype)
         for r, specs in enumerate(every):
@@ -234,7 +240,7 @@ class Model:
         """The inverse of gather_flat: this rank's part of a one-process-layout flat array."""
         if self.tp_size == 1:
             return full
-        full_off = offsets(param_specs(self.config))
+        full_off = offsets(param_specs(self.config, stage=self.stage))
         out = np.empty(self.num_params, full.dtype)
         for s in self.specs:
             a, b = full_off[s.name]
@@ -242,14 +248,21 @@ class Model:
             out[c:d] = s.take(full[a:b].reshape(s.full)).reshape(-1)
         return out
 
+    def full_tensors(self, local: np.ndarray) -> dict[str, np.ndarray]:
+        """{HF name: full tensor} of this stage from a flat array in this rank's layout (collective over tp)."""
+        full = self.gather_flat(local)
+        specs = param_specs(self.config, stage=self.stage)
+        return {s.name: full[a:b].reshape(s.full) for s, (a, b) in zip(specs, offsets(specs).values())}
+
     def save(self, out_dir, max_shard_bytes=None) -> None:
         """Write config.json + model.safetensors (HF names, full tensors) into out_dir. Collective
-        over tp: the shards are gathered and tp rank 0 writes."""
+        over tp: the shards are gathered and tp rank 0 writes. A whole model only (one stage)."""
         from .hf_io import write_hf_dir
-        full = self.gather_flat(self.params)
+        if not (self.stage.first and self.stage.last):
+            raise ValueError("Model.save writes a whole model; a pipeline stage's tensors are gathered by "
+                             "cke_dist.checkpoint")
+        tensors = self.full_tensors(self.params)
         if self.tp_rank == 0:
-            tensors = {name: full[a:b].reshape(shape) for (name, shape), (a, b)
-                       in zip(param_shapes(self.config), offsets(param_specs(self.config)).values())}
             write_hf_dir(out_dir, self.config.to_dict(), tensors, max_shard_bytes=max_shard_bytes)
 
     def owned_ranges(self) -> list[tuple[int, int]]:
@@ -316,19 +329,29 @@ class Model:
             ev = self._acts_eval = Activations(self, B, T, keep=False)
         return ev
 
-    def _forward(self, tokens, keep):
-        cfg, P = self.config, self._p
+    def new_activations(self, B, T) -> Activations:
+        """A training set of buffers (every layer's caches) for one micro-batch in flight: a pipeline
+        schedule keeps one per micro-batch between its forward and its backward."""
+        return Activations(self, B, T, keep=True)
+
+    def _forward(self, tokens, keep, a=None, hidden=None):
+        """This stage's forward of a (B, T) batch: from the tokens (first stage) or from the previous
+        stage's output `hidden` (B*T, C); the last stage ends in this rank's logits columns."""
+        cfg, P, st = self.config, self._p, self.stage
         B, T = tokens.shape
         if T > cfg.max_position_embeddings:
             raise ValueError(f"sequence length {T} exceeds max_position_embeddings={cfg.max_position_embeddings}")
         lo, hi = int(tokens.min()), int(tokens.max())
         if lo < 0 or hi >= cfg.vocab_size:
             raise ValueError(f"token id {lo if lo < 0 else hi} is outside the vocabulary [0, {cfg.vocab_size})")
-        a = self._activations(B, T, keep)
+        a = a or self._activations(B, T, keep)
         H, KV = self.heads.n_q, self.heads.n_kv
         scale = 1.0 / math.sqrt(cfg.head_dim)
-        embedding_forward(tokens.reshape(-1), P["embed"], a.resid[0], self.vocab_range[0])
-        self._allreduce(a.resid[0])                    # vocab-parallel embedding: each row from one rank
+        if st.first:
+            embedding_forward(tokens.reshape(-1), P["embed"], a.resid[0], self.vocab_range[0])
+            self._allreduce(a.resid[0])                # vocab-parallel embedding: each row from one rank
+        else:
+            a.resid[0][...] = hidden.reshape(a.resid[0].shape)
         for l, W in enumerate(P["layers"]):
             j = l if a.keep else 0
             x = a.resid[l]
@@ -347,13 +370,18 @@ class Model:
             linear_forward(a.h[j], W.w_down, None, a.tmp)              # row-parallel
             self._allreduce(a.tmp)
             residual_forward(a.xmid[j], a.tmp, a.resid[l + 1])
-        L = cfg.num_hidden_layers
-        rmsnorm_forward(a.resid[L], P["norm"], cfg.rms_norm_eps, a.lnf, a.rstdf)
-        linear_forward(a.lnf, P["lm_head"], None, a.logits)           # vocab-parallel LM head
+        if st.last:
+            rmsnorm_forward(a.resid[-1], P["norm"], cfg.rms_norm_eps, a.lnf, a.rstdf)
+            linear_forward(a.lnf, P["lm_head"], None, a.logits)       # vocab-parallel LM head
         return a
+
+    def _whole(self, what):
+        if not (self.stage.first and self.stage.last):
+            raise ValueError(f"{what} runs a whole model; a pipeline stage runs through cke_dist.parallel.pipeline")
 
     def forward(self, tokens) -> np.ndarray:
         """tokens (B, T) ints -> logits (B, T, V) float32 (a new array; gathered over tp)."""
+        self._whole("forward")
         tokens = self._check_tokens(tokens)
         a = self._forward(tokens, keep=False)
         B, T = tokens.shape
@@ -363,10 +391,19 @@ class Model:
 
     def loss(self, tokens, targets, ignore_index: int = -100) -> float:
         """Mean cross-entropy over non-ignored targets, forward only (for evaluation)."""
+        self._whole("loss")
         tokens = self._check_tokens(tokens)
         targets = self._check_targets(tokens, targets)
         a = self._forward(tokens, keep=False)
         return self._cross_entropy(a, targets.reshape(-1), ignore_index)
+
+    def stage_loss(self, tokens, targets, hidden=None, ignore_index: int = -100):
+        """Forward only through this stage: the loss (last stage) or the output hidden states (a view,
+        valid until the next forward)."""
+        tokens = self._check_tokens(tokens)
+        targets = self._check_targets(tokens, targets)
+        a = self._forward(tokens, keep=False, hidden=hidden)
+        return self._cross_entropy(a, targets.reshape(-1), ignore_index) if self.stage.last else a.resid[-1]
 
     def _check_targets(self, tokens, targets):
         targets = self._check_tokens(targets, "targets")
@@ -377,8 +414,8 @@ class Model:
     # ---- backward -----------------------------------------------------------------------------
 
     def zero_grad(self) -> None:
-        """Zero the gradient buffer. The next forward_backward then writes its gradients instead of
-        adding them (one memory pass less per weight), so write nothing into grads in between."""
+        """Zero the gradient buffer. The next backward then writes its gradients instead of adding
+        them (one memory pass less per weight), so write nothing into grads in between."""
         self.grads.fill(0.0)
         self._grads_zero = True
 
@@ -395,46 +432,93 @@ class Model:
         last layer first; the calls cover the flat buffer exactly once. With tp, the gradients of
         KV-head replicas are partial sums until cke_dist.parallel sums them over their holders.
         """
-        cfg, P, G = self.config, self._p, self._g
+        self._whole("forward_backward")
         tokens = self._check_tokens(tokens)
         targets = self._check_targets(tokens, targets)
         a = self._forward(tokens, keep=True)
+        return self.backward(a, tokens, targets, ignore_index, grad_scale, on_grad_ready)
+
+    def stage_forward(self, tokens, a: Activations, hidden=None):
+        """Forward of one micro-batch through this stage into `a` (see new_activations); its output for
+        the next stage is a.resid[-1] (B*T, C)."""
+        return self._forward(self._check_tokens(tokens), keep=True, a=a, hidden=hidden)
+
+    def backward(self, a: Activations, tokens, targets, ignore_index: int = -100, grad_scale: float = 1.0,
+                 on_grad_ready=None, dout=None, defer: list | None = None):
+        """Backward of the micro-batch whose forward filled `a`: from the loss (last stage; returns it)
+        or from `dout`, the next stage's gradient of this stage's output (returns None). Leaves the
+        gradient of this stage's input in a.dresid (non-first stages send it back).
+
+        defer: a list, for a zero-bubble schedule: the weight-gradient GEMMs (and the embedding's) are
+        not run but appended as jobs (the W pass), one per layer, each reporting its range to
+        on_grad_ready when run; the input gradients (B) and norm weights are done now."""
+        cfg, P, G, st = self.config, self._p, self._g, self.stage
+        tokens = self._check_tokens(tokens)
         scale = 1.0 / math.sqrt(cfg.head_dim)
-        acc = not self._grads_zero
-        scratch = self._scratch_for(max(G["lm_head"].size, G["layers"][0].w_gu.size if G["layers"] else 0,
-                                        G["layers"][0].w_qkv.size if G["layers"] else 0)) if acc else None
+        acc = not self._grads_zero or defer is not None
+        sizes = [G["lm_head"].size if st.last else 0] + [x for g in G["layers"][:1] for x in (g.w_gu.size, g.w_qkv.size)]
+        scratch = self._scratch_for(max(sizes)) if acc else None
         notify = on_grad_ready or (lambda start, stop: None)
+        jobs: list = []
 
-        loss = self._cross_entropy(a, targets.reshape(-1), ignore_index, grad_scale)
-        dlogits = a.logits
-        # lm_head (its gradient is the embedding's when tied; the embedding backward then adds to it)
-        linear_backward(dlogits, a.lnf, P["lm_head"], a.dln, G["lm_head"], None, acc, scratch)
-        self._allreduce(a.dln)
-        a.dresid.fill(0.0)
-        L = cfg.num_hidden_layers
-        rmsnorm_backward(a.dln, a.resid[L], P["norm"], a.rstdf, a.dresid, G["norm"])
-        norm_start = self.param_offsets[NORM][0]
-        notify(norm_start, self.num_params)
+        def lin(dout_, x, w, dx, dw, db, stable=False):
+            if defer is None:
+                linear_backward(dout_, x, w, dx, dw, db, acc, scratch)
+                return
+            linear_backward(dout_, x, w, dx, None, None, acc, scratch)
+            kept = dout_ if stable else dout_.copy()   # the B pass reuses its buffers layer after layer
+            jobs.append(lambda: linear_backward(kept, x, None, None, dw, db, True, scratch))
 
-        for l in range(L - 1, -1, -1):
+        def done(start, stop):
+            if defer is None:
+                notify(start, stop)
+            else:
+                fns = jobs.copy()
+                jobs.clear()
+
+                def w_job():
+                    for fn in fns:
+                        fn()
+                    notify(start, stop)
+                defer.append(w_job)
+
+        loss = None
+        if st.last:
+            loss = self._cross_entropy(a, self._check_tokens(targets, "targets").reshape(-1), ignore_index,
+                                       grad_scale)
+            # lm_head (its gradient is the embedding's when tied; the embedding backward then adds to it)
+            lin(a.logits, a.lnf, P["lm_head"], a.dln, G["lm_head"], None, stable=True)
+            self._allreduce(a.dln)
+            a.dresid.fill(0.0)
+            rmsnorm_backward(a.dln, a.resid[-1], P["norm"], a.rstdf, a.dresid, G["norm"])
+            done(self.param_offsets[NORM][0], self.num_params)
+        else:
+            a.dresid[...] = dout.reshape(a.dresid.shape)
+
+        for l in range(len(P["layers"]) - 1, -1, -1):
             W, GW = P["layers"][l], G["layers"][l]
             # MLP: resid[l+1] = xmid + down(swiglu(gate_up(ln2(xmid))))
-            linear_backward(a.dresid, a.h[l], W.w_down, a.dh, GW.w_down, None, acc, scratch)
+            lin(a.dresid, a.h[l], W.w_down, a.dh, GW.w_down, None)
             swiglu_backward(a.dh, a.gu[l], a.dgu)
-            linear_backward(a.dgu, a.ln2[l], W.w_gu, a.dln, GW.w_gu, None, acc, scratch)
+            lin(a.dgu, a.ln2[l], W.w_gu, a.dln, GW.w_gu, None)
             self._allreduce(a.dln)
             rmsnorm_backward(a.dln, a.xmid[l], W.ln2, a.rstd2[l], a.dresid, GW.ln2)
             # attention: xmid = x + o(attn(rope(qkv(ln1(x)))))
-            linear_backward(a.dresid, a.y[l], W.w_o, a.dy, GW.w_o, GW.b_o, acc, scratch)
+            lin(a.dresid, a.y[l], W.w_o, a.dy, GW.w_o, GW.b_o)
             _attend(a, l, self.heads, scale, forward=False, dy=a.dy)
             qkv_rope_backward(a.dq, a.dk, a.dv, a.cos, a.sin, a.qkv)
-            linear_backward(a.qkv, a.ln1[l], W.w_qkv, a.dln, GW.w_qkv, GW.b_qkv, acc, scratch)
+            lin(a.qkv, a.ln1[l], W.w_qkv, a.dln, GW.w_qkv, GW.b_qkv)
             self._allreduce(a.dln)
             rmsnorm_backward(a.dln, a.resid[l], W.ln1, a.rstd1[l], a.dresid, GW.ln1)
-            notify(GW.start, GW.stop)
+            done(GW.start, GW.stop)
 
-        embedding_backward(tokens.reshape(-1), a.dresid, G["embed"], self.vocab_range[0])
-        notify(0, self.param_offsets[EMBED][1])
+        if st.first:
+            if defer is None:
+                embedding_backward(tokens.reshape(-1), a.dresid, G["embed"], self.vocab_range[0])
+            else:
+                kept = a.dresid.copy()
+                jobs.append(lambda: embedding_backward(tokens.reshape(-1), kept, G["embed"], self.vocab_range[0]))
+            done(0, self.param_offsets[EMBED][1])
         self._grads_zero = False
         return loss
 

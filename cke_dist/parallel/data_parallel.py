@@ -1,10 +1,8 @@
-"""Data parallelism, and the training step of a dp x tp grid: the flat gradient buffer averaged bucket by bucket.
+"""Data parallelism: the flat gradient buffer averaged bucket by bucket (cke_dist.parallel.step runs the step).
 
-    grid = ProcessGrid(init(), tp=2)
-    model = Model.from_config(cfg, seed=0, tp_group=grid.tp_group)
     sync_params(model, grid)                          # dp rank 0's parameters everywhere, checked
     buckets = GradBuckets(model.grads, grid.dp_group, bucket_mb=25)
-    loss, norm = train_step(model, opt, grid, [(x0, y0), (x1, y1)], lr, clip=1.0, buckets=buckets)
+    buckets.start_step(); model.forward_backward(x, y, on_grad_ready=buckets.on_grad_ready); buckets.finish()
 
 Rules this module keeps:
 - A bucket is a slice of the flat gradient buffer (no copies). Buckets are cut
@@ -119,58 +117,6 @@ class GradBuckets:
         self.wait_s = time.perf_counter() - self.backward_end
 
 
-def _check_no_pp(grid):
-    if grid.shape.pp != 1:
-        raise NotImplementedError(f"pipeline parallelism is not built yet; got {grid!r}")
-
-
-def train_step(model, opt, grid, micro_batches, lr: float, clip: float, buckets: GradBuckets, tp_grads=None):
-    """One optimizer step on a dp x tp grid; returns (loss averaged over the dp group, grad norm or None).
-
-    micro_batches: this dp rank's K (inputs, targets) pairs (the same on every rank of a tp group).
-    Zero grads, K forward/backwards at grad_scale 1/K (only the last one launches bucket
-    allreduces), wait for the buckets, sum the gradients of KV-head replicas over tp, clip by
-    the global grad norm (every parameter counted once over tp) when clip > 0, opt.step(lr).
-    A non-finite loss raises FloatingPointError on every rank before the parameters change.
-    """
-    from cke_dist.optim import clip_grad_norm
-
-    from .tensor_parallel import TPGrads
-
-    _check_no_pp(grid)
-    if buckets.grads is not model.grads:
-        raise ValueError("train_step: buckets were built over another buffer; use GradBuckets(model.grads, ...)")
-    if buckets.group is not None and tuple(buckets.group.ranks) != tuple(grid.dp_group.ranks):
-        raise ValueError(f"train_step: buckets reduce over ranks {buckets.group.ranks}, but the grid's dp group "
-                         f"is {grid.dp_group.ranks}; use GradBuckets(model.grads, grid.dp_group)")
-    micro_batches = list(micro_batches)
-    k = len(micro_batches)
-    if k == 0:
-        raise ValueError("train_step needs at least one micro-batch")
-    tp_grads = tp_grads or TPGrads(model)
-    model.zero_grad()
-    loss_sum = 0.0
-    for i, (x, y) in enumerate(micro_batches):
-        last = i == k - 1
-        if last:
-            buckets.start_step()
-        loss_sum += model.forward_backward(x, y, grad_scale=1.0 / k,
-                                           on_grad_ready=buckets.on_grad_ready if last else None)
-    loss_buf = np.array([loss_sum / k], np.float64)
-    group = grid.dp_group
-    loss_h = group.allreduce(loss_buf, op="avg", async_op=True) if group.size > 1 else None
-    buckets.finish()
-    tp_grads.sum_replicas()
-    if loss_h is not None:
-        loss_h.wait()
-    loss = float(loss_buf[0])
-    if not np.isfinite(loss):
-        raise FloatingPointError(f"loss is {loss} (averaged over {group.size} data-parallel ranks, lr {lr:.3g})")
-    norm = clip_grad_norm(model.grads, clip, norm=tp_grads.norm()) if clip > 0 else None
-    opt.step(lr=lr)
-    return loss, norm
-
-
 def params_checksum(params: np.ndarray) -> int:
     """crc32 of the parameter bytes: equal on two ranks iff (barring collisions) the bits are."""
     return zlib.crc32(memoryview(np.ascontiguousarray(params)).cast("B"))
@@ -202,7 +148,6 @@ def check_params_in_sync(model, grid, what: str = "parameters") -> None:
 def sync_params(model, grid) -> None:
     """Rank 0's parameters on every dp rank (broadcast), then a checksum check that names any rank
     that still differs. Model sizes are checked first so a config mismatch is an error, not a hang."""
-    _check_no_pp(grid)
     group = grid.dp_group
     if group.size == 1:
         return

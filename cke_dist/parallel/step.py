@@ -1,0 +1,121 @@
+"""One optimizer step on any dp x pp x tp grid, and the gradients that several ranks share.
+
+    grads = ParallelGrads(model, grid)
+    loss, norm = train_step(model, opt, grid, micro_batches, lr, clip, buckets, grads, schedule="1f1b")
+
+The step, top to bottom: zero grads; the micro-batches' forward/backward (pp = 1: one after the
+other, the last launching the dp buckets; pp > 1: the pipeline schedule); wait for the dp
+buckets; sum what several model-parallel ranks hold twice (`ParallelGrads.sum_shared`); the loss
+from the last stage to every stage, averaged over dp; clip by the global norm; opt.step.
+
+Rules:
+- Shared gradients are summed after the dp average (both are linear, so the order does not
+  change the sum, and the dp buckets keep overlapping backward): KV-head replicas over the tp
+  ranks that hold them (one allreduce per set of holders, every layer packed together), and with
+  tied embeddings under pp the embedding over its first and last stage (Megatron's embedding
+  group), so both copies stay equal.
+- The global grad norm counts every parameter once: each rank sums the squares of the ranges it
+  owns (cke_dist.model.layout's `owned`), then one (1,) float64 allreduce over tp and one over pp.
+  It equals the one-process norm within float64 rounding.
+Tests: tests/tp_mpi.py, tests/pp_mpi.py, tests/test_data_parallel.py.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from cke_kernels.optim import sum_squares
+
+from ..model.layout import EMBED
+from .pipeline import run_schedule
+from .tensor_parallel import replica_ranges
+
+
+class ParallelGrads:
+    """Per-step work on the gradients of a model placed in a grid: `sum_shared()`, `norm()`."""
+
+    def __init__(self, model, grid=None):
+        self.model = model
+        self.tp = model.tp_group if model.tp_size > 1 else None
+        self.pp = grid.pp_group if grid is not None and grid.shape.pp > 1 else None
+        self.shared = []       # (group, [flat ranges]) whose gradients are summed over the group
+        for holders, ranges in replica_ranges(model):
+            self.shared.append((model.tp_group.split(list(holders)), ranges))
+        st = model.stage
+        if self.pp is not None and model.config.tie_word_embeddings and (st.first or st.last):
+            emb = self.pp.split([0, grid.shape.pp - 1])
+            self.shared.append((emb, [model.param_offsets[EMBED]]))
+        self.buffers = [np.empty(sum(b - a for a, b in r), np.float32) for _, r in self.shared]
+        self.owned = model.owned_ranges()
+
+    def sum_shared(self) -> None:
+        g = self.model.grads
+        for (group, ranges), buf in zip(self.shared, self.buffers):
+            n = 0
+            for a, b in ranges:
+                buf[n:n + b - a] = g[a:b]
+                n += b - a
+            group.allreduce(buf, op="sum")
+            n = 0
+            for a, b in ranges:
+                g[a:b] = buf[n:n + b - a]
+                n += b - a
+
+    def norm(self) -> float:
+        """L2 norm of the whole model's gradient, the same on every rank of the model."""
+        g = self.model.grads
+        ss = np.array([sum(sum_squares(g[a:b]) for a, b in self.owned)], np.float64)
+        for group in (self.tp, self.pp):
+            if group is not None:
+                group.allreduce(ss, op="sum")
+        return math.sqrt(float(ss[0]))
+
+
+def train_step(model, opt, grid, micro_batches, lr: float, clip: float, buckets, grads: ParallelGrads | None = None,
+               schedule: str = "1f1b"):
+    """One optimizer step; returns (the loss averaged over micro-batches and dp, grad norm or None).
+
+    micro_batches: this dp rank's K (inputs, targets) pairs (the same on every rank of a tp group and
+    of a pipeline). A non-finite loss raises FloatingPointError on every rank before the
+    parameters change.
+    """
+    from cke_dist.optim import clip_grad_norm
+
+    if buckets.grads is not model.grads:
+        raise ValueError("train_step: buckets were built over another buffer; use GradBuckets(model.grads, ...)")
+    if buckets.group is not None and tuple(buckets.group.ranks) != tuple(grid.dp_group.ranks):
+        raise ValueError(f"train_step: buckets reduce over ranks {buckets.group.ranks}, but the grid's dp group "
+                         f"is {grid.dp_group.ranks}; use GradBuckets(model.grads, grid.dp_group)")
+    micro_batches = list(micro_batches)
+    k = len(micro_batches)
+    if k == 0:
+        raise ValueError("train_step needs at least one micro-batch")
+    grads = grads or ParallelGrads(model, grid)
+    model.zero_grad()
+    if grid.shape.pp == 1:
+        loss_sum = 0.0
+        for i, (x, y) in enumerate(micro_batches):
+            last = i == k - 1
+            if last:
+                buckets.start_step()
+            loss_sum += model.forward_backward(x, y, grad_scale=1.0 / k,
+                                               on_grad_ready=buckets.on_grad_ready if last else None)
+    else:
+        buckets.start_step()   # only the last micro-batch's backward reports ranges to it
+        loss_sum, _ = run_schedule(model, grid, micro_batches, schedule, on_grad_ready=buckets.on_grad_ready)
+    loss_buf = np.array([loss_sum / k if loss_sum is not None else 0.0], np.float64)
+    if grid.shape.pp > 1:
+        grid.pp_group.broadcast(loss_buf, root=grid.shape.pp - 1)
+    group = grid.dp_group
+    loss_h = group.allreduce(loss_buf, op="avg", async_op=True) if group.size > 1 else None
+    buckets.finish()
+    grads.sum_shared()
+    if loss_h is not None:
+        loss_h.wait()
+    loss = float(loss_buf[0])
+    if not np.isfinite(loss):
+        raise FloatingPointError(f"loss is {loss} (averaged over {group.size} data-parallel ranks, lr {lr:.3g})")
+    norm = clip_grad_norm(model.grads, clip, norm=grads.norm()) if clip > 0 else None
+    opt.step(lr=lr)
+    return loss, norm
