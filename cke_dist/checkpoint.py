@@ -1,7 +1,7 @@
 """Training checkpoints: a Hugging Face model directory plus what it takes to resume.
 
 A checkpoint is `<run>/checkpoints/step_<8 digits>/` holding
-  config.json, model.safetensors (or shards + index)   via model.save (loads in transformers)
+  config.json, model.safetensors (or shards + index)   full tensors (loads in transformers)
   cke_tokenizer.json   {"type": "bytes"} when the ids are bytes
   optimizer.npz        the optimizer's flat state arrays and scalars
   trainer_state.json   step, the training config, data position (seed + step) and world size
@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .model.hf_io import fsync_path
+from .model.hf_io import fsync_path, write_hf_dir
 
 MANIFEST = "manifest.json"
 TRAINER_STATE = "trainer_state.json"
@@ -73,30 +73,24 @@ def step_dir_name(step: int) -> str:
     return f"{_STEP_PREFIX}{step:08d}"
 
 
-def save_checkpoint(root, step: int, model, optimizer, trainer_state: dict, tokenizer: dict | None = None,
-                    keep: int | None = None) -> Path:
+def save_checkpoint(root, step: int, config, tensors: dict, optimizer_state: dict, trainer_state: dict,
+                    tokenizer: dict | None = None, keep: int | None = None) -> Path:
     """Write `root/step_<step>` atomically and return its path; prune to the newest `keep`.
 
-    Collective over the model's tp group: parameters and optimizer state are gathered into the
-    one-process layout (so the checkpoint loads on any layout) and tp rank 0 writes; the other
-    ranks return None."""
-    # optimizer arrays in the parameter layout are gathered like the parameters
-    opt_state = {k: model.gather_flat(v) if isinstance(v, np.ndarray) and v.shape == model.params.shape else v
-                 for k, v in optimizer.state_dict().items()}
+    config: the model's LlamaConfig; tensors: {HF name: full tensor} of the whole model;
+    optimizer_state: flat arrays in the one-process layout plus scalars (a distributed job gathers
+    both first: cke_dist.train.gather_checkpoint)."""
     root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
     final = root / step_dir_name(step)
     tmp = root / f".tmp-{final.name}-{os.getpid()}"
-    if model.tp_rank == 0:
-        root.mkdir(parents=True, exist_ok=True)
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        tmp.mkdir()
-    model.save(tmp)
-    if model.tp_rank != 0:
-        return None
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    write_hf_dir(tmp, config.to_dict(), tensors)
     if tokenizer is not None:
         _write_json(tmp / TOKENIZER, tokenizer)
-    save_optimizer_state(tmp / OPTIMIZER, opt_state)
+    save_optimizer_state(tmp / OPTIMIZER, optimizer_state)
     _write_json(tmp / TRAINER_STATE, dict(trainer_state, step=step))
 
     files = {}

@@ -92,7 +92,9 @@ class TrainSection:
 class ParallelSection:
     """The process grid: dp = world size / (tp * pp), tp ranks adjacent (see cke_dist.parallel.grid)."""
     tp: int = 1                  # tensor parallel: must divide model.num_attention_heads
-    pp: int = 1                  # pipeline parallel: only 1 for now
+    pp: int = 1                  # pipeline stages (data.grad_accum micro-batches flow through them)
+    pp_layers: list = field(default_factory=list)   # layers per stage, e.g. [3, 5]; [] = even split
+    schedule: str = "1f1b"       # "1f1b" | "gpipe" | "zb" (zero-bubble ZB-H1)
 
 
 @dataclass
@@ -150,10 +152,12 @@ def _coerce(value, typ, key: str, source: str):
         int: isinstance(value, int) and not isinstance(value, bool),
         float: isinstance(value, (int, float)) and not isinstance(value, bool),
         str: isinstance(value, str),
+        list: isinstance(value, list) and all(isinstance(v, int) and not isinstance(v, bool) for v in value),
     }[typ]
     if not ok:
-        raise ConfigError(f"{source}: {key} must be {typ.__name__}, got {value!r} ({type(value).__name__})")
-    return float(value) if typ is float else value
+        what = "a list of integers" if typ is list else typ.__name__
+        raise ConfigError(f"{source}: {key} must be {what}, got {value!r} ({type(value).__name__})")
+    return float(value) if typ is float else list(value) if typ is list else value
 
 
 def set_value(cfg: TrainConfig, key: str, value, source: str) -> None:
@@ -168,7 +172,7 @@ def set_value(cfg: TrainConfig, key: str, value, source: str) -> None:
     if name not in types:
         raise ConfigError(
             f"{source}: unknown key {key!r}; valid keys in [{section_name}]: {', '.join(types)}")
-    typ = {"bool": bool, "int": int, "float": float, "str": str}.get(types[name], types[name])
+    typ = {"bool": bool, "int": int, "float": float, "str": str, "list": list}.get(types[name], types[name])
     setattr(section, name, _coerce(value, typ, key, source))
 
 
@@ -246,7 +250,16 @@ def validate(cfg: TrainConfig) -> None:
     need(cfg.train.bucket_mb > 0, "train.bucket_mb", "must be > 0 (MiB of gradients per allreduce)")
     need(cfg.train.threads >= 0, "train.threads", "must be >= 0")
     need(cfg.parallel.tp >= 1, "parallel.tp", "must be >= 1")
-    need(cfg.parallel.pp == 1, "parallel.pp", "pipeline parallelism is not built yet; use 1")
+    need(cfg.parallel.pp >= 1, "parallel.pp", "must be >= 1")
+    need(cfg.parallel.schedule in ("1f1b", "gpipe", "zb"), "parallel.schedule", "must be 1f1b, gpipe or zb")
+    need(not cfg.parallel.pp_layers or (len(cfg.parallel.pp_layers) == cfg.parallel.pp
+                                        and min(cfg.parallel.pp_layers) >= 1), "parallel.pp_layers",
+         f"needs one layer count >= 1 per stage (parallel.pp = {cfg.parallel.pp}), or [] for an even split")
+    if not cfg.model.init_from:
+        n = cfg.model.num_hidden_layers
+        need(cfg.parallel.pp <= n, "parallel.pp", f"must be <= model.num_hidden_layers ({n})")
+        need(not cfg.parallel.pp_layers or sum(cfg.parallel.pp_layers) == n, "parallel.pp_layers",
+             f"must sum to model.num_hidden_layers ({n})")
     if not cfg.model.init_from:
         heads = cfg.model.num_attention_heads
         need(heads % cfg.parallel.tp == 0, "parallel.tp",

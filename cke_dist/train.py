@@ -12,14 +12,16 @@ Rules this module keeps:
 - Batches depend only on (seed, step) (cke_dist.data), and the schedule only on the step, so
   `--resume` restores the model, the optimizer state and the step and reproduces an
   uninterrupted run exactly (tests/test_train_job.py checks it bitwise).
-- Under mpiexec the world is a dp x tp grid (`[parallel] tp`, dp = world size / tp; tp ranks
-  adjacent): each tp group holds one model in shards (cke_dist.model.layout) and sees the same
-  rows; each dp replica takes `rows_for_rank` of every micro-batch; `train_step` averages the
-  gradients over dp (bucketed, overlapped with backward), sums KV-head replicas over tp and clips
-  by the global norm; the logged loss and the validation loss are dp-averages; replicas are
-  checked identical at every checkpoint; dp replica 0's tp group gathers the shards and world
-  rank 0 writes one full checkpoint that loads on any layout. Without mpiexec the world is one
-  process and the same code runs.
+- Under mpiexec the world is a dp x pp x tp grid (`[parallel] tp, pp`, dp = world size / (tp*pp);
+  tp ranks adjacent): a replica holds one model cut into pipeline stages and tp shards
+  (cke_dist.model.layout), all its ranks seeing the same rows; each dp replica takes
+  `rows_for_rank` of every micro-batch; `train_step` runs the micro-batches (through the
+  pipeline schedule when pp > 1), averages the gradients over dp (bucketed, overlapped with
+  backward), sums what model-parallel ranks share and clips by the global norm; the logged loss
+  and the validation loss are the last stage's, dp-averaged; replicas are checked identical at
+  every checkpoint; dp replica 0 gathers its shards and stages and world rank 0 writes one full
+  checkpoint that loads on any layout. Without mpiexec the world is one process and the same
+  code runs.
 - Every bad input (config key, corpus, checkpoint) ends the job with one message naming the file
   or key, exit status 2.
 """
@@ -35,6 +37,7 @@ from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .config import ConfigError, TrainConfig, load_config, to_toml
 from .data import TRAIN, VAL, BatchSampler, DataError, open_corpus, rows_for_rank
 from .model import param_specs
+from .model.layout import offsets
 from .model.hf_io import HFFormatError
 from .schedule import lr_at
 
@@ -103,19 +106,42 @@ def _run_dir_of(ckpt: Path) -> Path:
     return ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt.parent
 
 
-def build_model(cfg: TrainConfig, tp_group=None):
-    from .model import LlamaConfig, Model, load_model
+def model_config(cfg: TrainConfig, ckpt_dir: Path | None = None):
+    """The LlamaConfig the job trains: the checkpoint's, model.init_from's, or the [model] section's."""
+    from .model import LlamaConfig
 
-    if cfg.model.init_from:
+    src = ckpt_dir or (Path(cfg.model.init_from) if cfg.model.init_from else None)
+    if src is not None:
         try:
-            return load_model(cfg.model.init_from, tp_group=tp_group)
-        except ValueError as e:
-            raise HFFormatError(f"model.init_from {cfg.model.init_from!r}: {e}") from e
+            return LlamaConfig.from_json(src / "config.json")
+        except (ValueError, FileNotFoundError) as e:
+            raise HFFormatError(f"model.init_from {cfg.model.init_from!r}: {e}" if ckpt_dir is None else str(e)) from e
     try:
-        llama = LlamaConfig.from_dict(cfg.model.hf_config())
+        return LlamaConfig.from_dict(cfg.model.hf_config())
     except ValueError as e:  # LlamaConfig names the key; say where it came from
         raise ConfigError(f"[model] section: {e}") from e
-    return Model.from_config(llama, seed=cfg.train.seed, tp_group=tp_group)
+
+
+def build_model(cfg: TrainConfig, grid, ckpt_dir: Path | None = None):
+    """This rank's part of the model (its tp shard of its pipeline stage): from the checkpoint, from
+    model.init_from (each reading only its slices) or a fresh init from the seed."""
+    from .model import Model, load_model
+    from .parallel import grid_stage
+
+    llama = model_config(cfg, ckpt_dir)
+    try:
+        stage = grid_stage(grid, llama, cfg.parallel.pp_layers)
+    except ValueError as e:
+        raise ConfigError(f"parallel.pp = {cfg.parallel.pp}: {e}") from e
+    src = ckpt_dir or (cfg.model.init_from or None)
+    try:
+        if src is not None:
+            return load_model(src, tp_group=grid.tp_group, stage=stage)
+        return Model.from_config(llama, seed=cfg.train.seed, tp_group=grid.tp_group, stage=stage)
+    except ValueError as e:   # e.g. a tp that does not fit a checkpoint's heads
+        if ckpt_dir is not None:
+            raise CheckpointError(f"{ckpt_dir}: {e}") from e
+        raise ConfigError(f"parallel.tp = {cfg.parallel.tp}: {e}") from e
 
 
 def build_optimizer(cfg: TrainConfig, model):
@@ -127,11 +153,16 @@ def build_optimizer(cfg: TrainConfig, model):
     return SGD(model, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay)
 
 
-def evaluate(model, sampler: BatchSampler, n_batches: int, rank: int = 0, world_size: int = 1) -> float:
+def evaluate(model, sampler: BatchSampler, n_batches: int, grid) -> float:
     """Mean loss over the fixed validation batches 0..n_batches-1 (the same every eval).
 
-    Each rank scores its rows of every batch; data parallel averages the result across ranks."""
-    rows = rows_for_rank(sampler.rows, rank, world_size)
+    Each dp rank scores its rows of every batch (through the pipeline when pp > 1); the caller
+    averages the result over dp."""
+    from .parallel import pipeline_loss
+
+    rows = rows_for_rank(sampler.rows, grid.dp_rank, grid.dp)
+    if grid.shape.pp > 1:
+        return float(np.mean([pipeline_loss(model, grid, *sampler.batch(i, rows)) for i in range(n_batches)]))
     return float(np.mean([model.loss(*sampler.batch(i, rows)) for i in range(n_batches)]))
 
 
@@ -161,9 +192,28 @@ def describe_transports(grid) -> str:
 
 def shard_optimizer_state(model, state: dict) -> dict:
     """A checkpoint's optimizer state (flat arrays in the one-process layout) -> this rank's shards."""
-    full = sum(s.size for s in param_specs(model.config))
-    return {k: model.shard_flat(v) if isinstance(v, np.ndarray) and v.shape == (full,) else v
-            for k, v in state.items()}
+    specs = param_specs(model.config)
+    full = sum(s.size for s in specs)
+
+    def shard(v):
+        return model.shard_named({s.name: v[a:b].reshape(s.full) for s, (a, b) in zip(specs, offsets(specs).values())})
+    return {k: shard(v) if isinstance(v, np.ndarray) and v.shape == (full,) else v for k, v in state.items()}
+
+
+def gather_checkpoint(model, optimizer, grid, pp_layers):
+    """(full tensors, optimizer state in the one-process layout) of the whole model on world rank 0,
+    None elsewhere. Collective over the tp and pp groups of dp replica 0 (its ranks call it)."""
+    from .parallel.pipeline import gather_stages
+
+    state = optimizer.state_dict()
+    arrays = {k: v for k, v in state.items() if isinstance(v, np.ndarray) and v.shape == model.params.shape}
+    full = gather_stages(model, grid, {"params": model.params, **arrays}, pp_layers)
+    if full is None or grid.world.rank != 0:
+        return None
+    specs = param_specs(model.config)
+    opt = {k: (np.concatenate([full[k][s.name].reshape(-1) for s in specs]) if k in arrays else v)
+           for k, v in state.items()}
+    return {s.name: full["params"][s.name] for s in specs}, opt
 
 
 def _default_out_dir() -> Path:
@@ -180,27 +230,20 @@ def train(cfg: TrainConfig, resume: Path | None = None, progress: bool = True) -
     grid = make_grid(world, cfg)
     dp_rank, dp_size = grid.dp_rank, grid.dp
     is_rank0 = grid.world.rank == 0
-    writer_group = grid.dp_rank == 0   # the tp group that gathers checkpoints and generates the sample
+    writer_group = grid.dp_rank == 0   # the replica that gathers checkpoints (and, pp = 1, generates the sample)
 
     if cfg.train.threads:
         from cke_kernels.threads import set_num_threads
         set_num_threads(cfg.train.threads)
 
     ckpt = load_checkpoint(resume) if resume is not None else None
+    model = build_model(cfg, grid, ckpt.path if ckpt is not None else None)
     if ckpt is not None:
-        try:
-            model = load_model(ckpt.path, tp_group=grid.tp_group)
-        except ValueError as e:
-            raise CheckpointError(f"{ckpt.path}: {e}") from e
         start_step = int(ckpt.trainer_state["step"])
         saved_out = ckpt.trainer_state["config"]["train"]["out_dir"]
         # a resumed run continues in the run directory it came from unless told otherwise
         out_dir = Path(cfg.train.out_dir) if cfg.train.out_dir != saved_out else _run_dir_of(ckpt.path)
     else:
-        try:
-            model = build_model(cfg, grid.tp_group)
-        except ValueError as e:   # e.g. a tp that does not fit an init_from model's heads
-            raise ConfigError(f"parallel.tp = {cfg.parallel.tp}: {e}") from e
         start_step = 0
         out_dir = Path(cfg.train.out_dir) if cfg.train.out_dir else _default_out_dir()
     cfg.train.out_dir = str(out_dir)
@@ -224,7 +267,7 @@ def train(cfg: TrainConfig, resume: Path | None = None, progress: bool = True) -
             raise CheckpointError(f"{ckpt.path / 'optimizer.npz'} does not fit optim.name = "
                                   f"{cfg.optim.name!r} and this model: {e}") from e
     buckets = GradBuckets(model.grads, grid.dp_group, bucket_mb=cfg.train.bucket_mb)
-    tp_grads = ParallelGrads(model, grid)
+    shared_grads = ParallelGrads(model, grid)
 
     steps = cfg.train.steps
     tokens_per_step = micro_rows * accum * seq_len
@@ -243,7 +286,11 @@ def train(cfg: TrainConfig, resume: Path | None = None, progress: bool = True) -
             with open(metrics_path, "a") as f:
                 f.write(json.dumps(record) + "\n")
 
-    def checkpoint(step: int) -> Path:
+    def checkpoint(step: int) -> Path | None:
+        """Collective over dp replica 0; world rank 0 writes and returns the path."""
+        gathered = gather_checkpoint(model, optimizer, grid, cfg.parallel.pp_layers)
+        if gathered is None:
+            return None
         state = {
             "config": cfg.to_dict(),
             # batches are a function of (seed, split, step): the data position is the step itself
@@ -254,7 +301,7 @@ def train(cfg: TrainConfig, resume: Path | None = None, progress: bool = True) -
             "world_size": grid.world.size,
             "grid": {"dp": grid.dp, "pp": grid.shape.pp, "tp": grid.shape.tp},
         }
-        return save_checkpoint(out_dir / "checkpoints", step, model, optimizer, state, corpus.tokenizer,
+        return save_checkpoint(out_dir / "checkpoints", step, model.config, *gathered, state, corpus.tokenizer,
                                keep=cfg.train.keep_checkpoints)
 
     bar = None
@@ -272,7 +319,7 @@ def train(cfg: TrainConfig, resume: Path | None = None, progress: bool = True) -
                          for micro in range(accum)]
         try:
             loss, grad_norm = train_step(model, optimizer, grid, micro_batches, lr, cfg.optim.grad_clip, buckets,
-                                         tp_grads)
+                                         shared_grads, cfg.parallel.schedule)
         except FloatingPointError as e:
             raise FloatingPointError(f"{e} at step {step}; lower optim.lr or raise optim.warmup_steps") from None
         done = step + 1
@@ -288,7 +335,7 @@ def train(cfg: TrainConfig, resume: Path | None = None, progress: bool = True) -
                  "tokens": done * tokens_per_step, "tokens_per_s": tok_s, "time": time.time()})
             window_time, window_tokens = 0.0, 0
         if (cfg.train.eval_every and done % cfg.train.eval_every == 0) or done == steps:
-            val_loss = average_over_dp(evaluate(model, val_batches, cfg.train.eval_batches, dp_rank, dp_size), grid)
+            val_loss = average_over_dp(evaluate(model, val_batches, cfg.train.eval_batches, grid), grid)
             log({"step": done, "val_loss": val_loss, "time": time.time()})
             if bar is not None:
                 bar.write(f"step {done}: train loss {loss:.4f}, val loss {val_loss:.4f}", file=sys.stderr)
@@ -303,8 +350,12 @@ def train(cfg: TrainConfig, resume: Path | None = None, progress: bool = True) -
               f"raise it with --set train.steps=N", file=sys.stderr)
 
     sample = None
-    if writer_group and cfg.sample.max_new_tokens and corpus.tokenizer is not None and start_step < steps:
-        sample = _sample(cfg, model)   # collective over tp: every rank draws the same tokens
+    if cfg.sample.max_new_tokens and corpus.tokenizer is not None and start_step < steps:
+        if grid.shape.pp > 1:
+            # the stages' layers live on other ranks: rank 0 samples from the checkpoint it just wrote
+            sample = _sample(cfg, load_model(last_ckpt)) if is_rank0 else None
+        elif writer_group:
+            sample = _sample(cfg, model)   # collective over tp: every rank draws the same tokens
         if is_rank0:
             print(f"--- sample (temperature {cfg.sample.temperature}) ---\n{sample}\n---")
     if is_rank0 and last_ckpt is not None:

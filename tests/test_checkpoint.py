@@ -25,9 +25,14 @@ def _trained(steps=2):
     return model, opt
 
 
+def _write(root, step, model, opt, state, tokenizer, keep=None):
+    return save_checkpoint(root, step, model.config, dict(model.named_params), opt.state_dict(), state, tokenizer,
+                           keep=keep)
+
+
 def _save(root, step=5, keep=None, model_opt=None):
     model, opt = model_opt or _trained()
-    return save_checkpoint(root, step, model, opt, {"config": {"k": 1}}, {"type": "bytes"}, keep=keep), model, opt
+    return _write(root, step, model, opt, {"config": {"k": 1}}, {"type": "bytes"}, keep=keep), model, opt
 
 
 def test_round_trip(tmp_path):
@@ -56,12 +61,12 @@ def test_run_dir_and_pruning(tmp_path):
     run = tmp_path / "run"
     mo = _trained(1)
     for step in (1, 2, 3, 4):
-        save_checkpoint(run / "checkpoints", step, *mo, {"config": {}}, None, keep=2)
+        _write(run / "checkpoints", step, *mo, {"config": {}}, None, keep=2)
     assert [p.name for p in list_checkpoints(run / "checkpoints")] == ["step_00000003", "step_00000004"]
     assert find_checkpoint(run).name == "step_00000004"
     assert not (run / "checkpoints" / "step_00000004" / "cke_tokenizer.json").exists()
     # the same step written twice replaces the old one whole
-    save_checkpoint(run / "checkpoints", 4, *mo, {"config": {"again": True}}, None)
+    _write(run / "checkpoints", 4, *mo, {"config": {"again": True}}, None)
     assert load_checkpoint(run).trainer_state["config"] == {"again": True}
 
 

@@ -1,5 +1,6 @@
 """Pipeline parallelism: the multi-rank suite (tests/pp_mpi.py at 2, 3, 4 and 8 ranks), the schedules
 and the stage split in one process."""
+import numpy as np
 import pytest
 
 from mpirun import REPO, run_pytest_mpi
@@ -55,3 +56,88 @@ def test_stage_split():
         stage_layers(4, 2, [0, 4])
     with pytest.raises(ValueError, match="pipeline parallel size 5 exceeds num_hidden_layers \\(4\\)"):
         stage_layers(4, 5)
+
+
+# ---- the train job under mpiexec with parallel.pp ----------------------------------------------
+
+from test_tensor_parallel import _ckpt_params, _job, _losses, corpus  # noqa: E402,F401  (same tiny job)
+
+
+def test_train_job_pp2_tp2_matches_one_process_and_resumes_bitwise(tmp_path, corpus):
+    """mpiexec -n 4 cke-dist train --set parallel.pp=2 --set parallel.tp=2 (zero-bubble schedule)
+    against one process; resumed from step 3 on the same layout it equals the uninterrupted run."""
+    pp = ["parallel.pp=2", "parallel.tp=2", "parallel.schedule=\"zb\"", "data.grad_accum=4", "data.batch_size=4"]
+    one = _job(tmp_path, "one", 1, "train.steps=6", "data.grad_accum=4", "data.batch_size=4")
+    assert one.returncode == 0, one.stdout[-3000:]
+    res = _job(tmp_path, "pp", 4, "train.steps=6", *pp)
+    assert res.returncode == 0, res.stdout[-3000:]
+    assert "grid dp=1 x pp=2 x tp=2 (pp over shm, tp over shm)" in res.stdout
+    np.testing.assert_allclose(_losses(tmp_path / "pp"), _losses(tmp_path / "one"), rtol=1e-5)
+    diff = np.abs(_ckpt_params(tmp_path / "pp", 6) - _ckpt_params(tmp_path / "one", 6))
+    assert diff.max() < 2e-4 and np.median(diff) < 1e-7, (diff.max(), np.median(diff))
+    res = _job(tmp_path, "pp_resumed", 4, "train.steps=6", *pp,
+               resume=tmp_path / "pp" / "checkpoints" / "step_00000003")
+    assert res.returncode == 0, res.stdout[-3000:]
+    np.testing.assert_array_equal(_ckpt_params(tmp_path / "pp_resumed", 6), _ckpt_params(tmp_path / "pp", 6))
+
+
+@pytest.mark.slow
+def test_train_job_3d_on_8_ranks(tmp_path, corpus):
+    """dp=2 x pp=2 x tp=2 as the job runs it, against one process."""
+    one = _job(tmp_path, "one", 1, "train.steps=3", "train.checkpoint_every=0", "data.grad_accum=2")
+    assert one.returncode == 0, one.stdout[-3000:]
+    res = _job(tmp_path, "3d", 8, "train.steps=3", "train.checkpoint_every=0", "data.grad_accum=2",
+               "parallel.pp=2", "parallel.tp=2")
+    assert res.returncode == 0, res.stdout[-3000:]
+    assert "grid dp=2 x pp=2 x tp=2" in res.stdout
+    np.testing.assert_allclose(_losses(tmp_path / "3d"), _losses(tmp_path / "one"), rtol=1e-5)
+    diff = np.abs(_ckpt_params(tmp_path / "3d", 3) - _ckpt_params(tmp_path / "one", 3))
+    assert diff.max() < 2e-4 and np.median(diff) < 1e-7, (diff.max(), np.median(diff))
+
+
+def test_a_killed_stage_fails_its_neighbour_fast_with_the_stage_named(tmp_path, corpus):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    import uuid
+
+    from mpirun import mpiexec
+    from test_data_parallel import _job_env, _kill_group, _rank_pid
+
+    tag = uuid.uuid4().hex
+    args = ["-m", "cke_dist.cli", "train", "--no-progress"]
+    for s in [*__import__("test_tensor_parallel").TINY, f"data.path={tmp_path / 'corpus.txt'}",
+              f"train.out_dir={tmp_path / 'killed'}", "train.steps=100000", "parallel.pp=2",
+              "train.checkpoint_every=0", "data.grad_accum=4"]:
+        args += ["--set", s]
+    env = _job_env(tag)
+    env["CKE_COMM_TIMEOUT"] = "10"
+    # each rank under sh, so mpiexec sees an exit, not a signal (see test_data_parallel)
+    cmd = [mpiexec(), "-disable-auto-cleanup", "-n", "2", "sh", "-c",
+           " ".join(map(repr, [sys.executable, *args])) + " > " + str(tmp_path) + "/rank$PMI_RANK.log 2>&1; exit $?"]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not (tmp_path / "killed" / "metrics.jsonl").exists() or \
+                len((tmp_path / "killed" / "metrics.jsonl").read_text().splitlines()) < 3:
+            assert proc.poll() is None and time.monotonic() < deadline, "the job did not train"
+            time.sleep(0.05)
+        pid = _rank_pid(tag, 1)
+        assert pid is not None
+        t0 = time.monotonic()
+        os.kill(pid, signal.SIGKILL)
+        proc.communicate(timeout=60)
+        took = time.monotonic() - t0
+    finally:
+        if proc.poll() is None:
+            _kill_group(proc)
+            proc.communicate()
+    log = (tmp_path / "rank0.log").read_text()
+    assert proc.returncode != 0
+    assert took < 30, took
+    assert "aborting the MPI job after a communication error" in log, log[-3000:]
+    assert "peer rank=1" in log and "host=" in log, log[-3000:]
+    assert "pipeline stage 0 waiting for the gradients of micro-batch" in log or "group[0,1]" in log, log[-3000:]

@@ -13,11 +13,11 @@ from .layout import LM_HEAD, param_shapes, param_specs
 from .llama import Model, check_names
 
 
-def load_model(model_dir, tp_group=None) -> Model:
+def load_model(model_dir, tp_group=None, stage=None) -> Model:
     """A Model from a Hugging Face directory (config.json + model.safetensors, or shards + index).
 
-    With a tp group, each rank reads only its slices of each tensor (memory-mapped), never the
-    whole tensor."""
+    With a tp group and/or a pipeline stage, each rank reads only its tensors and its slices of
+    them (memory-mapped), never a whole tensor it does not keep."""
     import os
 
     import numpy as np
@@ -31,16 +31,16 @@ def load_model(model_dir, tp_group=None) -> Model:
     files = open_hf_tensors(model_dir)
     single = os.path.join(os.fspath(model_dir), "model.safetensors")
     source = single if os.path.exists(single) else os.path.join(os.fspath(model_dir), "model-*.safetensors")
-    model = Model(cfg, tp_group=tp_group)
+    model = Model(cfg, tp_group=tp_group, stage=stage)
     names = set(files)
     if cfg.tie_word_embeddings and LM_HEAD in names:
         # some tools write the tied head too; it must be the embedding (compared shard by shard)
-        emb = next(s for s in model.specs if s.name == "model.embed_tokens.weight")
+        emb = next(s for s in param_specs(cfg, model.tp_size, model.tp_rank) if s.name == "model.embed_tokens.weight")
         if not np.array_equal(files[LM_HEAD].read(LM_HEAD, emb.index), files[emb.name].read(emb.name, emb.index)):
             raise ValueError(f"{source}: config.json has tie_word_embeddings=true but lm_head.weight "
                              f"differs from model.embed_tokens.weight; set tie_word_embeddings=false")
         names.discard(LM_HEAD)
-    check_names({s.name for s in model.specs}, names, source)
+    check_names({s.name for s in param_specs(cfg)}, names, source)
     for spec in model.specs:
         f = files[spec.name]
         if f.shape(spec.name) != spec.full:

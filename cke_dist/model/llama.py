@@ -240,12 +240,15 @@ class Model:
         """The inverse of gather_flat: this rank's part of a one-process-layout flat array."""
         if self.tp_size == 1:
             return full
-        full_off = offsets(param_specs(self.config, stage=self.stage))
-        out = np.empty(self.num_params, full.dtype)
+        specs = param_specs(self.config, stage=self.stage)
+        return self.shard_named({s.name: full[a:b].reshape(s.full) for s, (a, b) in zip(specs, offsets(specs).values())})
+
+    def shard_named(self, full: dict) -> np.ndarray:
+        """{HF name: full tensor} (any superset of this rank's) -> a flat array in this rank's layout."""
+        out = np.empty(self.num_params, next(iter(full.values())).dtype)
         for s in self.specs:
-            a, b = full_off[s.name]
             c, d = self.param_offsets[s.name]
-            out[c:d] = s.take(full[a:b].reshape(s.full)).reshape(-1)
+            out[c:d] = s.take(full[s.name]).reshape(-1)
         return out
 
     def full_tensors(self, local: np.ndarray) -> dict[str, np.ndarray]:

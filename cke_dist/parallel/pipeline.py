@@ -29,6 +29,7 @@ import time
 
 import numpy as np
 
+from ..comm.errors import CommError
 from ..model.layout import Stage, param_specs, stage_layers
 
 SCHEDULES = ("1f1b", "gpipe", "zb")
@@ -95,7 +96,12 @@ def run_schedule(model, grid, micro_batches, kind: str = "1f1b", grad_scale: flo
 
     def recv(buf, src, tag):
         t0 = time.perf_counter()
-        pg.recv(buf, src, tag=tag)
+        try:
+            pg.recv(buf, src, tag=tag)
+        except CommError as e:   # say which stage waited for which, then the comm layer's where
+            what = "activations of" if src < s else "gradients of"
+            raise type(e)(f"pipeline stage {s} waiting for the {what} micro-batch {tag // 2} from stage {src}: "
+                          f"{e.detail}", op=e.op, group=e.group, peer=e.peer, host=e.host) from e
         stats["wait_s"] += time.perf_counter() - t0
 
     for op, i in ops:
