@@ -50,6 +50,13 @@ def test_stage_split():
     assert stage_layers(8, 2) == [(0, 4), (4, 8)]
     assert stage_layers(4, 3) == [(0, 1), (1, 3), (3, 4)]
     assert stage_layers(5, 3, [1, 3, 1]) == [(0, 1), (1, 4), (4, 5)]
+    # by the model's work: an LM head worth 1.42 layers and an embedding of none move a layer forward
+    from cke_dist.model import LlamaConfig
+    from cke_dist.model.layout import stage_work
+    cfg = LlamaConfig(vocab_size=8192, hidden_size=512, intermediate_size=1408, num_hidden_layers=8,
+                      num_attention_heads=8, num_key_value_heads=4)
+    assert stage_work(cfg) == {"embed_work": 0.0, "head_work": pytest.approx(1.4222, abs=1e-4)}
+    assert stage_layers(8, 2, **stage_work(cfg)) == [(0, 5), (5, 8)]
     with pytest.raises(ValueError, match=r"parallel.pp_layers = \[2, 2\]: needs 3 counts"):
         stage_layers(4, 3, [2, 2])
     with pytest.raises(ValueError, match=r"parallel.pp_layers = \[0, 4\]"):
@@ -60,38 +67,38 @@ def test_stage_split():
 
 # ---- the train job under mpiexec with parallel.pp ----------------------------------------------
 
-from test_tensor_parallel import _ckpt_params, _job, _losses, corpus  # noqa: E402,F401  (same tiny job)
+from jobs import TINY, checkpoint_params, logged_losses, run_job  # noqa: E402  (the tiny job)
 
 
 def test_train_job_pp2_tp2_matches_one_process_and_resumes_bitwise(tmp_path, corpus):
     """mpiexec -n 4 cke-dist train --set parallel.pp=2 --set parallel.tp=2 (zero-bubble schedule)
     against one process; resumed from step 3 on the same layout it equals the uninterrupted run."""
     pp = ["parallel.pp=2", "parallel.tp=2", "parallel.schedule=\"zb\"", "data.grad_accum=4", "data.batch_size=4"]
-    one = _job(tmp_path, "one", 1, "train.steps=6", "data.grad_accum=4", "data.batch_size=4")
+    one = run_job(tmp_path, "one", 1, "train.steps=6", "data.grad_accum=4", "data.batch_size=4")
     assert one.returncode == 0, one.stdout[-3000:]
-    res = _job(tmp_path, "pp", 4, "train.steps=6", *pp)
+    res = run_job(tmp_path, "pp", 4, "train.steps=6", *pp)
     assert res.returncode == 0, res.stdout[-3000:]
     assert "grid dp=1 x pp=2 x tp=2 (pp over shm, tp over shm)" in res.stdout
-    np.testing.assert_allclose(_losses(tmp_path / "pp"), _losses(tmp_path / "one"), rtol=1e-5)
-    diff = np.abs(_ckpt_params(tmp_path / "pp", 6) - _ckpt_params(tmp_path / "one", 6))
+    np.testing.assert_allclose(logged_losses(tmp_path / "pp"), logged_losses(tmp_path / "one"), rtol=1e-5)
+    diff = np.abs(checkpoint_params(tmp_path / "pp", 6) - checkpoint_params(tmp_path / "one", 6))
     assert diff.max() < 2e-4 and np.median(diff) < 1e-7, (diff.max(), np.median(diff))
-    res = _job(tmp_path, "pp_resumed", 4, "train.steps=6", *pp,
+    res = run_job(tmp_path, "pp_resumed", 4, "train.steps=6", *pp,
                resume=tmp_path / "pp" / "checkpoints" / "step_00000003")
     assert res.returncode == 0, res.stdout[-3000:]
-    np.testing.assert_array_equal(_ckpt_params(tmp_path / "pp_resumed", 6), _ckpt_params(tmp_path / "pp", 6))
+    np.testing.assert_array_equal(checkpoint_params(tmp_path / "pp_resumed", 6), checkpoint_params(tmp_path / "pp", 6))
 
 
 @pytest.mark.slow
 def test_train_job_3d_on_8_ranks(tmp_path, corpus):
     """dp=2 x pp=2 x tp=2 as the job runs it, against one process."""
-    one = _job(tmp_path, "one", 1, "train.steps=3", "train.checkpoint_every=0", "data.grad_accum=2")
+    one = run_job(tmp_path, "one", 1, "train.steps=3", "train.checkpoint_every=0", "data.grad_accum=2")
     assert one.returncode == 0, one.stdout[-3000:]
-    res = _job(tmp_path, "3d", 8, "train.steps=3", "train.checkpoint_every=0", "data.grad_accum=2",
+    res = run_job(tmp_path, "3d", 8, "train.steps=3", "train.checkpoint_every=0", "data.grad_accum=2",
                "parallel.pp=2", "parallel.tp=2")
     assert res.returncode == 0, res.stdout[-3000:]
     assert "grid dp=2 x pp=2 x tp=2" in res.stdout
-    np.testing.assert_allclose(_losses(tmp_path / "3d"), _losses(tmp_path / "one"), rtol=1e-5)
-    diff = np.abs(_ckpt_params(tmp_path / "3d", 3) - _ckpt_params(tmp_path / "one", 3))
+    np.testing.assert_allclose(logged_losses(tmp_path / "3d"), logged_losses(tmp_path / "one"), rtol=1e-5)
+    diff = np.abs(checkpoint_params(tmp_path / "3d", 3) - checkpoint_params(tmp_path / "one", 3))
     assert diff.max() < 2e-4 and np.median(diff) < 1e-7, (diff.max(), np.median(diff))
 
 
@@ -108,7 +115,7 @@ def test_a_killed_stage_fails_its_neighbour_fast_with_the_stage_named(tmp_path, 
 
     tag = uuid.uuid4().hex
     args = ["-m", "cke_dist.cli", "train", "--no-progress"]
-    for s in [*__import__("test_tensor_parallel").TINY, f"data.path={tmp_path / 'corpus.txt'}",
+    for s in [*TINY, f"data.path={tmp_path / 'corpus.txt'}",
               f"train.out_dir={tmp_path / 'killed'}", "train.steps=100000", "parallel.pp=2",
               "train.checkpoint_every=0", "data.grad_accum=4"]:
         args += ["--set", s]

@@ -3,6 +3,7 @@ in one process."""
 import numpy as np
 import pytest
 
+from jobs import checkpoint_params, logged_losses, run_job
 from mpirun import REPO, run_pytest_mpi
 
 
@@ -75,81 +76,38 @@ def test_a_tp_that_does_not_divide_the_heads_is_named():
 
 # ---- the train job under mpiexec with parallel.tp ----------------------------------------------
 
-TINY = ["model.hidden_size=48", "model.intermediate_size=70", "model.num_hidden_layers=2",
-        "model.num_attention_heads=4", "model.num_key_value_heads=2", "model.max_position_embeddings=32",
-        "model.vocab_size=256", "data.seq_len=16", "data.batch_size=4", "data.grad_accum=2",
-        "sample.max_new_tokens=0", "train.eval_every=0", "train.eval_batches=2", "train.log_every=1",
-        "optim.warmup_steps=0", "optim.lr=3e-3", "optim.min_lr=3e-3", "train.checkpoint_every=3"]
-
-
-def _job(tmp_path, name, n, *sets, resume=None):
-    import sys
-
-    from mpirun import run_mpi
-    args = ["-m", "cke_dist.cli", "train", "--no-progress"]
-    for s in [*TINY, f"data.path={tmp_path / 'corpus.txt'}", f"train.out_dir={tmp_path / name}", *sets]:
-        args += ["--set", s]
-    args += ["--resume", str(resume)] if resume else []
-    if n == 1:
-        import os
-        import subprocess
-        res = subprocess.run([sys.executable, *args], cwd=REPO, capture_output=True, text=True, timeout=120,
-                             env=dict(os.environ, OMP_NUM_THREADS="1", NUMBA_NUM_THREADS="1",
-                                      OPENBLAS_NUM_THREADS="1"))
-        res.stdout += res.stderr
-        return res
-    return run_mpi(n, args, timeout=120, env={"CKE_COMM_TIMEOUT": "20"})
-
-
-def _losses(out):
-    import json
-    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
-    return [r["loss"] for r in rows if "loss" in r]
-
-
-def _ckpt_params(out, step):
-    from cke_dist.model import load_model
-    return load_model(out / "checkpoints" / f"step_{step:08d}").params
-
-
-@pytest.fixture
-def corpus(tmp_path):
-    text = np.random.default_rng(0).choice(list(b"abcdefgh ijklmnop\n"), 20_000).astype(np.uint8)
-    (tmp_path / "corpus.txt").write_bytes(text.tobytes())
-
-
 def test_train_job_dp2_tp2_matches_one_process_and_resumes_bitwise(tmp_path, corpus):
     """mpiexec -n 4 cke-dist train --set parallel.tp=2 (dp=2 x tp=2) against one plain process;
     its checkpoint loads in one process; a tp=2 run resumed from step 3 equals the uninterrupted one
     bitwise; and the tp checkpoint resumes on another layout (one process) too."""
-    ref = _job(tmp_path, "one", 1, "train.steps=6")
+    ref = run_job(tmp_path, "one", 1, "train.steps=6")
     assert ref.returncode == 0, ref.stdout[-3000:]
-    tp = _job(tmp_path, "tp", 4, "train.steps=6", "parallel.tp=2")
+    tp = run_job(tmp_path, "tp", 4, "train.steps=6", "parallel.tp=2")
     assert tp.returncode == 0, tp.stdout[-3000:]
     assert "grid dp=2 x pp=1 x tp=2 (dp over shm, tp over shm)" in tp.stdout
-    np.testing.assert_allclose(_losses(tmp_path / "tp"), _losses(tmp_path / "one"), rtol=1e-5)
-    diff = np.abs(_ckpt_params(tmp_path / "tp", 6) - _ckpt_params(tmp_path / "one", 6))
+    np.testing.assert_allclose(logged_losses(tmp_path / "tp"), logged_losses(tmp_path / "one"), rtol=1e-5)
+    diff = np.abs(checkpoint_params(tmp_path / "tp", 6) - checkpoint_params(tmp_path / "one", 6))
     assert diff.max() < 2e-4 and np.median(diff) < 1e-7, (diff.max(), np.median(diff))
 
     # resume the dp=2 x tp=2 run from step 3 on the same layout: bitwise the uninterrupted run
-    res = _job(tmp_path, "tp_resumed", 4, "train.steps=6", "parallel.tp=2",
+    res = run_job(tmp_path, "tp_resumed", 4, "train.steps=6", "parallel.tp=2",
                resume=tmp_path / "tp" / "checkpoints" / "step_00000003")
     assert res.returncode == 0, res.stdout[-3000:]
-    np.testing.assert_array_equal(_ckpt_params(tmp_path / "tp_resumed", 6), _ckpt_params(tmp_path / "tp", 6))
+    np.testing.assert_array_equal(checkpoint_params(tmp_path / "tp_resumed", 6), checkpoint_params(tmp_path / "tp", 6))
     # and on one process (the checkpoint is full tensors, optimizer moments included)
-    res = _job(tmp_path, "tp_to_one", 1, "train.steps=6", "parallel.tp=1",
+    res = run_job(tmp_path, "tp_to_one", 1, "train.steps=6", "parallel.tp=1",
                resume=tmp_path / "tp" / "checkpoints" / "step_00000003")
     assert res.returncode == 0, res.stdout[-3000:]
-    diff = np.abs(_ckpt_params(tmp_path / "tp_to_one", 6) - _ckpt_params(tmp_path / "one", 6))
+    diff = np.abs(checkpoint_params(tmp_path / "tp_to_one", 6) - checkpoint_params(tmp_path / "one", 6))
     assert diff.max() < 2e-4 and np.median(diff) < 1e-7, (diff.max(), np.median(diff))
 
 
 def test_a_grid_that_does_not_fit_is_an_error_on_every_rank(tmp_path, corpus):
-    res = _job(tmp_path, "bad", 3, "train.steps=2", "parallel.tp=2")
+    res = run_job(tmp_path, "bad", 3, "train.steps=2", "parallel.tp=2")
     assert res.returncode != 0
     msg = "parallel.tp = 2 x parallel.pp = 1 does not divide the world of 3 rank(s)"
     assert res.stdout.count(msg) == 3, res.stdout[-3000:]
     assert "set parallel.tp to one of [1, 3]" in res.stdout
-    res = _job(tmp_path, "bad2", 1, "train.steps=2", "parallel.tp=3")
+    res = run_job(tmp_path, "bad2", 1, "train.steps=2", "parallel.tp=3")
     assert res.returncode == 2
     assert "parallel.tp = 3: must divide model.num_attention_heads (4): one of [1, 2, 4]" in res.stdout

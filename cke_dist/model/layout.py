@@ -180,10 +180,10 @@ class Stage:
         return cls(0, cfg.num_hidden_layers, True, True)
 
 
-def stage_layers(n_layers: int, pp: int, sizes=None) -> list[tuple[int, int]]:
-    """[l0, l1) of each of pp stages. Default: the layers and, as one unit of work each, the
-    embedding (first stage) and the LM head (last stage), cut as evenly as they go; `sizes` (layers
-    per stage) sets the split."""
+def stage_layers(n_layers: int, pp: int, sizes=None, embed_work: float = 1.0, head_work: float = 1.0) -> list[tuple[int, int]]:
+    """[l0, l1) of each of pp stages. Default: contiguous layers balanced by work, a layer being 1
+    and the embedding (first stage) and the LM head (last stage) `embed_work` and `head_work`
+    layers' worth (see `stage_work`); `sizes` (layers per stage) sets the split instead."""
     if sizes:
         sizes = [int(n) for n in sizes]
         if len(sizes) != pp or sum(sizes) != n_layers or min(sizes) < 1:
@@ -193,16 +193,27 @@ def stage_layers(n_layers: int, pp: int, sizes=None) -> list[tuple[int, int]]:
         if n_layers < pp:
             raise ValueError(f"pipeline parallel size {pp} exceeds num_hidden_layers ({n_layers}): a stage "
                              f"would hold no layer")
-        units = n_layers + 2                       # unit 0: embedding, 1..n: layers, n + 1: head
-        cuts = [round(k * units / pp) for k in range(pp + 1)]
-        sizes = [min(cuts[k + 1], n_layers + 1) - max(cuts[k], 1) for k in range(pp)]
-        if min(sizes) < 1:                         # too few layers to balance the ends: plain even split
-            sizes = [split_range(n_layers, pp, k)[1] - split_range(n_layers, pp, k)[0] for k in range(pp)]
+        total = embed_work + n_layers + head_work
+        cuts = [0]
+        for k in range(1, pp):   # the layer boundary nearest to k/pp of the work, leaving each stage a layer
+            want = k * total / pp - embed_work
+            lo, hi = cuts[-1] + 1, n_layers - (pp - k)
+            cuts.append(min(max(round(want), lo), hi))
+        cuts.append(n_layers)
+        sizes = [cuts[k + 1] - cuts[k] for k in range(pp)]
     out, l0 = [], 0
     for n in sizes:
         out.append((l0, l0 + n))
         l0 += n
     return out
+
+
+def stage_work(cfg: LlamaConfig) -> dict[str, float]:
+    """The embedding's and the LM head's work in layers, by their matmul weights (what forward and
+    backward spend their time on): the lookup has none; the head multiplies by V x C."""
+    C, I, D = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
+    layer = C * (cfg.num_attention_heads + 2 * cfg.num_key_value_heads) * D + cfg.num_attention_heads * D * C + 3 * C * I
+    return {"embed_work": 0.0, "head_work": cfg.vocab_size * C / layer}
 
 
 def param_specs(cfg: LlamaConfig, tp_size: int = 1, tp_rank: int = 0, stage: Stage | None = None) -> list[ParamSpec]:

@@ -30,7 +30,7 @@ import time
 import numpy as np
 
 from ..comm.errors import CommError
-from ..model.layout import Stage, param_specs, stage_layers
+from ..model.layout import Stage, param_specs, stage_layers, stage_work
 
 SCHEDULES = ("1f1b", "gpipe", "zb")
 _FWD, _BWD = 0, 1
@@ -38,7 +38,7 @@ _FWD, _BWD = 0, 1
 
 def grid_stage(grid, config, pp_layers=None) -> Stage:
     """This rank's stage of the grid's pipeline."""
-    l0, l1 = stage_layers(config.num_hidden_layers, grid.shape.pp, pp_layers)[grid.pp_rank]
+    l0, l1 = stage_layers(config.num_hidden_layers, grid.shape.pp, pp_layers, **stage_work(config))[grid.pp_rank]
     return Stage(l0, l1, grid.pp_rank == 0, grid.pp_rank == grid.shape.pp - 1)
 
 
@@ -180,7 +180,7 @@ def gather_stages(model, grid, arrays: dict[str, np.ndarray], pp_layers=None) ->
         return None
     cfg = model.config
     stages = [Stage(l0, l1, r == 0, r == p - 1)
-              for r, (l0, l1) in enumerate(stage_layers(cfg.num_hidden_layers, p, pp_layers))]
+              for r, (l0, l1) in enumerate(stage_layers(cfg.num_hidden_layers, p, pp_layers, **stage_work(cfg)))]
     for r in range(1, p):
         for k in sorted(full):
             for spec in param_specs(cfg, stage=stages[r]):

@@ -73,12 +73,12 @@ class ParallelGrads:
 
 
 def train_step(model, opt, grid, micro_batches, lr: float, clip: float, buckets, grads: ParallelGrads | None = None,
-               schedule: str = "1f1b"):
+               schedule: str = "1f1b", stats: dict | None = None):
     """One optimizer step; returns (the loss averaged over micro-batches and dp, grad norm or None).
 
     micro_batches: this dp rank's K (inputs, targets) pairs (the same on every rank of a tp group and
     of a pipeline). A non-finite loss raises FloatingPointError on every rank before the
-    parameters change.
+    parameters change. `stats`, when given, receives the pipeline schedule's (run_schedule).
     """
     from cke_dist.optim import clip_grad_norm
 
@@ -103,7 +103,9 @@ def train_step(model, opt, grid, micro_batches, lr: float, clip: float, buckets,
                                                on_grad_ready=buckets.on_grad_ready if last else None)
     else:
         buckets.start_step()   # only the last micro-batch's backward reports ranges to it
-        loss_sum, _ = run_schedule(model, grid, micro_batches, schedule, on_grad_ready=buckets.on_grad_ready)
+        loss_sum, sched = run_schedule(model, grid, micro_batches, schedule, on_grad_ready=buckets.on_grad_ready)
+        if stats is not None:
+            stats.update(sched)
     loss_buf = np.array([loss_sum / k if loss_sum is not None else 0.0], np.float64)
     if grid.shape.pp > 1:
         grid.pp_group.broadcast(loss_buf, root=grid.shape.pp - 1)

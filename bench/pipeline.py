@@ -1,0 +1,134 @@
+"""Pipeline-parallel training bench: one optimizer step of the ~32M config (bench/train_step.py's) with
+data.grad_accum = 8 micro-batches, pp=2 with one thread per rank under each schedule (gpipe, 1f1b,
+zb) against one rank at 1 thread, in one run; with each stage's idle (bubble) fraction beside the
+theory (p - 1) / (m + p - 1).
+
+    python bench/pipeline.py            # hidden 512, 8 layers, 8/4 heads, inter 1408, vocab 8192,
+                                        # batch 8 x seq 256 per step, 8 micro-batches of 1 row
+    python bench/pipeline.py --small    # a tiny model, a few steps: checks that it runs
+
+A step is the whole optimizer step (train_step: the schedule's forward and backward passes, clip to
+1.0, AdamW); the same batch for every configuration. A stage's bubble is the time it spends
+blocked in receives (waiting for its neighbour) over the step time. Each configuration is its own
+launch; medians over --steps timed steps. Targets: 1f1b pp=2 >= 1.6x one rank; its bubble within
+5 points of the theory; zb's bubble below 1f1b's.
+"""
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from data_parallel import FULL, REPO, SMALL, THREAD_VARS, llama_config, median  # the same shapes as dp's bench
+
+ACCUM = 8
+
+
+def parse(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--small", action="store_true", help="a tiny model and 3 steps: a quick check that it runs")
+    p.add_argument("--steps", type=int, help="timed steps per configuration (median reported)")
+    p.add_argument("--timeout", type=float, default=900, help="seconds per configuration before it is killed")
+    p.add_argument("--worker", help=argparse.SUPPRESS)        # the schedule of one configuration
+    p.add_argument("--shape", help=argparse.SUPPRESS)
+    return p.parse_args(argv)
+
+
+def micro_batches(s, step):
+    import numpy as np
+
+    tok = np.random.default_rng(step).integers(0, s["vocab"], (s["batch"], s["seq"] + 1))
+    rows = s["batch"] // ACCUM
+    return [(tok[k * rows:(k + 1) * rows, :-1].copy(), tok[k * rows:(k + 1) * rows, 1:].copy()) for k in range(ACCUM)]
+
+
+def worker(s, kind):
+    import numpy as np
+
+    from cke_dist.comm import init
+    from cke_dist.model import Model
+    from cke_dist.optim import AdamW
+    from cke_dist.parallel import GradBuckets, ParallelGrads, ProcessGrid, grid_stage, train_step
+
+    world = init()
+    grid = ProcessGrid(world, pp=world.size)
+    cfg = llama_config(s)
+    model = Model.from_config(cfg, seed=0, stage=grid_stage(grid, cfg))
+    opt = AdamW(model, lr=1e-4, weight_decay=0.1)
+    buckets, grads = GradBuckets(model.grads, grid.dp_group), ParallelGrads(model, grid)
+    times, idle = [], []
+    for i in range(s["warmup"] + s["steps"]):
+        world.barrier()
+        stats = {}
+        t0 = time.perf_counter()
+        train_step(model, opt, grid, micro_batches(s, i), 1e-4, 1.0, buckets, grads, schedule=kind, stats=stats)
+        dt = time.perf_counter() - t0
+        if i >= s["warmup"]:
+            times.append(dt)
+            idle.append(stats.get("wait_s", 0.0) / dt)
+    mine = np.array([median(times), median(idle)], np.float64)
+    every = np.zeros(2 * world.size, np.float64)
+    world.allgather(mine, every)
+    every = every.reshape(world.size, 2)
+    return world.rank, {"step_s": float(every[:, 0].max()), "idle": every[:, 1].tolist()}
+
+
+def launch(args, s, kind, ranks):
+    cmd = [sys.executable, __file__, "--worker", kind, "--shape", json.dumps(s)]
+    if ranks > 1:
+        mpiexec = Path(sys.executable).with_name("mpiexec")
+        cmd = [str(mpiexec) if mpiexec.exists() else "mpiexec", "-n", str(ranks), *cmd]
+    env = dict(os.environ, **{v: "1" for v in THREAD_VARS})
+    env.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")  # see bench/train_step.py
+    res = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=args.timeout)
+    lines = [x for x in res.stdout.splitlines() if x.startswith("RESULT ")]
+    if res.returncode != 0 or not lines:
+        raise SystemExit(f"{kind} x{ranks} failed (exit {res.returncode}):\n{(res.stdout + res.stderr)[-4000:]}")
+    return json.loads(lines[-1][len("RESULT "):])
+
+
+def main(argv=None):
+    args = parse(argv)
+    if args.worker:
+        s = json.loads(args.shape)
+        rank, r = worker(s, args.worker)
+        if rank == 0:
+            print("RESULT " + json.dumps(r), flush=True)
+        return 0
+    s = dict(SMALL if args.small else FULL)
+    s["batch"] = max(s["batch"], ACCUM)
+    if args.steps:
+        s["steps"] = args.steps
+    from cke_dist.model import Model
+    n_params = Model(llama_config(s)).num_params
+    p, m = 2, ACCUM
+    theory = (p - 1) / (m + p - 1)
+    print(f"pipeline bench: {n_params / 1e6:.1f}M params (hidden {s['hidden']}, {s['layers']} layers, heads "
+          f"{s['heads']}/{s['kv_heads']} kv, inter {s['intermediate']}, vocab {s['vocab']}), batch {s['batch']} x "
+          f"seq {s['seq']} as {m} micro-batches, 1 thread per rank, median of {s['steps']} steps after "
+          f"{s['warmup']} warmup", flush=True)
+    print(f"{'configuration':<26} {'s/step':>8} {'tokens/s':>10} {'x one rank':>11} {'bubble stage 0':>15} "
+          f"{'stage 1':>8} {'theory':>7}", flush=True)
+    base = launch(args, s, "1f1b", 1)["step_s"]
+    tokens = s["batch"] * s["seq"]
+    print(f"{'one rank, 1 thread':<26} {base:8.3f} {tokens / base:10.0f} {1.0:11.2f}", flush=True)
+    out = {}
+    for kind in ("gpipe", "1f1b", "zb"):
+        r = launch(args, s, kind, p)
+        out[kind] = r
+        idle = "".join(f"{100 * x:7.1f}% " for x in r["idle"])
+        print(f"{'pp=2 ' + kind:<26} {r['step_s']:8.3f} {tokens / r['step_s']:10.0f} {base / r['step_s']:11.2f} "
+              f"{idle:>24} {100 * theory:6.1f}%", flush=True)
+    f1 = out["1f1b"]
+    print(f"1f1b pp=2 / one rank: {base / f1['step_s']:.2f}x (target >= 1.6x)")
+    print(f"1f1b bubble (mean of stages) {100 * sum(f1['idle']) / p:.1f}% vs theory {100 * theory:.1f}% "
+          f"(target: within 5 points)")
+    print(f"zb bubble {100 * sum(out['zb']['idle']) / p:.1f}% vs 1f1b {100 * sum(f1['idle']) / p:.1f}% "
+          f"(target: below)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
