@@ -47,3 +47,17 @@ def matmul_peak(shapes, repeats=3):
             times.append(time.perf_counter() - t0)
         best = max(best, 2.0 * n * k * m / min(times))
     return best
+
+
+def machine_line(s) -> str:
+    """Read bandwidth and numpy matmul peak at 1 thread over a bench shape's GEMMs (s: FULL/SMALL dict)."""
+    from threadpoolctl import threadpool_limits
+
+    from cke_kernels.threads import set_num_threads
+
+    set_num_threads(1)
+    with threadpool_limits(1):
+        bw = read_bandwidth(np.ones(2**28, np.float32))
+        n, C, I = s["batch"] * s["seq"], s["hidden"], s["intermediate"]
+        peak = matmul_peak([(n, C, 2 * I), (n, I, C), (n, C, s["vocab"])])
+    return f"machine, 1 thread: read bandwidth {bw / 1e9:.1f} GB/s, numpy float32 matmul peak {peak / 1e9:.1f} GFLOP/s"

@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 from data_parallel import FULL, REPO, SMALL, THREAD_VARS, llama_config, median  # the same shapes as dp's bench
+from machine import machine_line
 
 ACCUM = 8
 
@@ -109,6 +110,7 @@ def main(argv=None):
           f"{s['heads']}/{s['kv_heads']} kv, inter {s['intermediate']}, vocab {s['vocab']}), batch {s['batch']} x "
           f"seq {s['seq']} as {m} micro-batches, 1 thread per rank, median of {s['steps']} steps after "
           f"{s['warmup']} warmup", flush=True)
+    print(machine_line(s), flush=True)   # one rank's share of the machine
     print(f"{'configuration':<26} {'s/step':>8} {'tokens/s':>10} {'x one rank':>11} {'bubble stage 0':>15} "
           f"{'stage 1':>8} {'theory':>7}", flush=True)
     base = launch(args, s, "1f1b", 1)["step_s"]

@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 from data_parallel import FULL, REPO, SMALL, THREAD_VARS, llama_config, median  # the same shapes as dp's bench
+from machine import machine_line
 
 
 def parse(argv=None):
@@ -124,22 +125,6 @@ def launch(args, s, impl, ranks, threads):
     return json.loads(lines[-1][len("RESULT "):])
 
 
-def machine_line(s):
-    """Read bandwidth and numpy matmul peak at 1 thread (one rank's share of this machine)."""
-    import numpy as np
-    from threadpoolctl import threadpool_limits
-
-    from cke_kernels.threads import set_num_threads
-    from machine import matmul_peak, read_bandwidth
-
-    set_num_threads(1)
-    with threadpool_limits(1):
-        bw = read_bandwidth(np.ones(2**28, np.float32))
-        n, C, I = s["batch"] * s["seq"], s["hidden"], s["intermediate"]
-        peak = matmul_peak([(n, C, 2 * I), (n, I, C), (n, C, s["vocab"])])
-    return f"machine, 1 thread: read bandwidth {bw / 1e9:.1f} GB/s, numpy float32 matmul peak {peak / 1e9:.1f} GFLOP/s"
-
-
 def main(argv=None):
     args = parse(argv)
     if args.worker:
@@ -161,7 +146,7 @@ def main(argv=None):
                ("cke-dist tp=2, 1 thread/rank", "ours", 2, 1)]
     if not args.no_torch:
         configs.append(("torch eager, 2 threads", "torch", 1, 2))
-    print(machine_line(s), flush=True)
+    print(machine_line(s), flush=True)   # one rank's share of the machine
     print(f"{'configuration':<32} {'s/step':>8} {'tokens/s':>10} {'tp comm s':>10}", flush=True)
     tok_s, tp = {}, None
     for name, impl, ranks, threads in configs:
