@@ -92,7 +92,7 @@ def run_schedule(model, grid, micro_batches, kind: str = "1f1b", grad_scale: flo
     loss_sum = 0.0 if st.last else None
     grad_in = np.empty((B * T, C), np.float32)
 
-    def acts_for(i):
+    def acts_for():
         for a in pool:
             if not any(h is not None and not h.is_completed() for h in sends.get(id(a), ())):
                 pool.remove(a)
@@ -113,7 +113,7 @@ def run_schedule(model, grid, micro_batches, kind: str = "1f1b", grad_scale: flo
         x, y = micro_batches[i]
         last_b = i == m - 1
         if op == "F":
-            a = acts_for(i)
+            a = acts_for()
             live[i] = a
             stats["peak_live"] = max(stats["peak_live"], len(live))
             hidden = None
