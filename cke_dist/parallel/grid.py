@@ -5,10 +5,9 @@ tensor-parallel group sits on one host when hosts hold consecutive ranks:
 
     rank = (dp_index * pp + pp_index) * tp + tp_index
 
-dp and tp do work today; pipeline parallelism fills in pp without changing this layout.
 Every rank builds every group with no communication (`split` needs none); each group gets its
 own comm engine, so tp traffic never waits behind dp buckets (cke_dist.comm.group).
-Tests: tests/test_grid.py (one process), tests/dp_mpi.py::test_grid_groups_on_four_ranks.
+Tests: tests/test_grid.py (one process), tests/dp_mpi.py::test_grid_groups_on_four_ranks, tests/test_info.py.
 """
 from __future__ import annotations
 
