@@ -135,21 +135,27 @@ def run_worker(args):
     return 0
 
 
-def launch(args, s, impl, dp):
-    """One configuration as its own job; returns the median step time in seconds."""
-    cmd = [sys.executable, __file__, "--worker", impl, "--shape", json.dumps(s), "--bucket-mb", str(args.bucket_mb)]
-    if args.no_overlap:
-        cmd.append("--no-overlap")
-    if dp > 1:
+def launch_worker(script, worker_args, ranks, threads, timeout, what):
+    """`script --worker ...` as its own process (or `mpiexec -n ranks` job) with `threads` threads per
+    rank; returns the JSON that its rank 0 printed after "RESULT "."""
+    cmd = [sys.executable, str(script), *worker_args]
+    if ranks > 1:
         mpiexec = Path(sys.executable).with_name("mpiexec")
-        cmd = [str(mpiexec) if mpiexec.exists() else "mpiexec", "-n", str(dp), *cmd]
-    env = dict(os.environ, **{v: "1" for v in THREAD_VARS})
+        cmd = [str(mpiexec) if mpiexec.exists() else "mpiexec", "-n", str(ranks), *cmd]
+    env = dict(os.environ, **{v: str(threads) for v in THREAD_VARS})
     env.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")  # see bench/train_step.py
-    res = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=args.timeout)
+    res = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
     lines = [x for x in res.stdout.splitlines() if x.startswith("RESULT ")]
     if res.returncode != 0 or not lines:
-        raise SystemExit(f"{impl} dp={dp} failed (exit {res.returncode}):\n{(res.stdout + res.stderr)[-4000:]}")
-    r = json.loads(lines[-1][len("RESULT "):])
+        raise SystemExit(f"{what} failed (exit {res.returncode}):\n{(res.stdout + res.stderr)[-4000:]}")
+    return json.loads(lines[-1][len("RESULT "):])
+
+
+def launch(args, s, impl, dp):
+    """One configuration as its own job (one thread per rank)."""
+    extra = ["--no-overlap"] if args.no_overlap else []
+    r = launch_worker(__file__, ["--worker", impl, "--shape", json.dumps(s), "--bucket-mb", str(args.bucket_mb),
+                                 *extra], dp, 1, args.timeout, f"{impl} dp={dp}")
     return r
 
 

@@ -15,13 +15,10 @@ launch; medians over --steps timed steps. Targets: 1f1b pp=2 >= 1.6x one rank; i
 """
 import argparse
 import json
-import os
-import subprocess
 import sys
 import time
-from pathlib import Path
 
-from data_parallel import FULL, REPO, SMALL, THREAD_VARS, llama_config, median  # the same shapes as dp's bench
+from data_parallel import FULL, SMALL, launch_worker, llama_config, median  # the same shapes as dp's bench
 from machine import machine_line
 
 ACCUM = 8
@@ -77,17 +74,8 @@ def worker(s, kind):
 
 
 def launch(args, s, kind, ranks):
-    cmd = [sys.executable, __file__, "--worker", kind, "--shape", json.dumps(s)]
-    if ranks > 1:
-        mpiexec = Path(sys.executable).with_name("mpiexec")
-        cmd = [str(mpiexec) if mpiexec.exists() else "mpiexec", "-n", str(ranks), *cmd]
-    env = dict(os.environ, **{v: "1" for v in THREAD_VARS})
-    env.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")  # see bench/train_step.py
-    res = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=args.timeout)
-    lines = [x for x in res.stdout.splitlines() if x.startswith("RESULT ")]
-    if res.returncode != 0 or not lines:
-        raise SystemExit(f"{kind} x{ranks} failed (exit {res.returncode}):\n{(res.stdout + res.stderr)[-4000:]}")
-    return json.loads(lines[-1][len("RESULT "):])
+    return launch_worker(__file__, ["--worker", kind, "--shape", json.dumps(s)], ranks, 1, args.timeout,
+                         f"{kind} x{ranks}")
 
 
 def main(argv=None):

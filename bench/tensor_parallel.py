@@ -16,13 +16,10 @@ in the cross-entropy, 1 for the grad norm). Targets: tp=2 >= 1.7x one rank at 1 
 """
 import argparse
 import json
-import os
-import subprocess
 import sys
 import time
-from pathlib import Path
 
-from data_parallel import FULL, REPO, SMALL, THREAD_VARS, llama_config, median  # the same shapes as dp's bench
+from data_parallel import FULL, SMALL, launch_worker, llama_config, median  # the same shapes as dp's bench
 from machine import machine_line
 
 
@@ -112,17 +109,8 @@ def worker_torch(s, threads):
 
 
 def launch(args, s, impl, ranks, threads):
-    cmd = [sys.executable, __file__, "--worker", impl, "--shape", json.dumps(s), "--threads", str(threads)]
-    if ranks > 1:
-        mpiexec = Path(sys.executable).with_name("mpiexec")
-        cmd = [str(mpiexec) if mpiexec.exists() else "mpiexec", "-n", str(ranks), *cmd]
-    env = dict(os.environ, **{v: str(threads) for v in THREAD_VARS})
-    env.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")  # see bench/train_step.py
-    res = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=args.timeout)
-    lines = [x for x in res.stdout.splitlines() if x.startswith("RESULT ")]
-    if res.returncode != 0 or not lines:
-        raise SystemExit(f"{impl} x{ranks} failed (exit {res.returncode}):\n{(res.stdout + res.stderr)[-4000:]}")
-    return json.loads(lines[-1][len("RESULT "):])
+    return launch_worker(__file__, ["--worker", impl, "--shape", json.dumps(s), "--threads", str(threads)], ranks,
+                         threads, args.timeout, f"{impl} x{ranks}")
 
 
 def main(argv=None):
