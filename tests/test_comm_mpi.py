@@ -39,3 +39,15 @@ def test_ranks_posing_as_two_hosts_over_named_interface():
         "print(f'two-host ok {w.rank} {w.link(1 - w.rank).host};', flush=True)\n")], timeout=60, env=env)
     assert res.returncode == 0, res.stdout[-4000:]
     assert "two-host ok 0 fakehost1;" in res.stdout and "two-host ok 1 fakehost0;" in res.stdout
+
+
+@pytest.mark.parametrize("transport", ["shm", "tcp"])
+def test_ring_with_chunks_below_the_eager_size_sends_every_chunk(transport):
+    """CKE_RING_CHUNK_BYTES below a link's eager size cut a ring segment into several messages; the
+    eager branch once sent only the first, so a 1 MiB allreduce waited for the rest until the deadline."""
+    code = ("import numpy as np; from cke_dist.comm import init; w = init(timeout=10)\n"
+            "x = np.arange(1 << 18, dtype=np.float32) * (w.rank + 1); w.allreduce(x)\n"
+            "assert (x == np.arange(1 << 18, dtype=np.float32) * 3).all(); print('ring ok', w.rank)\n")
+    res = run_mpi(2, ["-c", code], timeout=60,
+                  env={"CKE_RING_CHUNK_BYTES": "4096", "CKE_TRANSPORT": transport, "CKE_COMM_TIMEOUT": "10"})
+    assert res.returncode == 0 and res.stdout.count("ring ok") == 2, res.stdout[-3000:]

@@ -148,7 +148,8 @@ def _ring_reduce_scatter(ctx, buf, op, tag, offs):
         si, ri = (me - s - 1) % n, (me - s - 2) % n
         sends = [_mv(buf[a:b]) for a, b in _chunks(offs[si], offs[si + 1], step)]
         if out_link.eager_bytes and (offs[si + 1] - offs[si]) * buf.itemsize <= out_link.eager_bytes:
-            out_link.send(sends[0], tag, ctx.deadline())  # fits the peer's buffer: skip the thread hop
+            for mv in sends:   # the whole segment fits the peer's buffer: skip the thread hop
+                out_link.send(mv, tag, ctx.deadline())
             h = _DONE
         else:
             h = ctx.post(out_link, sends, tag)
