@@ -147,9 +147,11 @@ def _ring_reduce_scatter(ctx, buf, op, tag, offs):
     for s in range(n - 1):
         si, ri = (me - s - 1) % n, (me - s - 2) % n
         sends = [_mv(buf[a:b]) for a, b in _chunks(offs[si], offs[si + 1], step)]
-        if out_link.eager_bytes and (offs[si + 1] - offs[si]) * buf.itemsize <= out_link.eager_bytes:
-            for mv in sends:   # the whole segment fits the peer's buffer: skip the thread hop
-                out_link.send(mv, tag, ctx.deadline())
+        # one message that fits the peer's buffer: send it inline, skipping the thread hop. Several
+        # chunks (CKE_RING_CHUNK_BYTES below the eager size) take the send thread: each would hold a
+        # slot of the peer's ring, and both neighbours sending before receiving could fill it.
+        if len(sends) == 1 and out_link.eager_bytes and sends[0].nbytes <= out_link.eager_bytes:
+            out_link.send(sends[0], tag, ctx.deadline())
             h = _DONE
         else:
             h = ctx.post(out_link, sends, tag)
