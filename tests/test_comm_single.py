@@ -144,3 +144,14 @@ def test_interface_and_address_rules():
     _check_addresses([dict(f, tcp_interface="lo") for f in two_hosts])  # named on purpose: trusted
     with pytest.raises(ValueError, match="disagree on CKE_TCP_STREAMS"):
         _check_addresses([dict(one_host[0]), dict(one_host[0], tcp_streams=2)])
+
+
+def test_init_after_close_gives_a_new_world():
+    """world.close() used to leave the module's world set, so init() returned the closed one."""
+    import subprocess
+    import sys
+    code = ("import numpy as np; from cke_dist.comm import init\n"
+            "a = init(); a.close(); b = init(); assert b is not a\n"
+            "x = np.ones(3, np.float32); b.allreduce(x); assert (x == 1).all(); print('new world ok')\n")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0 and "new world ok" in res.stdout, res.stderr[-2000:]

@@ -118,6 +118,7 @@ def init(transport=None, interface=None, timeout=None, abort_on_error=True) -> C
     world = Communicator(range(size), rank, links, engine, hosts, timeout, "world", 0)
     world.transport = transport
     world.plan = plan
+    world._on_close = _forget_world
     world.facts = facts
     world._listener = listener
     if abort_on_error and size > 1:
@@ -127,6 +128,12 @@ def init(transport=None, interface=None, timeout=None, abort_on_error=True) -> C
 
 
 _aborting = False
+
+
+def _forget_world():
+    """world.close() ran: the next init() builds a new world rather than returning the closed one."""
+    global _WORLD
+    _WORLD = None
 
 
 def _abort(err):

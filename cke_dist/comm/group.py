@@ -445,10 +445,13 @@ class Communicator:
                             self.timeout, name, gid, world=self._world)
 
     def close(self):
-        """Close every link (world only; sub-groups share them)."""
+        """Close every link (world only; sub-groups share them); a later init() makes a new world."""
         if self is self._world:
             for link in self._links.values():
                 link.close()
             listener = getattr(self, "_listener", None)
             if listener is not None:
                 listener.close()
+            on_close = getattr(self, "_on_close", None)
+            if on_close is not None:
+                on_close()
