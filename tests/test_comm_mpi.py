@@ -51,3 +51,15 @@ def test_ring_with_chunks_below_the_eager_size_sends_every_chunk(transport):
     res = run_mpi(2, ["-c", code], timeout=60,
                   env={"CKE_RING_CHUNK_BYTES": "4096", "CKE_TRANSPORT": transport, "CKE_COMM_TIMEOUT": "10"})
     assert res.returncode == 0 and res.stdout.count("ring ok") == 2, res.stdout[-3000:]
+
+
+def test_closing_a_striped_world_ends_its_stream_threads():
+    """StripedLink.close once left its per-stream worker threads running."""
+    code = ("import threading, time, numpy as np; from cke_dist.comm import init; w = init(timeout=10)\n"
+            "x = np.ones(1 << 20, np.float32); w.allreduce(x); assert (x == 2).all()\n"
+            "n = sum(t.name.startswith('cke-tcp-') for t in threading.enumerate()); assert n > 0, n\n"
+            "w.close(); time.sleep(0.5)\n"
+            "left = [t.name for t in threading.enumerate() if t.name.startswith('cke-tcp-') and t.is_alive()]\n"
+            "assert not left, left; print('threads ended', w.rank)\n")
+    res = run_mpi(2, ["-c", code], timeout=60, env={"CKE_TCP_STREAMS": "3", "CKE_TRANSPORT": "tcp"})
+    assert res.returncode == 0 and res.stdout.count("threads ended") == 2, res.stdout[-3000:]

@@ -423,6 +423,9 @@ class StripedLink(Link):
     def close(self):
         for p in self.parts:
             p.close()
+        for pair in self._workers:
+            for w in pair:
+                w.stop()
 
 
 # Messages of at least this many bytes are striped over the streams of a StripedLink.
@@ -448,16 +451,24 @@ class _Worker:
         import queue
 
         self._q = queue.SimpleQueue()
-        threading.Thread(target=self._loop, name=name, daemon=True).start()
+        self.thread = threading.Thread(target=self._loop, name=name, daemon=True)
+        self.thread.start()
 
     def submit(self, fn, *args):
         job = _Job()
         self._q.put((fn, args, job))
         return job
 
+    def stop(self):
+        """End the thread once the calls queued before are done."""
+        self._q.put(None)
+
     def _loop(self):
         while True:
-            fn, args, job = self._q.get()
+            item = self._q.get()
+            if item is None:
+                return
+            fn, args, job = item
             try:
                 fn(*args)
             except BaseException as e:
