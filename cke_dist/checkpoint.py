@@ -16,7 +16,6 @@ Rules this module keeps:
 - Only the newest `keep` step directories are kept.
 Tests: tests/test_checkpoint.py, resume in tests/test_train_job.py.
 """
-import hashlib
 import json
 import os
 import shutil
@@ -25,9 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .model.hf_io import fsync_path, write_hf_dir
+from .model.hf_io import MANIFEST, HFFormatError, fsync_path, sha256_file, verify_manifest, write_hf_dir
 
-MANIFEST = "manifest.json"
 TRAINER_STATE = "trainer_state.json"
 OPTIMIZER = "optimizer.npz"
 TOKENIZER = "cke_tokenizer.json"
@@ -37,14 +35,6 @@ _STEP_PREFIX = "step_"
 
 class CheckpointError(ValueError):
     """A checkpoint that is missing, incomplete or does not match its manifest."""
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _write_json(path: Path, obj) -> None:
@@ -97,7 +87,7 @@ def save_checkpoint(root, step: int, config, tensors: dict, optimizer_state: dic
     for p in sorted(tmp.rglob("*")):
         if p.is_file():
             fsync_path(p)
-            files[p.relative_to(tmp).as_posix()] = {"sha256": _sha256(p), "bytes": p.stat().st_size}
+            files[p.relative_to(tmp).as_posix()] = {"sha256": sha256_file(p), "bytes": p.stat().st_size}
     _write_json(tmp / MANIFEST, {"format": FORMAT, "step": step, "files": files})
     fsync_path(tmp / MANIFEST)
     fsync_path(tmp)
@@ -148,23 +138,12 @@ def verify_checkpoint(ckpt) -> dict:
     if not mpath.is_file():
         raise CheckpointError(f"{mpath}: missing; {ckpt} is not a complete checkpoint")
     try:
-        manifest = json.loads(mpath.read_text())
-        files = manifest["files"]
-    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
-        raise CheckpointError(f"{mpath}: unreadable manifest ({type(e).__name__}: {e})") from None
+        manifest = verify_manifest(ckpt)
+    except HFFormatError as e:
+        raise CheckpointError(str(e)) from None
     for need in (TRAINER_STATE, OPTIMIZER, "config.json"):
-        if need not in files:
+        if need not in manifest["files"]:
             raise CheckpointError(f"{mpath}: lists no {need}; not a training checkpoint")
-    for name, info in files.items():
-        p = ckpt / name
-        if not p.is_file():
-            raise CheckpointError(f"{p}: listed in the manifest but missing")
-        size = p.stat().st_size
-        if size != info["bytes"]:
-            raise CheckpointError(
-                f"{p}: {size} bytes, the manifest says {info['bytes']}: the file is truncated or was replaced")
-        if _sha256(p) != info["sha256"]:
-            raise CheckpointError(f"{p}: sha256 differs from the manifest: the file is corrupted")
     return manifest
 
 

@@ -136,7 +136,8 @@ def build_model(cfg: TrainConfig, grid, ckpt_dir: Path | None = None):
     src = ckpt_dir or (cfg.model.init_from or None)
     try:
         if src is not None:
-            return load_model(src, tp_group=grid.tp_group, stage=stage)
+            # load_checkpoint verified a checkpoint's files already
+            return load_model(src, tp_group=grid.tp_group, stage=stage, check_manifest=ckpt_dir is None)
         return Model.from_config(llama, seed=cfg.train.seed, tp_group=grid.tp_group, stage=stage)
     except ValueError as e:   # e.g. a tp that does not fit a checkpoint's heads
         if ckpt_dir is not None:

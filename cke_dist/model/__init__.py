@@ -13,17 +13,18 @@ from .layout import LM_HEAD, param_shapes, param_specs
 from .llama import Model, check_names
 
 
-def load_model(model_dir, tp_group=None, stage=None) -> Model:
+def load_model(model_dir, tp_group=None, stage=None, check_manifest: bool = True) -> Model:
     """A Model from a Hugging Face directory (config.json + model.safetensors, or shards + index).
 
     With a tp group and/or a pipeline stage, each rank reads only its tensors and its slices of
-    them (memory-mapped), never a whole tensor it does not keep."""
+    them (memory-mapped), never a whole tensor it does not keep. A directory with a manifest.json
+    (a checkpoint of ours) is verified against it first (check_manifest=False: the caller just did)."""
     import os
 
     import numpy as np
 
     from .hf_io import open_hf_tensors, read_hf_config
-    config_dict = read_hf_config(model_dir)
+    config_dict = read_hf_config(model_dir, check_manifest)
     try:
         cfg = LlamaConfig.from_dict(config_dict)
     except ValueError as e:

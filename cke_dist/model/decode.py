@@ -205,7 +205,9 @@ class InferenceModel:
         from safetensors.numpy import load_file
 
         from cke_dist.model import LlamaConfig
+        from cke_dist.model.hf_io import verify_manifest
         _check_architecture(raw, d / "config.json")
+        verify_manifest(d)
         cfg = LlamaConfig.from_dict({k: v for k, v in raw.items() if k != "quantization_config"})
         tp = getattr(tp_group, "size", 1) if tp_group is not None else 1
         specs = param_specs(cfg, tp, tp_group.rank if tp > 1 else 0)

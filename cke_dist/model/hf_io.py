@@ -13,6 +13,7 @@ Rules this module keeps:
 - Files we write carry `{"format": "pt"}` metadata so `transformers.from_pretrained` loads them.
 Tests: tests/test_hf_io.py.
 """
+import hashlib
 import json
 import os
 import re
@@ -22,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 CONFIG_NAME = "config.json"
+MANIFEST = "manifest.json"   # our checkpoints' list of files with their sha256 (cke_dist.checkpoint)
 SINGLE_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
 _SHARD_RE = re.compile(r"^model-(\d{5})-of-(\d{5})\.safetensors$")
@@ -140,8 +142,9 @@ def _read_index(index_path: Path) -> dict[str, list[str]]:
     return shards
 
 
-def read_hf_config(path) -> dict:
-    """config.json of a Hugging Face model directory, checked to be a float (unquantized) model."""
+def read_hf_config(path, check_manifest: bool = True) -> dict:
+    """config.json of a Hugging Face model directory, checked to be a float (unquantized) model; the
+    directory's manifest (when it has one) is verified unless the caller just did."""
     path = Path(path)
     if not path.is_dir():
         raise FileNotFoundError(f"{path}: model directory not found")
@@ -158,6 +161,8 @@ def read_hf_config(path) -> dict:
     if quant is not None:
         raise HFFormatError(f"{config_path}: weights are quantized ({quant!r}); a quantized directory is for "
                             f"inference only: `cke-dist generate --model {path}` (train from the float checkpoint)")
+    if check_manifest:
+        verify_manifest(path)
     return config
 
 
@@ -190,6 +195,42 @@ def read_hf_dir(path) -> tuple[dict, dict[str, np.ndarray]]:
     """(config dict, {tensor name: float32 array}) of a Hugging Face model directory."""
     config = read_hf_config(path)
     return config, {n: f.read(n) for n, f in open_hf_tensors(path).items()}
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def verify_manifest(path) -> dict | None:
+    """When the directory has a manifest.json (a checkpoint of ours), check every file it lists
+    (present, its size, its sha256) and return it; None when there is no manifest. Every loader
+    of a directory calls this, so a corrupted checkpoint never loads silently."""
+    path = Path(path)
+    mpath = path / MANIFEST
+    if not mpath.is_file():
+        return None
+    try:
+        manifest = json.loads(mpath.read_text())
+        files = manifest["files"]
+        if not isinstance(files, dict):
+            raise TypeError("files must be an object")
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
+        raise HFFormatError(f"{mpath}: unreadable manifest ({type(e).__name__}: {e})") from None
+    for name, info in files.items():
+        p = path / name
+        if not p.is_file():
+            raise HFFormatError(f"{p}: listed in the manifest but missing")
+        size = p.stat().st_size
+        if size != info["bytes"]:
+            raise HFFormatError(
+                f"{p}: {size} bytes, the manifest says {info['bytes']}: the file is truncated or was replaced")
+        if sha256_file(p) != info["sha256"]:
+            raise HFFormatError(f"{p}: sha256 differs from the manifest: the file is corrupted")
+    return manifest
 
 
 def fsync_path(p: Path) -> None:
