@@ -29,6 +29,15 @@ def test_connect_with_no_usable_device_reports_every_peer_failed():
         pytest.skip("this machine has an RDMA device")
     links, failed = rdma.connect_rdma(MPI.COMM_SELF, [], ["here"], PROBE)
     assert links == {} and failed == {}  # no peers: nothing to set up, nothing failed
+    # with real peers (2 ranks): every pair is reported failed on both ends, with the reason
+    from mpirun import run_mpi
+    code = ("from mpi4py import MPI; from cke_dist.comm import rdma; c = MPI.COMM_WORLD; r = c.Get_rank()\n"
+            "p = rdma.probe(); links, failed = rdma.connect_rdma(c, [1 - r], ['a', 'b'], p)\n"
+            "assert links == {} and list(failed) == [1 - r], failed\n"
+            "assert failed[1 - r].startswith(f'rdma: setup failed on rank {r}: rdma: '), failed\n"
+            "print('failed reported', r)\n")
+    res = run_mpi(2, ["-c", code], timeout=60)
+    assert res.returncode == 0 and res.stdout.count("failed reported") == 2, res.stdout[-3000:]
 
 
 @pytest.mark.rdma
