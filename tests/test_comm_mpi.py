@@ -63,3 +63,14 @@ def test_closing_a_striped_world_ends_its_stream_threads():
             "assert not left, left; print('threads ended', w.rank)\n")
     res = run_mpi(2, ["-c", code], timeout=60, env={"CKE_TCP_STREAMS": "3", "CKE_TRANSPORT": "tcp"})
     assert res.returncode == 0 and res.stdout.count("threads ended") == 2, res.stdout[-3000:]
+
+
+def test_rank_0_prints_the_transport_plan_at_start_unless_quiet():
+    """The plan was log.info with no logging configured, so no user saw it."""
+    code = "from cke_dist.comm import init; w = init(); w.barrier()\n"
+    res = run_mpi(2, ["-c", code], timeout=60, env={"CKE_TRANSPORT": "auto"})
+    assert res.returncode == 0, res.stdout[-3000:]
+    assert res.stdout.count("cke-dist comm: transport=auto: 2 ranks on 1 host(s)") == 1, res.stdout
+    assert res.stdout.count("cke-dist comm:   shm: pairs 0-1 (same host)") == 1, res.stdout
+    quiet = run_mpi(2, ["-c", code], timeout=60, env={"CKE_COMM_QUIET": "1"})
+    assert quiet.returncode == 0 and "cke-dist comm:" not in quiet.stdout, quiet.stdout

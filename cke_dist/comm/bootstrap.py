@@ -11,8 +11,8 @@ Rules this module keeps:
 - Listening sockets bind to the job's address: `interface` (name or address),
   else the host name's address; loopback only when every rank is on one host.
 - Settings: arguments win, then CKE_TRANSPORT, CKE_COMM_INTERFACE,
-  CKE_COMM_TIMEOUT (seconds, per blocking call), CKE_COMM_HOSTNAME (test-only
-  host identity override).
+  CKE_COMM_TIMEOUT (seconds, per blocking call), CKE_COMM_QUIET (1: rank 0 does not
+  print the transport plan at start), CKE_COMM_HOSTNAME (test-only host identity override).
 - Aborting: with `abort_on_error` (the default under mpiexec) a CommError that
   goes uncaught, or one that was raised at all before the process exits, ends
   the whole job through `MPI.COMM_WORLD.Abort(1)` after printing the error.
@@ -65,10 +65,11 @@ def _check_addresses(facts):
                              f"or address the hosts share.")
 
 
-def init(transport=None, interface=None, timeout=None, abort_on_error=True) -> Communicator:
+def init(transport=None, interface=None, timeout=None, abort_on_error=True, quiet=None) -> Communicator:
     """The world communicator: under mpiexec/srun, or a size-1 world in one plain process.
 
-    Calling it again returns the same world.
+    Rank 0 prints to stderr which transport serves which pairs and why (one line per choice)
+    unless quiet (or CKE_COMM_QUIET=1). Calling it again returns the same world.
     """
     global _WORLD
     if _WORLD is not None:
@@ -113,6 +114,10 @@ def init(transport=None, interface=None, timeout=None, abort_on_error=True) -> C
             lambda peers: tcp.open_links(rank, peers, facts, token, listener, deadline),
             rdma_probe=facts[rank]["rdma"])
         listener.expect([])  # no pair left to accept (tcp.open_links is skipped when no pair uses tcp)
+        show = _setting(quiet, "CKE_COMM_QUIET", "0") not in (True, "1", "true", "yes")
+        if rank == 0 and show:
+            sys.stderr.write("".join(f"cke-dist comm: {line}\n" for line in plan.describe()))
+            sys.stderr.flush()
 
     engine = Engine()
     world = Communicator(range(size), rank, links, engine, hosts, timeout, "world", 0)

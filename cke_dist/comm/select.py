@@ -17,14 +17,12 @@ Tests: tests/test_select.py (plans from facts, the fallback, forced errors) and 
 """
 from __future__ import annotations
 
-import logging
 import os
 import socket
 from dataclasses import dataclass, field
 
 from .errors import TransportUnavailable
 
-log = logging.getLogger("cke_dist.comm")
 
 TRANSPORTS = ("auto", "tcp", "shm", "rdma")
 HOST_ENV = "CKE_COMM_HOSTNAME"
@@ -91,7 +89,7 @@ class Plan:
         return [p for p in range(len(self.hosts)) if p != rank and self.of(rank, p) == kind]
 
     def describe(self) -> list[str]:
-        """Lines for rank 0's log: which transport serves which pairs, and why."""
+        """Lines rank 0 prints at start: which transport serves which pairs, and why."""
         lines = [f"transport={self.transport}: {len(self.hosts)} ranks on {len(set(self.hosts))} host(s) "
                  f"({_layout(self.hosts)})"]
         groups: dict[tuple[str, str], list[str]] = {}
@@ -198,7 +196,4 @@ def open_links(comm, the_plan: Plan, open_tcp, *, rdma_probe=None, shm_options=N
             links.pop(p).close()
     if tcp_peers:
         links.update(open_tcp(tcp_peers))
-    if rank == 0:
-        for line in final.describe():
-            log.info("cke-dist comm: %s", line)
-    return links, final
+    return links, final   # bootstrap.init prints final.describe() on rank 0
