@@ -82,7 +82,8 @@ def resolve_config(config_path, overrides, resume_path) -> tuple[TrainConfig, Pa
     try:
         saved = TrainConfig.from_dict(json.loads(state_path.read_text())["config"], str(state_path))
     except (OSError, json.JSONDecodeError, KeyError) as e:
-        raise CheckpointError(f"{state_path}: cannot read the saved training config ({type(e).__name__}: {e})")
+        raise CheckpointError(f"{state_path}: cannot read the saved training config ({type(e).__name__}: {e})") \
+            from None
     cfg = load_config(config_path, overrides, base=saved)
     if cfg.model != saved.model:
         diff = [f"model.{k}: checkpoint {v!r}, now {getattr(cfg.model, k)!r}"

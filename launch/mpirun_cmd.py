@@ -29,9 +29,9 @@ def load(path: str) -> dict:
         with open(path, "rb") as f:
             cfg = tomllib.load(f)
     except FileNotFoundError:
-        raise SystemExit(f"{path}: no such cluster config")
+        raise SystemExit(f"{path}: no such cluster config") from None
     except tomllib.TOMLDecodeError as e:
-        raise SystemExit(f"{path}: not valid TOML: {e}")
+        raise SystemExit(f"{path}: not valid TOML: {e}") from None
     unknown = set(cfg) - KEYS
     if unknown:
         raise SystemExit(f"{path}: unknown keys {sorted(unknown)}; valid keys: {sorted(KEYS)}")

@@ -45,7 +45,8 @@ def run_mpi(n: int, args, timeout: float = 120, env=None, mpi_flags=()) -> subpr
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         out, _ = proc.communicate()
-        raise AssertionError(f"{' '.join(cmd)} still running after {timeout}s; killed. Output:\n{out[-6000:]}")
+        raise AssertionError(f"{' '.join(cmd)} still running after {timeout}s; killed. Output:\n{out[-6000:]}") \
+            from None
     return subprocess.CompletedProcess(cmd, proc.returncode, out, None)
 
 

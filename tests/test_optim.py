@@ -34,7 +34,7 @@ def test_matches_torch_with_lr_override(make_ours, make_ref):
     p = torch.tensor(m.params.copy(), requires_grad=True)
     ours, ref = make_ours(m), make_ref(p)
     r = np.random.default_rng(5)
-    for step, lr in enumerate([None, 0.05, None, 0.001, None]):
+    for lr in [None, 0.05, None, 0.001, None]:
         g = r.standard_normal(m.grads.size).astype(np.float32)
         m.grads[...] = g
         p.grad = torch.from_numpy(g.copy())
