@@ -101,7 +101,10 @@ def main(argv=None):
     ap.add_argument("--algos", action="store_true", help="ring vs recursive doubling instead of the table")
     ap.add_argument("--hosts", type=int, default=None,
                     help="pose the ranks as this many hosts (shm inside, tcp across: the mixed row)")
+    ap.add_argument("--smoke", action="store_true", help="two small sizes, a short budget, no gloo: checks it runs")
     args = ap.parse_args(argv)
+    if args.smoke:
+        args.sizes, args.budget, args.no_gloo = "4K,256K", 0.2, True
     if args.hosts is not None:
         pose_hosts(args.hosts)
 

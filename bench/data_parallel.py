@@ -30,7 +30,7 @@ SMALL = dict(hidden=64, layers=2, heads=4, kv_heads=2, intermediate=128, vocab=2
 
 def parse(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--small", action="store_true", help="a tiny model and 3 steps: a quick check that it runs")
+    p.add_argument("--small", "--smoke", action="store_true", help="a tiny model and 3 steps: a quick check that it runs")
     p.add_argument("--steps", type=int, help="timed steps per configuration (median reported)")
     p.add_argument("--bucket-mb", type=float, default=25.0)
     p.add_argument("--no-torch", action="store_true", help="time ours only")

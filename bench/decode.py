@@ -34,7 +34,11 @@ def parse():
     p.add_argument("--gemv-mib", type=int, default=1024,
                    help="float32 bytes cycled through per shape in --gemv (far beyond L3: DRAM speed)")
     p.add_argument("--bandwidth-mib", type=int, default=2048, help="buffer size of the bandwidth probe")
-    return p.parse_args()
+    p.add_argument("--smoke", action="store_true", help="seconds: --small, 1 thread, 4 tokens, no torch (checks it runs)")
+    a = p.parse_args()
+    if a.smoke:
+        a.small, a.threads, a.new_tokens, a.no_torch, a.bandwidth_mib = True, "1", 4, True, 64
+    return a
 
 
 args = parse()

@@ -22,7 +22,10 @@ def main():
     ap.add_argument("--slot-kib", type=int, default=1024, help="payload KiB per slot (+ the 64-byte header)")
     ap.add_argument("--slots", type=int, default=4)
     ap.add_argument("--iters", type=int, default=10)
+    ap.add_argument("--smoke", action="store_true", help="small slots, two iterations: checks that it runs")
     args = ap.parse_args()
+    if args.smoke:
+        args.slot_kib, args.iters = 64, 2
     comm = MPI.COMM_WORLD
     rank, size = comm.Get_rank(), comm.Get_size()
     if size != 2:

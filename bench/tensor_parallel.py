@@ -25,7 +25,7 @@ from machine import machine_line
 
 def parse(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--small", action="store_true", help="a tiny model and 3 steps: a quick check that it runs")
+    p.add_argument("--small", "--smoke", action="store_true", help="a tiny model and 3 steps: a quick check that it runs")
     p.add_argument("--steps", type=int, help="timed steps per configuration (median reported)")
     p.add_argument("--no-torch", action="store_true", help="time ours only")
     p.add_argument("--timeout", type=float, default=900, help="seconds per configuration before it is killed")

@@ -30,7 +30,12 @@ def parse():
     p.add_argument("--kv-heads", type=int, default=4)
     p.add_argument("--vocab", type=int, default=8192)
     p.add_argument("--no-torch", action="store_true", help="time ours only")
-    return p.parse_args()
+    p.add_argument("--smoke", action="store_true", help="a tiny model, one step each: checks that it runs")
+    a = p.parse_args()
+    if a.smoke:
+        a.repeats, a.warmup, a.batch, a.seq, a.layers, a.hidden = 1, 1, 2, 32, 1, 64
+        a.intermediate, a.heads, a.kv_heads, a.vocab = 128, 4, 2, 256
+    return a
 
 
 args = parse()

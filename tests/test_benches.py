@@ -1,0 +1,34 @@
+"""Every bench runs at its --smoke size and prints its table (its speed is measured by hand, not here:
+a bench nothing ran once broke unseen)."""
+import os
+import subprocess
+import sys
+
+import pytest
+
+from mpirun import REPO, THREAD_VARS, run_mpi
+
+ONE_PROCESS = {
+    "train_step.py": "ratio ours/torch tokens/s",
+    "decode.py": "| threads | read GB/s",
+    "data_parallel.py": "ours/torch at dp=2",
+    "tensor_parallel.py": "tp=2 / torch eager at 2 threads",
+    "pipeline.py": "zb bubble",
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("bench, last", list(ONE_PROCESS.items()))
+def test_bench_smoke(bench, last):
+    env = dict(os.environ, **{v: "1" for v in THREAD_VARS})
+    res = subprocess.run([sys.executable, str(REPO / "bench" / bench), "--smoke"], cwd=REPO, env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, (res.stdout + res.stderr)[-4000:]
+    assert last in res.stdout, res.stdout[-3000:]
+
+
+@pytest.mark.parametrize("bench, last", [("allreduce.py", "256 KiB"), ("shm_link.py", "  67108864 ")])
+def test_two_rank_bench_smoke(bench, last):
+    res = run_mpi(2, [str(REPO / "bench" / bench), "--smoke"], timeout=120)
+    assert res.returncode == 0, res.stdout[-4000:]
+    assert last in res.stdout, res.stdout[-3000:]
