@@ -168,6 +168,38 @@ def evaluate(model, sampler: BatchSampler, n_batches: int, grid) -> float:
     return float(np.mean([model.loss(*sampler.batch(i, rows)) for i in range(n_batches)]))
 
 
+def job_digest(cfg: TrainConfig, resume: Path | None) -> bytes:
+    """sha256 of what every rank must agree on: the resolved config (out_dir aside: its default is
+    each rank's clock), the resume path, and the code (cke_dist and cke_kernels sources)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    d = cfg.to_dict()
+    d["train"] = {k: v for k, v in d["train"].items() if k != "out_dir"}
+    h.update(json.dumps({"config": d, "resume": str(resume)}, sort_keys=True).encode())
+    import cke_kernels
+    for root in (Path(__file__).parent, Path(cke_kernels.__file__).parent):
+        for f in sorted(root.rglob("*.py")):
+            h.update(f.read_bytes())
+    return h.digest()
+
+
+def check_same_job(world, cfg: TrainConfig, resume: Path | None) -> None:
+    """Every rank runs the same config and code, or every rank stops with the ranks that differ named
+    (before anything else is communicated, so a mismatch is an error, not a hang in a collective)."""
+    if world.size == 1:
+        return
+    mine = np.frombuffer(job_digest(cfg, resume), np.int64)
+    every = np.zeros(world.size * mine.size, np.int64)
+    world.allgather(mine, every)
+    every = every.reshape(world.size, -1)
+    bad = [r for r in range(world.size) if (every[r] != every[0]).any()]
+    if bad:
+        raise ConfigError(f"rank(s) {', '.join(map(str, bad))} run another config or code version than rank 0 "
+                          f"(a digest of the resolved config, --resume and the cke_dist sources differs); launch "
+                          f"every rank with the same arguments and installation")
+
+
 def make_grid(world, cfg: TrainConfig):
     """The dp x pp x tp grid of the config over this world, or a ConfigError that every rank raises
     alike (nothing has been communicated yet, so no rank waits for another)."""
@@ -229,6 +261,7 @@ def train(cfg: TrainConfig, resume: Path | None = None, progress: bool = True) -
     from .parallel import GradBuckets, ParallelGrads, average_over_dp, check_params_in_sync, sync_params, train_step
 
     world = init()  # under mpiexec: every rank; one plain process: a size-1 world
+    check_same_job(world, cfg, resume)
     grid = make_grid(world, cfg)
     dp_rank, dp_size = grid.dp_rank, grid.dp
     is_rank0 = grid.world.rank == 0

@@ -1,6 +1,7 @@
 """The training job end to end on tiny models: learning, accumulation, resume, CLI errors."""
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -194,3 +195,18 @@ def test_init_from_hf_dir_and_mismatched_tensors(tmp_path, capsys):
     code, err = _cli(capsys, *sum((["--set", s] for s in TINY), []), "--set", f"model.init_from={tmp_path / 'bad'}",
                      "--set", f"train.out_dir={tmp_path / 'c'}")
     assert code == 2 and "bad" in err and "model.norm.weight" in err and "(7,)" in err
+
+
+def test_ranks_with_different_configs_stop_at_start_naming_them(tmp_path):
+    """Rank 1 launched with another optim.lr: both ranks stop at once with rank 1 named, no hang."""
+    from mpirun import mpiexec
+    corpus = tmp_path / "c.txt"
+    corpus.write_bytes(bytes(range(32, 120)) * 200)
+    base = [sys.executable, "-m", "cke_dist.cli", "train", "--no-progress", "--set", f"data.path={corpus}",
+            "--set", "train.steps=2", "--set", f"train.out_dir={tmp_path / 'run'}", "--set", "sample.max_new_tokens=0"]
+    cmd = [mpiexec(), "-n", "1", *base, ":", "-n", "1", *base, "--set", "optim.lr=1e-3"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", NUMBA_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1")
+    res = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    out = res.stdout + res.stderr
+    assert res.returncode != 0
+    assert out.count("rank(s) 1 run another config or code version than rank 0") == 2, out[-3000:]
