@@ -95,6 +95,7 @@ class ParallelSection:
     pp: int = 1                  # pipeline stages (data.grad_accum micro-batches flow through them)
     pp_layers: list = field(default_factory=list)   # layers per stage, e.g. [3, 5]; [] = even split
     schedule: str = "1f1b"       # "1f1b" | "gpipe" | "zb" (zero-bubble ZB-H1)
+    zero: int = 0                # 1: ZeRO-1, optimizer state sharded over dp (gradients reduce-scattered)
 
 
 @dataclass
@@ -251,6 +252,7 @@ def validate(cfg: TrainConfig) -> None:
     need(cfg.train.threads >= 0, "train.threads", "must be >= 0")
     need(cfg.parallel.tp >= 1, "parallel.tp", "must be >= 1")
     need(cfg.parallel.pp >= 1, "parallel.pp", "must be >= 1")
+    need(cfg.parallel.zero in (0, 1), "parallel.zero", "must be 0 or 1 (ZeRO stage 1)")
     need(cfg.parallel.schedule in ("1f1b", "gpipe", "zb"), "parallel.schedule", "must be 1f1b, gpipe or zb")
     need(not cfg.parallel.pp_layers or (len(cfg.parallel.pp_layers) == cfg.parallel.pp
                                         and min(cfg.parallel.pp_layers) >= 1), "parallel.pp_layers",

@@ -234,12 +234,12 @@ def shard_optimizer_state(model, state: dict) -> dict:
     return {k: shard(v) if isinstance(v, np.ndarray) and v.shape == (full,) else v for k, v in state.items()}
 
 
-def gather_checkpoint(model, optimizer, grid, pp_layers):
+def gather_checkpoint(model, state: dict, grid, pp_layers):
     """(full tensors, optimizer state in the one-process layout) of the whole model on world rank 0,
-    None elsewhere. Collective over the tp and pp groups of dp replica 0 (its ranks call it)."""
+    None elsewhere. state: the optimizer's, flat arrays in this rank's model layout. Collective over
+    the tp and pp groups of dp replica 0 (its ranks call it)."""
     from .parallel.pipeline import gather_stages
 
-    state = optimizer.state_dict()
     arrays = {k: v for k, v in state.items() if isinstance(v, np.ndarray) and v.shape == model.params.shape}
     full = gather_stages(model, grid, {"params": model.params, **arrays}, pp_layers)
     if full is None or grid.world.rank != 0:
@@ -258,7 +258,8 @@ def train(cfg: TrainConfig, resume: Path | None = None, progress: bool = True) -
     """Run the job; returns {"model", "out_dir", "checkpoint", "step", "loss", "val_loss", "sample"}."""
     from .comm import init
     from .model import load_model
-    from .parallel import GradBuckets, ParallelGrads, average_over_dp, check_params_in_sync, sync_params, train_step
+    from .parallel import (GradBuckets, ParallelGrads, Zero1, average_over_dp, check_params_in_sync, sync_params,
+                           train_step)
 
     world = init()  # under mpiexec: every rank; one plain process: a size-1 world
     check_same_job(world, cfg, resume)
@@ -294,14 +295,17 @@ def train(cfg: TrainConfig, resume: Path | None = None, progress: bool = True) -
     train_batches = BatchSampler(corpus.train, micro_rows * accum, seq_len, cfg.train.seed, TRAIN, data_path)
     val_batches = BatchSampler(corpus.val, micro_rows, seq_len, cfg.train.seed, VAL, data_path)
 
-    optimizer = build_optimizer(cfg, model)
+    # ZeRO-1: the optimizer sees only this dp rank's slice of the flat buffers
+    zero = Zero1(model, grid.dp_group) if cfg.parallel.zero else None
+    optimizer = build_optimizer(cfg, zero.shard if zero else model)
     if ckpt is not None:
         try:
-            optimizer.load_state_dict(shard_optimizer_state(model, ckpt.optimizer_state))
+            state = shard_optimizer_state(model, ckpt.optimizer_state)
+            optimizer.load_state_dict(zero.shard_state(state) if zero else state)
         except ValueError as e:
             raise CheckpointError(f"{ckpt.path / 'optimizer.npz'} does not fit optim.name = "
                                   f"{cfg.optim.name!r} and this model: {e}") from e
-    buckets = GradBuckets(model.grads, grid.dp_group, bucket_mb=cfg.train.bucket_mb)
+    buckets = GradBuckets(model.grads, None if zero else grid.dp_group, bucket_mb=cfg.train.bucket_mb)
     shared_grads = ParallelGrads(model, grid)
 
     steps = cfg.train.steps
@@ -321,9 +325,9 @@ def train(cfg: TrainConfig, resume: Path | None = None, progress: bool = True) -
             with open(metrics_path, "a") as f:
                 f.write(json.dumps(record) + "\n")
 
-    def checkpoint(step: int) -> Path | None:
+    def checkpoint(step: int, opt_state: dict) -> Path | None:
         """Collective over dp replica 0; world rank 0 writes and returns the path."""
-        gathered = gather_checkpoint(model, optimizer, grid, cfg.parallel.pp_layers)
+        gathered = gather_checkpoint(model, opt_state, grid, cfg.parallel.pp_layers)
         if gathered is None:
             return None
         state = {
@@ -354,7 +358,7 @@ def train(cfg: TrainConfig, resume: Path | None = None, progress: bool = True) -
                          for micro in range(accum)]
         try:
             loss, grad_norm = train_step(model, optimizer, grid, micro_batches, lr, cfg.optim.grad_clip, buckets,
-                                         shared_grads, cfg.parallel.schedule)
+                                         shared_grads, cfg.parallel.schedule, zero=zero)
         except FloatingPointError as e:
             raise FloatingPointError(f"{e} at step {step}; lower optim.lr or raise optim.warmup_steps") from None
         done = step + 1
@@ -376,8 +380,9 @@ def train(cfg: TrainConfig, resume: Path | None = None, progress: bool = True) -
                 bar.write(f"step {done}: train loss {loss:.4f}, val loss {val_loss:.4f}", file=sys.stderr)
         if (cfg.train.checkpoint_every and done % cfg.train.checkpoint_every == 0) or done == steps:
             check_params_in_sync(model, grid)  # every rank: a diverged replica is an error, not a checkpoint
+            opt_state = zero.full_state(optimizer) if zero else optimizer.state_dict()   # zero: collective over dp
             if writer_group:
-                last_ckpt = checkpoint(done)   # collective over tp; the path on world rank 0
+                last_ckpt = checkpoint(done, opt_state)   # collective over tp and pp; the path on world rank 0
     if bar is not None:
         bar.close()
     if start_step >= steps:

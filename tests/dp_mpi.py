@@ -227,3 +227,49 @@ def test_grid_groups_on_four_ranks(world):
             x = np.array([r], np.int64)
             group.allreduce(x)
             assert x[0] == sum(group.ranks), (axis, group.ranks)
+
+
+def test_zero1_matches_one_process_with_a_dp_th_of_the_optimizer_state(grid, sampler, reference):
+    """parallel.zero = 1: gradients reduce-scattered, each rank updating its slice with 1/dp of the
+    AdamW moments, parameters allgathered: equal to one process (and to zero = 0) within rounding."""
+    from cke_dist.optim import AdamW
+    from cke_dist.parallel import GradBuckets, ParallelGrads, Zero1, sync_params, train_step
+
+    model = new_model(seed=grid.dp_rank)
+    sync_params(model, grid)
+    zero = Zero1(model, grid.dp_group)
+    opt = AdamW(zero.shard, lr=LR, betas=(0.9, 0.95), weight_decay=0.1)
+    buckets = GradBuckets(model.grads, None)
+    grads = ParallelGrads(model, grid)
+    losses = []
+    for step in range(STEPS):
+        mbs = [sampler.micro_batch(step, 0, ROWS, grid.dp_rank, grid.dp)]
+        losses.append(train_step(model, opt, grid, mbs, LR, CLIP, buckets, grads, zero=zero)[0])
+    ref_model, ref_losses, _ = reference
+    np.testing.assert_allclose(losses, ref_losses, rtol=1e-6)
+    diff = np.abs(model.params - ref_model.params)
+    assert diff.max() < 5e-5 and np.median(diff) < 1e-7, diff.max()
+    every = gather_params(grid.world, model.params)
+    assert (every == every[0]).all()                       # the allgather leaves identical replicas
+    # the moments: a dp-th on each rank, and together the one-process ones
+    chunk = -(-model.num_params // grid.dp)
+    assert zero.state_bytes(opt) == 2 * 4 * (zero.hi - zero.lo) and zero.hi - zero.lo <= chunk
+    full = zero.full_state(opt)
+    ref_opt_state = reference_opt_state(sampler)
+    np.testing.assert_allclose(full["exp_avg"], ref_opt_state["exp_avg"], rtol=1e-3, atol=1e-7)
+    with pytest.raises(ValueError, match="reduce-scattered"):
+        train_step(model, opt, grid, mbs, LR, CLIP, GradBuckets(model.grads, grid.dp_group), grads, zero=zero)
+
+
+def reference_opt_state(sampler):
+    """The one-process AdamW moments after STEPS steps (the reference run's optimizer)."""
+    from cke_dist.optim import clip_grad_norm
+
+    model = new_model()
+    opt = adamw(model)
+    for step in range(STEPS):
+        model.zero_grad()
+        model.forward_backward(*sampler.batch(step))
+        clip_grad_norm(model.grads, CLIP)
+        opt.step(lr=LR)
+    return opt.state_dict()

@@ -214,3 +214,21 @@ def test_train_job_rank_killed_then_resumed_on_2_and_1_ranks(tmp_path):
     assert _val_loss(tmp_path / "resume2") == _val_loss(tmp_path / "ref")
     state = json.loads((find_checkpoint(tmp_path / "resume1") / "trainer_state.json").read_text())
     assert state["world_size"] == 1
+
+
+def test_zero1_job_and_its_checkpoints_load_into_zero0_and_back(tmp_path, corpus):
+    """mpiexec -n 2 cke-dist train --set parallel.zero=1 equals zero=0; a zero=1 checkpoint resumes
+    under zero=0 and a zero=0 one under zero=1 (the moments are saved whole)."""
+    from jobs import checkpoint_params, logged_losses, run_job
+
+    z0 = run_job(tmp_path, "z0", 2, "train.steps=6")
+    z1 = run_job(tmp_path, "z1", 2, "train.steps=6", "parallel.zero=1")
+    assert z0.returncode == 0 and z1.returncode == 0, (z0.stdout + z1.stdout)[-3000:]
+    np.testing.assert_allclose(logged_losses(tmp_path / "z1"), logged_losses(tmp_path / "z0"), rtol=1e-6)
+    ref = checkpoint_params(tmp_path / "z0", 6)
+    np.testing.assert_allclose(checkpoint_params(tmp_path / "z1", 6), ref, rtol=0, atol=5e-5)
+    for name, src, zero in (("z1_to_z0", "z1", "0"), ("z0_to_z1", "z0", "1")):
+        res = run_job(tmp_path, name, 2, "train.steps=6", f"parallel.zero={zero}",
+                      resume=tmp_path / src / "checkpoints" / "step_00000003")
+        assert res.returncode == 0, res.stdout[-3000:]
+        np.testing.assert_allclose(checkpoint_params(tmp_path / name, 6), ref, rtol=0, atol=5e-5, err_msg=name)

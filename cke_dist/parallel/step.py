@@ -73,17 +73,21 @@ class ParallelGrads:
 
 
 def train_step(model, opt, grid, micro_batches, lr: float, clip: float, buckets, grads: ParallelGrads | None = None,
-               schedule: str = "1f1b", stats: dict | None = None):
+               schedule: str = "1f1b", stats: dict | None = None, zero=None):
     """One optimizer step; returns (the loss averaged over micro-batches and dp, grad norm or None).
 
     micro_batches: this dp rank's K (inputs, targets) pairs (the same on every rank of a tp group and
     of a pipeline). A non-finite loss raises FloatingPointError on every rank before the
     parameters change. `stats`, when given, receives the pipeline schedule's (run_schedule).
+    zero: a cke_dist.parallel.zero.Zero1 (opt then updates its slice only; buckets must not reduce).
     """
     from cke_dist.optim import clip_grad_norm
 
     if buckets.grads is not model.grads:
         raise ValueError("train_step: buckets were built over another buffer; use GradBuckets(model.grads, ...)")
+    if zero is not None and buckets.active:
+        raise ValueError("train_step: with ZeRO-1 the gradients are reduce-scattered; build the buckets with "
+                         "no group (GradBuckets(model.grads, None))")
     if buckets.group is not None and tuple(buckets.group.ranks) != tuple(grid.dp_group.ranks):
         raise ValueError(f"train_step: buckets reduce over ranks {buckets.group.ranks}, but the grid's dp group "
                          f"is {grid.dp_group.ranks}; use GradBuckets(model.grads, grid.dp_group)")
@@ -113,11 +117,19 @@ def train_step(model, opt, grid, micro_batches, lr: float, clip: float, buckets,
     loss_h = group.allreduce(loss_buf, op="avg", async_op=True) if group.size > 1 else None
     buckets.finish()
     grads.sum_shared()
+    if zero is not None:
+        zero.reduce_scatter_grads()
     if loss_h is not None:
         loss_h.wait()
     loss = float(loss_buf[0])
     if not np.isfinite(loss):
         raise FloatingPointError(f"loss is {loss} (averaged over {group.size} data-parallel ranks, lr {lr:.3g})")
-    norm = clip_grad_norm(model.grads, clip, norm=grads.norm()) if clip > 0 else None
-    opt.step(lr=lr)
+    if zero is None:
+        norm = clip_grad_norm(model.grads, clip, norm=grads.norm()) if clip > 0 else None
+        opt.step(lr=lr)
+    else:
+        norm = clip_grad_norm(zero.shard.grads, clip, norm=zero.norm(grads.owned, (grads.tp, grads.pp))) \
+            if clip > 0 else None
+        opt.step(lr=lr)
+        zero.allgather_params()
     return loss, norm
