@@ -61,6 +61,11 @@ def batches(s, rank, n):
     return out
 
 
+def micro_batch_of(s, rank):
+    """One (inputs, targets) batch of this rank's rows (the first of `batches`)."""
+    return batches(s, rank, 1)[0]
+
+
 def worker_ours(s, bucket_mb, overlap=True):
     from cke_dist.comm import init
     from cke_dist.model import Model

@@ -14,6 +14,7 @@ ONE_PROCESS = {
     "data_parallel.py": "ours/torch at dp=2",
     "tensor_parallel.py": "tp=2 / torch eager at 2 threads",
     "pipeline.py": "zb bubble",
+    "zero_memory.py": "zero=1 / zero=0: optimizer state 0.50x",
 }
 
 

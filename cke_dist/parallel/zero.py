@@ -38,16 +38,21 @@ class Zero1:
         r = dp_group.rank if dp_group is not None else 0
         self.lo, self.hi = min(n, r * self.chunk), min(n, (r + 1) * self.chunk)
         self.shard = _Shard(model.params[self.lo:self.hi], model.grads[self.lo:self.hi])
-        self._pad = np.zeros(self.chunk * dp, np.float32)          # grads in, then params out
+        # a buffer dp does not divide is padded for the collectives (equal parts); one it divides is
+        # used as it is, so ZeRO adds no model-sized buffer of its own
+        self._exact = self.chunk * dp == n
+        self._pad = None if self._exact else np.zeros(self.chunk * dp, np.float32)
         self._mine = np.zeros(self.chunk, np.float32)
 
     def reduce_scatter_grads(self) -> None:
         """model.grads[lo:hi] <- the dp average of this slice (the rest of model.grads is stale)."""
         if self.dp == 1:
             return
-        n = self.model.num_params
-        self._pad[:n] = self.model.grads
-        self.group.reduce_scatter(self._pad, self._mine, op="avg")
+        if self._exact:
+            self.group.reduce_scatter(self.model.grads, self._mine, op="avg")
+        else:
+            self._pad[:self.model.num_params] = self.model.grads
+            self.group.reduce_scatter(self._pad, self._mine, op="avg")
         self.shard.grads[...] = self._mine[:self.hi - self.lo]
 
     def norm(self, owned, groups) -> float:
@@ -68,10 +73,12 @@ class Zero1:
     def allgather_params(self) -> None:
         if self.dp == 1:
             return
-        n = self.model.num_params
         self._mine[:self.hi - self.lo] = self.shard.params
-        self.group.allgather(self._mine, self._pad)
-        self.model.params[...] = self._pad[:n]
+        if self._exact:   # every slice lands in place, this rank's own included
+            self.group.allgather(self._mine, self.model.params)
+        else:
+            self.group.allgather(self._mine, self._pad)
+            self.model.params[...] = self._pad[:self.model.num_params]
 
     def state_bytes(self, optimizer) -> int:
         """Bytes of optimizer state this rank holds."""
