@@ -15,6 +15,7 @@ COMMANDS = {
     "compare": ("cke_dist.compare", "check our numbers against the PyTorch reference"),
     "quantize": ("cke_dist.quantize", "write a Q8_0 copy of a model directory"),
     "info": ("cke_dist.info", "transports, RDMA devices, MPI library, threads"),
+    "plot": ("cke_dist.plot", "loss and tokens/s curves of training runs, as a PNG"),
 }
 
 

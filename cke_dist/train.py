@@ -400,7 +400,7 @@ def train(cfg: TrainConfig, resume: Path | None = None, progress: bool = True) -
             print(f"--- sample (temperature {cfg.sample.temperature}) ---\n{sample}\n---")
     if is_rank0 and last_ckpt is not None:
         print(f"cke-dist train: step {steps}, train loss {loss:.4f}, val loss {val_loss:.4f}; "
-              f"checkpoint {last_ckpt}", file=sys.stderr)
+              f"checkpoint {last_ckpt}; loss curves: cke-dist plot {out_dir}", file=sys.stderr)
     return {"model": model, "out_dir": out_dir, "checkpoint": last_ckpt, "step": max(steps, start_step),
             "loss": loss, "val_loss": val_loss, "sample": sample}
 
