@@ -18,6 +18,7 @@ Tests: tests/test_checkpoint.py, resume in tests/test_train_job.py.
 """
 import json
 import os
+import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -59,6 +60,23 @@ def load_optimizer_state(path: Path) -> dict:
         return {k: (z[k].item() if z[k].ndim == 0 else z[k]) for k in z.files}
 
 
+_LEFTOVER = re.compile(r"^\.(tmp|old)-step_\d{8}-(\d+)$")
+
+
+def remove_leftovers(root: Path) -> list[Path]:
+    """Remove the `.tmp-step_*-PID` / `.old-step_*-PID` directories a crashed save left in root (ours
+    by name, and only those of processes no longer alive, so a save running beside us is kept)."""
+    from .comm.shm import pid_alive
+
+    gone = []
+    for p in root.iterdir():
+        m = _LEFTOVER.match(p.name)
+        if m and p.is_dir() and not pid_alive(int(m.group(2))):
+            shutil.rmtree(p, ignore_errors=True)
+            gone.append(p)
+    return gone
+
+
 def step_dir_name(step: int) -> str:
     return f"{_STEP_PREFIX}{step:08d}"
 
@@ -72,6 +90,7 @@ def save_checkpoint(root, step: int, config, tensors: dict, optimizer_state: dic
     both first: cke_dist.train.gather_checkpoint)."""
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
+    remove_leftovers(root)
     final = root / step_dir_name(step)
     tmp = root / f".tmp-{final.name}-{os.getpid()}"
     if tmp.exists():

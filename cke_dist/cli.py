@@ -16,6 +16,7 @@ COMMANDS = {
     "quantize": ("cke_dist.quantize", "write a Q8_0 copy of a model directory"),
     "info": ("cke_dist.info", "transports, RDMA devices, MPI library, threads"),
     "plot": ("cke_dist.plot", "loss and tokens/s curves of training runs, as a PNG"),
+    "export": ("cke_dist.export", "a checkpoint as a plain Hugging Face directory (sharded weights + index)"),
 }
 
 

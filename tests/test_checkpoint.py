@@ -119,3 +119,22 @@ def test_every_loader_of_a_checkpoint_verifies_its_manifest(tmp_path):
             load(path)
     with pytest.raises(CheckpointError, match="sha256 differs"):
         load_checkpoint(path)
+
+
+def test_leftovers_of_a_crashed_save_are_removed_at_the_next(tmp_path):
+    """Only ours by name, and only those of dead processes (a save running beside us keeps its own)."""
+    import os
+    import subprocess
+    import sys
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True).stdout.strip()
+    root = tmp_path / "ckpts"
+    crashed = root / f".tmp-step_00000003-{dead}"
+    running = root / f".tmp-step_00000004-{os.getppid()}"
+    other = root / ".tmp-notes"
+    for d in (crashed, running, other):
+        d.mkdir(parents=True)
+        (d / "model.safetensors").write_bytes(b"half")
+    _save(root, step=5)
+    assert not crashed.exists() and running.exists() and other.exists()
+    assert [p.name for p in list_checkpoints(root)] == ["step_00000005"]
