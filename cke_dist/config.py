@@ -81,6 +81,7 @@ class TrainSection:
     eval_batches: int = 4
     checkpoint_every: int = 200  # 0 = only at the end
     keep_checkpoints: int = 2    # newest step_* directories kept in out_dir/checkpoints
+    checkpoint_timeout: float = 3600.0   # seconds the other ranks wait while rank 0 writes a checkpoint
     log_every: int = 10          # metrics.jsonl lines (rank 0)
     # BLAS + numba threads; 0 = the libraries' defaults. 1 for the built-in model: its GEMMs are too
     # small to gain from a second thread, and on a shared machine synchronised threads lose badly.
@@ -247,6 +248,7 @@ def validate(cfg: TrainConfig) -> None:
     need(cfg.train.eval_batches >= 1, "train.eval_batches", "must be >= 1")
     need(cfg.train.checkpoint_every >= 0, "train.checkpoint_every", "must be >= 0")
     need(cfg.train.keep_checkpoints >= 1, "train.keep_checkpoints", "must be >= 1")
+    need(cfg.train.checkpoint_timeout > 0, "train.checkpoint_timeout", "must be > 0 (seconds)")
     need(cfg.train.log_every >= 1, "train.log_every", "must be >= 1")
     need(cfg.train.bucket_mb > 0, "train.bucket_mb", "must be > 0 (MiB of gradients per allreduce)")
     need(cfg.train.threads >= 0, "train.threads", "must be >= 0")

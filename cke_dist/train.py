@@ -383,6 +383,9 @@ def train(cfg: TrainConfig, resume: Path | None = None, progress: bool = True) -
             opt_state = zero.full_state(optimizer) if zero else optimizer.state_dict()   # zero: collective over dp
             if writer_group:
                 last_ckpt = checkpoint(done, opt_state)   # collective over tp and pp; the path on world rank 0
+            # rank 0 may write for longer than the comm deadline: the others wait here, under a deadline
+            # of its own, rather than in the next step's first collective
+            world.barrier(timeout=cfg.train.checkpoint_timeout)
     if bar is not None:
         bar.close()
     if start_step >= steps:

@@ -210,3 +210,34 @@ def test_ranks_with_different_configs_stop_at_start_naming_them(tmp_path):
     out = res.stdout + res.stderr
     assert res.returncode != 0
     assert out.count("rank(s) 1 run another config or code version than rank 0") == 2, out[-3000:]
+
+
+SLOW_WRITE = ["model.hidden_size=1024", "model.intermediate_size=4096", "model.num_hidden_layers=8",
+              "model.num_attention_heads=8", "model.num_key_value_heads=8", "model.max_position_embeddings=32",
+              "data.seq_len=16", "data.batch_size=2", "train.steps=2", "train.checkpoint_every=1", "train.eval_every=0",
+              "train.eval_batches=1", "sample.max_new_tokens=0"]
+
+
+@pytest.mark.slow
+def test_a_checkpoint_slower_than_the_comm_deadline_does_not_abort_the_job(tmp_path):
+    """A 134M-parameter checkpoint (1.6 GB with the moments, sha256 and fsync) takes rank 0 longer
+    than a 2 s comm deadline; the other rank waits in a barrier with the checkpoint's own deadline
+    instead of timing out in the next step. Given that same 2 s as train.checkpoint_timeout, the job
+    fails in that barrier: the write really is slower than the deadline."""
+    from cke_dist.checkpoint import verify_checkpoint
+    from mpirun import run_mpi
+    corpus = tmp_path / "c.txt"
+    corpus.write_bytes(b"abcdefgh ijklmnop\n" * 2000)
+
+    def job(name, *extra):
+        args = ["-m", "cke_dist.cli", "train", "--no-progress", "--set", f"data.path={corpus}",
+                "--set", f"train.out_dir={tmp_path / name}"]
+        for s in [*SLOW_WRITE, *extra]:
+            args += ["--set", s]
+        return run_mpi(2, args, timeout=240, env={"CKE_COMM_TIMEOUT": "2"})
+
+    ok = job("ok")
+    assert ok.returncode == 0, ok.stdout[-3000:]
+    verify_checkpoint(tmp_path / "ok" / "checkpoints" / "step_00000001")
+    short = job("short", "train.checkpoint_timeout=2")
+    assert short.returncode != 0 and "barrier failed: shm deadline passed" in short.stdout, short.stdout[-3000:]

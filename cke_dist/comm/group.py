@@ -238,6 +238,22 @@ class Engine:
         return self._scratch[:nbytes]
 
 
+class _Deadline:
+    """A group seen by the collectives with another per-call deadline."""
+
+    def __init__(self, group, timeout):
+        self._group, self._timeout = group, timeout
+
+    def __getattr__(self, name):
+        return getattr(self._group, name)
+
+    def deadline(self):
+        return time.monotonic() + self._timeout
+
+    def post(self, link, mvs, tag):
+        return self._group._engine.post(link, mvs, tag, self.deadline)
+
+
 class _Family:
     """The engines of one process: the first is the world's. They share the first error."""
 
@@ -364,9 +380,12 @@ class Communicator:
             return buf
         return self._run("broadcast", go, async_op)
 
-    def barrier(self, async_op=False):
+    def barrier(self, async_op=False, timeout: float | None = None):
+        """Every rank waits for the others; `timeout` (seconds) replaces the group's deadline for this
+        barrier alone, for a wait known to be long (e.g. while rank 0 writes a checkpoint)."""
         tag = self._tag(_BARRIER)
-        return self._run("barrier", lambda: C.barrier(self, tag), async_op)
+        ctx = self if timeout is None else _Deadline(self, float(timeout))
+        return self._run("barrier", lambda: C.barrier(ctx, tag), async_op)
 
     def allgather(self, send, recv, async_op=False):
         """recv (size * send.size elements) = every rank's send, in group rank order."""
