@@ -7,7 +7,10 @@ Prints the command (or runs it with --exec). The config names the hosts and
 their slots, the network interface the ranks talk over, the transport and the
 grid; the grid must use every slot. Settings travel as -genv variables that
 cke_dist.comm reads (CKE_TRANSPORT, CKE_COMM_INTERFACE, CKE_COMM_TIMEOUT), plus
-one BLAS/numba thread count per rank.
+one BLAS/numba thread count per rank. A `cke-dist train` job also gets the grid and
+the thread count as `--set parallel.tp/pp` and `--set train.threads` right after
+`train` (so the job trains on the grid the config names; a --set of the user's,
+later on the line, still wins).
 """
 from __future__ import annotations
 
@@ -73,7 +76,16 @@ def command(cfg: dict, job: list[str]) -> list[str]:
            "-hosts", ",".join(f"{h['name']}:{h['slots']}" for h in hosts)]
     for k, v in env.items():
         cmd += ["-genv", k, v]
-    return cmd + job
+    return cmd + with_grid(job, cfg.get("grid", {}), threads)
+
+
+def with_grid(job: list[str], grid: dict, threads: str) -> list[str]:
+    """A `cke-dist train` job (or `python -m cke_dist.cli train`) with the config's grid and threads set."""
+    for i in range(1, len(job)):
+        if job[i] == "train" and (Path(job[i - 1]).name == "cke-dist" or job[i - 1] == "cke_dist.cli"):
+            sets = [f"parallel.tp={grid.get('tp', 1)}", f"parallel.pp={grid.get('pp', 1)}", f"train.threads={threads}"]
+            return job[:i + 1] + [x for s in sets for x in ("--set", s)] + job[i + 1:]
+    return job
 
 
 def main(argv=None) -> int:

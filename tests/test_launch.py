@@ -17,7 +17,9 @@ def test_two_host_config_makes_the_hydra_command():
     out = res.stdout.split()
     assert out[1:5] == ["-n", "8", "-hosts", "node1:4,node2:4"]
     assert "CKE_COMM_INTERFACE" in out and out[out.index("CKE_COMM_INTERFACE") + 1] == "eth0"
-    assert out[-2:] == ["cke-dist", "train"]
+    # the grid and thread count reach the train job (the user's own --set would come later and win)
+    assert out[-8:] == ["cke-dist", "train", "--set", "parallel.tp=1", "--set", "parallel.pp=1",
+                        "--set", "train.threads=1"]
 
 
 def test_localhost_config_runs_a_real_two_rank_job():
@@ -43,3 +45,14 @@ def test_unknown_key_is_named(tmp_path):
     cfg.write_text('hosts = [{ name = "a", slots = 1 }]\ntransprot = "tcp"\n')
     res = _run(str(cfg), "--", "true")
     assert res.returncode != 0 and "transprot" in res.stderr
+
+
+def test_a_configs_grid_reaches_the_train_job(tmp_path, corpus):
+    """grid = { tp = 2 } on two local slots: the job starts as dp=1 x tp=2 without any --set of ours."""
+    cfg = tmp_path / "tp2.toml"
+    cfg.write_text('hosts = [{ name = "localhost", slots = 2 }]\nthreads_per_rank = 1\ngrid = { tp = 2 }\n')
+    job = [sys.executable, "-m", "cke_dist.cli", "train", "--no-progress", "--set", f"data.path={tmp_path / 'corpus.txt'}",
+           "--set", "train.steps=2", "--set", "sample.max_new_tokens=0", "--set", f"train.out_dir={tmp_path / 'run'}"]
+    res = _run(str(cfg), "--exec", "--", *job, timeout=120)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "grid dp=1 x pp=1 x tp=2" in res.stdout + res.stderr
