@@ -33,6 +33,10 @@ class _Optimizer:
         self.lr = float(lr)
         self.step_count = 0
 
+    def state_names(self) -> tuple[str, ...]:
+        """The per-parameter state arrays (flat, the parameter layout) this optimizer keeps."""
+        return self._state_names
+
     def state_dict(self) -> dict:
         d = {name: getattr(self, name).copy() for name in self._state_names}
         d["step"] = self.step_count
@@ -93,6 +97,9 @@ class SGD(_Optimizer):
         self.dampening = float(dampening)
         self.nesterov = bool(nesterov)
         self.momentum_buffer = np.zeros_like(model.params) if momentum else np.zeros(0, np.float32)
+
+    def state_names(self) -> tuple[str, ...]:
+        return self._state_names if self.momentum else ()
 
     def load_state_dict(self, d: dict) -> None:
         if not self.momentum:

@@ -19,8 +19,8 @@ Rules this module keeps:
   pipeline schedule when pp > 1), averages the gradients over dp (bucketed, overlapped with
   backward), sums what model-parallel ranks share and clips by the global norm; the logged loss
   and the validation loss are the last stage's, dp-averaged; replicas are checked identical at
-  every checkpoint; dp replica 0 gathers its shards and stages and world rank 0 writes one full
-  checkpoint that loads on any layout. Without mpiexec the world is one process and the same
+  every checkpoint; the ranks of dp replica 0 each write their own slices into one checkpoint
+  that loads on any layout (cke_dist.checkpoint). Without mpiexec the world is one process and the same
   code runs.
 - Every bad input (config key, corpus, checkpoint) ends the job with one message naming the file
   or key, exit status 2.
@@ -33,11 +33,10 @@ from pathlib import Path
 
 import numpy as np
 
-from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from .checkpoint import CheckpointError, Shard, load_checkpoint, save_checkpoint
 from .config import ConfigError, TrainConfig, load_config, to_toml
 from .data import TRAIN, VAL, BatchSampler, DataError, open_corpus, rows_for_rank
 from .model import param_specs
-from .model.layout import offsets
 from .model.hf_io import HFFormatError
 from .schedule import lr_at
 
@@ -137,8 +136,7 @@ def build_model(cfg: TrainConfig, grid, ckpt_dir: Path | None = None):
     src = ckpt_dir or (cfg.model.init_from or None)
     try:
         if src is not None:
-            # load_checkpoint verified a checkpoint's files already
-            return load_model(src, tp_group=grid.tp_group, stage=stage, check_manifest=ckpt_dir is None)
+            return load_model(src, tp_group=grid.tp_group, stage=stage)
         return Model.from_config(llama, seed=cfg.train.seed, tp_group=grid.tp_group, stage=stage)
     except ValueError as e:   # e.g. a tp that does not fit a checkpoint's heads
         if ckpt_dir is not None:
@@ -200,7 +198,7 @@ def check_same_job(world, cfg: TrainConfig, resume: Path | None) -> None:
                           f"every rank with the same arguments and installation")
 
 
-def make_grid(world, cfg: TrainConfig):
+def make_grid(world, cfg: TrainConfig, resumed: bool = False):
     """The dp x pp x tp grid of the config over this world, or a ConfigError that every rank raises
     alike (nothing has been communicated yet, so no rank waits for another)."""
     from .parallel import ProcessGrid
@@ -210,7 +208,9 @@ def make_grid(world, cfg: TrainConfig):
         fits = [t for t in range(1, world.size + 1) if world.size % (t * pp) == 0]
         raise ConfigError(f"parallel.tp = {tp} x parallel.pp = {pp} does not divide the world of {world.size} "
                           f"rank(s): launch with mpiexec -n {tp * pp} (or a multiple), or set parallel.tp to "
-                          f"one of {fits}")
+                          f"one of {fits}" + ("; a resumed run keeps the checkpoint's [parallel] section "
+                                              "unless --set parallel.tp=T --set parallel.pp=P changes it "
+                                              "(any layout loads any checkpoint)" if resumed else ""))
     return ProcessGrid(world, pp=pp, tp=tp)
 
 
@@ -222,32 +222,6 @@ def describe_transports(grid) -> str:
             kinds = sorted({link.kind for link in group.links.values()})
             parts.append(f"{axis} over {'+'.join(kinds)}")
     return ", ".join(parts) or "one process"
-
-
-def shard_optimizer_state(model, state: dict) -> dict:
-    """A checkpoint's optimizer state (flat arrays in the one-process layout) -> this rank's shards."""
-    specs = param_specs(model.config)
-    full = sum(s.size for s in specs)
-
-    def shard(v):
-        return model.shard_named({s.name: v[a:b].reshape(s.full) for s, (a, b) in zip(specs, offsets(specs).values())})
-    return {k: shard(v) if isinstance(v, np.ndarray) and v.shape == (full,) else v for k, v in state.items()}
-
-
-def gather_checkpoint(model, state: dict, grid, pp_layers):
-    """(full tensors, optimizer state in the one-process layout) of the whole model on world rank 0,
-    None elsewhere. state: the optimizer's, flat arrays in this rank's model layout. Collective over
-    the tp and pp groups of dp replica 0 (its ranks call it)."""
-    from .parallel.pipeline import gather_stages
-
-    arrays = {k: v for k, v in state.items() if isinstance(v, np.ndarray) and v.shape == model.params.shape}
-    full = gather_stages(model, grid, {"params": model.params, **arrays}, pp_layers)
-    if full is None or grid.world.rank != 0:
-        return None
-    specs = param_specs(model.config)
-    opt = {k: (np.concatenate([full[k][s.name].reshape(-1) for s in specs]) if k in arrays else v)
-           for k, v in state.items()}
-    return {s.name: full["params"][s.name] for s in specs}, opt
 
 
 def _default_out_dir() -> Path:
@@ -263,10 +237,10 @@ def train(cfg: TrainConfig, resume: Path | None = None, progress: bool = True) -
 
     world = init()  # under mpiexec: every rank; one plain process: a size-1 world
     check_same_job(world, cfg, resume)
-    grid = make_grid(world, cfg)
+    grid = make_grid(world, cfg, resumed=resume is not None)
     dp_rank, dp_size = grid.dp_rank, grid.dp
     is_rank0 = grid.world.rank == 0
-    writer_group = grid.dp_rank == 0   # the replica that gathers checkpoints (and, pp = 1, generates the sample)
+    writer_group = grid.dp_rank == 0   # the replica that writes checkpoints (and, pp = 1, generates the sample)
 
     if cfg.train.threads:
         from cke_kernels.threads import set_num_threads
@@ -299,11 +273,12 @@ def train(cfg: TrainConfig, resume: Path | None = None, progress: bool = True) -
     zero = Zero1(model, grid.dp_group) if cfg.parallel.zero else None
     optimizer = build_optimizer(cfg, zero.shard if zero else model)
     if ckpt is not None:
+        # this rank's slices of the moments, whatever layout saved them
+        state = ckpt.optimizer_state(model.specs, optimizer.state_names())
         try:
-            state = shard_optimizer_state(model, ckpt.optimizer_state)
             optimizer.load_state_dict(zero.shard_state(state) if zero else state)
         except ValueError as e:
-            raise CheckpointError(f"{ckpt.path / 'optimizer.npz'} does not fit optim.name = "
+            raise CheckpointError(f"{ckpt.path}: its optimizer state does not fit optim.name = "
                                   f"{cfg.optim.name!r} and this model: {e}") from e
     buckets = GradBuckets(model.grads, None if zero else grid.dp_group, bucket_mb=cfg.train.bucket_mb)
     shared_grads = ParallelGrads(model, grid)
@@ -325,23 +300,28 @@ def train(cfg: TrainConfig, resume: Path | None = None, progress: bool = True) -
             with open(metrics_path, "a") as f:
                 f.write(json.dumps(record) + "\n")
 
-    def checkpoint(step: int, opt_state: dict) -> Path | None:
-        """Collective over dp replica 0; world rank 0 writes and returns the path."""
-        gathered = gather_checkpoint(model, opt_state, grid, cfg.parallel.pp_layers)
-        if gathered is None:
-            return None
+    def checkpoint(step: int) -> Path:
+        """Collective over the world: dp replica 0's ranks write their slices at once."""
+        opt_state = zero.full_state(optimizer) if zero else optimizer.state_dict()   # zero: collective over dp
+        shard = None
+        if writer_group:
+            shard = Shard(grid.pp_rank * grid.shape.tp + grid.tp_rank, grid.shape.pp * grid.shape.tp,
+                          model.specs, model.params, opt_state)
         state = {
             "config": cfg.to_dict(),
             # batches are a function of (seed, split, step): the data position is the step itself
             "data": {"path": str(data_path), "format": corpus.format, "seed": cfg.train.seed,
                      "next_step": step, "rng": "np.random.default_rng([seed, split, step])",
                      "train_tokens": int(len(corpus.train)), "val_tokens": int(len(corpus.val))},
+            "optimizer": {k: v for k, v in opt_state.items() if not isinstance(v, np.ndarray)},
             "tokens_seen": step * tokens_per_step,
             "world_size": grid.world.size,
             "grid": {"dp": grid.dp, "pp": grid.shape.pp, "tp": grid.shape.tp},
         }
-        return save_checkpoint(out_dir / "checkpoints", step, model.config, *gathered, state, corpus.tokenizer,
-                               keep=cfg.train.keep_checkpoints)
+        # the barriers inside wait under train.checkpoint_timeout: a write may take longer than the
+        # comm deadline without the waiting ranks timing out
+        return save_checkpoint(out_dir / "checkpoints", step, model.config, shard, state, corpus.tokenizer,
+                               keep=cfg.train.keep_checkpoints, world=world, timeout=cfg.train.checkpoint_timeout)
 
     bar = None
     if is_rank0 and progress:
@@ -380,12 +360,7 @@ def train(cfg: TrainConfig, resume: Path | None = None, progress: bool = True) -
                 bar.write(f"step {done}: train loss {loss:.4f}, val loss {val_loss:.4f}", file=sys.stderr)
         if (cfg.train.checkpoint_every and done % cfg.train.checkpoint_every == 0) or done == steps:
             check_params_in_sync(model, grid)  # every rank: a diverged replica is an error, not a checkpoint
-            opt_state = zero.full_state(optimizer) if zero else optimizer.state_dict()   # zero: collective over dp
-            if writer_group:
-                last_ckpt = checkpoint(done, opt_state)   # collective over tp and pp; the path on world rank 0
-            # rank 0 may write for longer than the comm deadline: the others wait here, under a deadline
-            # of its own, rather than in the next step's first collective
-            world.barrier(timeout=cfg.train.checkpoint_timeout)
+            last_ckpt = checkpoint(done)
     if bar is not None:
         bar.close()
     if start_step >= steps:

@@ -4,8 +4,9 @@ import json
 import numpy as np
 import pytest
 
-from cke_dist.checkpoint import (CheckpointError, find_checkpoint, list_checkpoints, load_checkpoint,
+from cke_dist.checkpoint import (CheckpointError, Shard, find_checkpoint, list_checkpoints, load_checkpoint,
                                  save_checkpoint, verify_checkpoint)
+from cke_dist.model.hf_io import HFFormatError
 from cke_dist.model import LlamaConfig, Model, load_model
 from cke_dist.optim import AdamW
 
@@ -26,8 +27,16 @@ def _trained(steps=2):
 
 
 def _write(root, step, model, opt, state, tokenizer, keep=None):
-    return save_checkpoint(root, step, model.config, dict(model.named_params), opt.state_dict(), state, tokenizer,
-                           keep=keep)
+    shard = Shard(0, 1, model.specs, model.params, opt.state_dict())
+    return save_checkpoint(root, step, model.config, shard, dict(state, optimizer={"step": opt.step_count}),
+                           tokenizer, keep=keep)
+
+
+def _read_all(path):
+    """What --resume reads: the trainer state, every weight and every optimizer moment."""
+    ck = load_checkpoint(path)
+    model = load_model(ck.path)
+    return ck, model, ck.optimizer_state(model.specs, ("exp_avg", "exp_avg_sq"))
 
 
 def _save(root, step=5, keep=None, model_opt=None):
@@ -39,20 +48,19 @@ def test_round_trip(tmp_path):
     path, model, opt = _save(tmp_path / "ckpts")
     assert path.name == "step_00000005"
     assert sorted(p.name for p in path.iterdir()) == [
-        "cke_tokenizer.json", "config.json", "manifest.json", "model.safetensors", "optimizer.npz",
+        "cke_tokenizer.json", "config.json", "manifest.json", "model.safetensors", "optimizer.safetensors",
         "trainer_state.json"]
     assert not [p for p in (tmp_path / "ckpts").iterdir() if p.name.startswith(".")]  # no temp dir left
     manifest = verify_checkpoint(path)
-    assert set(manifest["files"]) == {"cke_tokenizer.json", "config.json", "model.safetensors", "optimizer.npz",
-                                      "trainer_state.json"}
-    ck = load_checkpoint(tmp_path / "ckpts")  # a checkpoints root finds its newest step
-    assert ck.path == path and ck.trainer_state == {"config": {"k": 1}, "step": 5}
+    assert set(manifest["files"]) == {"cke_tokenizer.json", "config.json", "model.safetensors",
+                                      "optimizer.safetensors", "trainer_state.json"}
+    ck, again, loaded = _read_all(tmp_path / "ckpts")  # a checkpoints root finds its newest step
+    assert ck.path == path and ck.trainer_state == {"config": {"k": 1}, "optimizer": {"step": 2}, "step": 5}
     state = opt.state_dict()
-    assert ck.optimizer_state.keys() == state.keys()
-    assert ck.optimizer_state["step"] == state["step"] == 2 and isinstance(ck.optimizer_state["step"], int)
+    assert loaded.keys() == state.keys()
+    assert loaded["step"] == state["step"] == 2 and isinstance(loaded["step"], int)
     for k in ("exp_avg", "exp_avg_sq"):
-        np.testing.assert_array_equal(ck.optimizer_state[k], state[k])
-    again = load_model(path)
+        np.testing.assert_array_equal(loaded[k], state[k])
     np.testing.assert_array_equal(again.params, model.params)
     assert json.loads((path / "cke_tokenizer.json").read_text()) == {"type": "bytes"}
 
@@ -70,21 +78,22 @@ def test_run_dir_and_pruning(tmp_path):
     assert load_checkpoint(run).trainer_state["config"] == {"again": True}
 
 
-@pytest.mark.parametrize("victim", ["model.safetensors", "optimizer.npz", "trainer_state.json"])
+@pytest.mark.parametrize("victim", ["model.safetensors", "optimizer.safetensors", "trainer_state.json"])
 def test_corrupted_or_truncated_file_is_named(tmp_path, victim):
     path, _, _ = _save(tmp_path)
     f = path / victim
     data = bytearray(f.read_bytes())
     data[len(data) // 2] ^= 0x01
     f.write_bytes(bytes(data))
-    with pytest.raises(CheckpointError, match=rf"{victim}: sha256 differs.*corrupted"):
-        load_checkpoint(path)
+    with pytest.raises((CheckpointError, HFFormatError), match=rf"{victim}: sha256 differs.*corrupted"):
+        _read_all(path)
     f.write_bytes(bytes(data[:-3]))
-    with pytest.raises(CheckpointError, match=rf"{victim}: \d+ bytes, the manifest says \d+.*truncated"):
-        load_checkpoint(path)
+    with pytest.raises((CheckpointError, HFFormatError),
+                       match=rf"{victim}: \d+ bytes, the manifest says \d+.*truncated"):
+        _read_all(path)
     f.unlink()
-    with pytest.raises(CheckpointError, match=rf"{victim}: listed in the manifest but missing"):
-        load_checkpoint(path)
+    with pytest.raises((CheckpointError, HFFormatError), match=rf"{victim}: listed in the manifest but missing"):
+        _read_all(path)
 
 
 def test_incomplete_or_missing(tmp_path):
@@ -106,8 +115,6 @@ def test_every_loader_of_a_checkpoint_verifies_its_manifest(tmp_path):
     InferenceModel.from_dir loaded it silently; now each names the file."""
     from cke_dist.model import load_model
     from cke_dist.model.decode import InferenceModel
-    from cke_dist.model.hf_io import HFFormatError
-
     path, model, _ = _save(tmp_path / "ckpts")
     np.testing.assert_array_equal(load_model(path).params, model.params)   # intact: loads
     f = path / "model.safetensors"
@@ -118,7 +125,7 @@ def test_every_loader_of_a_checkpoint_verifies_its_manifest(tmp_path):
         with pytest.raises(HFFormatError, match="model.safetensors: sha256 differs from the manifest"):
             load(path)
     with pytest.raises(CheckpointError, match="sha256 differs"):
-        load_checkpoint(path)
+        verify_checkpoint(path)
 
 
 def test_leftovers_of_a_crashed_save_are_removed_at_the_next(tmp_path):

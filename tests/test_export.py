@@ -25,7 +25,7 @@ def test_export_of_a_tp_checkpoint_loads_in_transformers_with_the_same_logits(tm
     assert "model.safetensors.index.json" in files and "cke_tokenizer.json" in files
     shards = [f for f in files if f.startswith("model-0")]
     assert len(shards) > 1 and shards[-1].endswith(f"-of-{len(shards):05d}.safetensors")
-    assert not {"optimizer.npz", "trainer_state.json", "manifest.json"} & set(files)
+    assert not {"optimizer.safetensors", "trainer_state.json", "manifest.json"} & set(files)
     index = json.loads((out / "model.safetensors.index.json").read_text())
     ours = load_model(out)
     assert set(index["weight_map"]) == set(ours.named_params)

@@ -13,41 +13,40 @@ from .layout import LM_HEAD, param_shapes, param_specs
 from .llama import Model, check_names
 
 
-def load_model(model_dir, tp_group=None, stage=None, check_manifest: bool = True) -> Model:
+def load_model(model_dir, tp_group=None, stage=None) -> Model:
     """A Model from a Hugging Face directory (config.json + model.safetensors, or shards + index).
 
     With a tp group and/or a pipeline stage, each rank reads only its tensors and its slices of
-    them (memory-mapped), never a whole tensor it does not keep. A directory with a manifest.json
-    (a checkpoint of ours) is verified against it first (check_manifest=False: the caller just did)."""
+    them (memory-mapped), never a whole tensor it does not keep. A checkpoint of ours (any layout:
+    its manifest.json lists which slices each file holds) loads the same way onto any layout, each
+    file it reads verified against the manifest first."""
     import os
 
     import numpy as np
 
     from .hf_io import open_hf_tensors, read_hf_config
-    config_dict = read_hf_config(model_dir, check_manifest)
+    config_dict = read_hf_config(model_dir)
     try:
         cfg = LlamaConfig.from_dict(config_dict)
     except ValueError as e:
         raise ValueError(f"{os.path.join(os.fspath(model_dir), 'config.json')}: {e}") from None
-    files = open_hf_tensors(model_dir)
-    single = os.path.join(os.fspath(model_dir), "model.safetensors")
-    source = single if os.path.exists(single) else os.path.join(os.fspath(model_dir), "model-*.safetensors")
+    files = open_hf_tensors(model_dir)   # name -> pieces, each file verified when first read
+    source = os.path.join(os.fspath(model_dir), "model*.safetensors")
     model = Model(cfg, tp_group=tp_group, stage=stage)
     names = set(files)
     if cfg.tie_word_embeddings and LM_HEAD in names:
         # some tools write the tied head too; it must be the embedding (compared shard by shard)
         emb = next(s for s in param_specs(cfg, model.tp_size, model.tp_rank) if s.name == "model.embed_tokens.weight")
-        if not np.array_equal(files[LM_HEAD].read(LM_HEAD, emb.index), files[emb.name].read(emb.name, emb.index)):
+        if not np.array_equal(files.read(LM_HEAD, emb.index), files.read(emb.name, emb.index)):
             raise ValueError(f"{source}: config.json has tie_word_embeddings=true but lm_head.weight "
                              f"differs from model.embed_tokens.weight; set tie_word_embeddings=false")
         names.discard(LM_HEAD)
     check_names({s.name for s in param_specs(cfg)}, names, source)
     for spec in model.specs:
-        f = files[spec.name]
-        if f.shape(spec.name) != spec.full:
-            raise ValueError(f"{source}: tensor {spec.name} has shape {f.shape(spec.name)}, "
+        if files.shape(spec.name) != spec.full:
+            raise ValueError(f"{source}: tensor {spec.name} has shape {files.shape(spec.name)}, "
                              f"the config expects {spec.full}")
-        model.named_params[spec.name][...] = f.read(spec.name, spec.index)
+        model.named_params[spec.name][...] = files.read(spec.name, spec.index)
     return model
 
 

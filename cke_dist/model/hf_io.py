@@ -151,6 +151,11 @@ def read_hf_config(path, check_manifest: bool = True) -> dict:
     config_path = path / CONFIG_NAME
     if not config_path.is_file():
         raise FileNotFoundError(f"{config_path}: not found; a model directory needs config.json")
+    if check_manifest:
+        # the weight files are verified as they are read (open_hf_tensors), here what the config comes from
+        manifest = read_manifest(path)
+        if manifest is not None:
+            check_file(config_path, manifest["files"].get(CONFIG_NAME))
     try:
         config = json.loads(config_path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -161,40 +166,133 @@ def read_hf_config(path, check_manifest: bool = True) -> dict:
     if quant is not None:
         raise HFFormatError(f"{config_path}: weights are quantized ({quant!r}); a quantized directory is for "
                             f"inference only: `cke-dist generate --model {path}` (train from the float checkpoint)")
-    if check_manifest:
-        verify_manifest(path)
     return config
 
 
-def open_hf_tensors(path) -> dict[str, SafetensorsFile]:
-    """Tensor name -> the (header-checked) file that holds it, for the weights of an HF directory."""
+class TensorSource:
+    """HF tensor name -> its full shape and the pieces (file, stored name, region) that hold it.
+
+    A plain HF directory stores every tensor whole in one file; a distributed checkpoint of ours
+    stores each rank's slices in its own files and lists every piece's region of the full tensor
+    in manifest.json. `read(name, index)` assembles any rectangular part from the pieces it
+    overlaps, so a rank of any layout reads just its slices. Files are opened, and checked against
+    the manifest (size, sha256), the first time a read touches them: every file a loader reads is
+    verified, and none it does not need is read at all."""
+
+    def __init__(self, root: Path, pieces: dict[str, list[tuple[str, str, tuple]]], full: dict[str, tuple],
+                 manifest: dict | None = None):
+        self.root, self.pieces, self.full, self.manifest = root, pieces, full, manifest
+        self._open: dict[str, SafetensorsFile] = {}
+
+    def __contains__(self, name) -> bool:
+        return name in self.full
+
+    def __iter__(self):
+        return iter(self.full)
+
+    def names(self) -> list[str]:
+        return list(self.full)
+
+    def shape(self, name) -> tuple[int, ...]:
+        return self.full[name]
+
+    def file(self, fname: str) -> SafetensorsFile:
+        if fname not in self._open:
+            path = self.root / fname
+            if self.manifest is not None:
+                check_file(path, self.manifest["files"].get(fname))
+            self._open[fname] = SafetensorsFile(path)
+        return self._open[fname]
+
+    def read(self, name, index=()) -> np.ndarray:
+        full = self.full[name]
+        want = [(0, n) for n in full]
+        for d, sl in enumerate(index):
+            a, b, step = sl.indices(full[d])
+            if step != 1:
+                raise ValueError(f"{name}: read takes contiguous slices, got {sl}")
+            want[d] = (a, b)
+        out = np.empty([b - a for a, b in want], np.float32)
+        covered = 0
+        for fname, key, region in self.pieces[name]:
+            lo = [max(a, r0) for (a, _), (r0, _) in zip(want, region)]
+            hi = [min(b, r1) for (_, b), (_, r1) in zip(want, region)]
+            if any(h <= l for l, h in zip(lo, hi)):
+                continue
+            f = self.file(fname)
+            if f.shape(key) != tuple(r1 - r0 for r0, r1 in region):
+                raise HFFormatError(f"{f.path}: tensor {key!r} has shape {f.shape(key)}, the manifest gives it "
+                                    f"the region {list(region)} of {list(full)}")
+            src = tuple(slice(l - r0, h - r0) for l, h, (r0, _) in zip(lo, hi, region))
+            dst = tuple(slice(l - a, h - a) for l, h, (a, _) in zip(lo, hi, want))
+            out[dst] = f.read(key, src)
+            covered += int(np.prod([h - l for l, h in zip(lo, hi)], dtype=np.int64))
+        if covered != out.size:
+            raise HFFormatError(f"{self.root}: tensor {name!r}: the files cover {covered} of the {out.size} "
+                                f"elements of {want}; a part of the checkpoint is missing")
+        return out
+
+
+def _whole(root: Path, files: dict[str, tuple[SafetensorsFile, list[str]]]) -> TensorSource:
+    """A source over files that hold whole tensors (HF's layout), already opened."""
+    pieces, full = {}, {}
+    for fname, (f, names) in files.items():
+        for n in names:
+            pieces[n] = [(fname, n, tuple((0, k) for k in f.shape(n)))]
+            full[n] = f.shape(n)
+    src = TensorSource(root, pieces, full)
+    src._open.update({fname: f for fname, (f, _) in files.items()})
+    return src
+
+
+def open_hf_tensors(path, part: str = "model") -> TensorSource:
+    """The weights of an HF directory, or `part` ("model" or "optimizer") of a distributed checkpoint
+    of ours (its manifest lists every file's slices)."""
     path = Path(path)
+    manifest = read_manifest(path)
+    if manifest is not None and "tensors" in manifest:
+        pieces, full = {}, {}
+        for fname, entries in manifest["tensors"].get(part, {}).items():
+            for name, e in entries.items():
+                pieces.setdefault(name, []).append((fname, name, tuple(tuple(r) for r in e["region"])))
+                full[name] = tuple(e["full"])
+        if not full and part == "model":
+            raise HFFormatError(f"{path / MANIFEST}: lists no model tensors")
+        return TensorSource(path, pieces, full, manifest)
+    if part != "model":
+        raise HFFormatError(f"{path}: not a checkpoint of ours (no tensors in a {MANIFEST}); it has no {part} state")
+
+    def opened(p: Path) -> SafetensorsFile:
+        if manifest is not None:   # a directory of whole tensors with a manifest: check each file first
+            check_file(p, manifest["files"].get(p.name))
+        return SafetensorsFile(p)
     index_path = path / INDEX_NAME
     if index_path.is_file():
-        where = {}
+        files = {}
         for shard, names in _read_index(index_path).items():
             shard_path = path / shard
             if not shard_path.is_file():
                 raise FileNotFoundError(f"{shard_path}: shard listed in {index_path.name} not found")
-            f = SafetensorsFile(shard_path)
+            f = opened(shard_path)
             missing = [n for n in names if n not in f.header]
             if missing:
                 raise HFFormatError(
                     f"{shard_path}: {index_path.name} lists {len(missing)} tensor(s) this shard lacks, "
                     f"e.g. {missing[0]!r}")
-            where.update({n: f for n in names})
-        return where
+            files[shard] = (f, names)
+        return _whole(path, files)
     single = path / SINGLE_NAME
     if single.is_file():
-        f = SafetensorsFile(single)
-        return {n: f for n in f.names()}
+        f = opened(single)
+        return _whole(path, {SINGLE_NAME: (f, f.names())})
     raise FileNotFoundError(f"{path}: no {SINGLE_NAME} and no {INDEX_NAME}; nothing to load weights from")
 
 
 def read_hf_dir(path) -> tuple[dict, dict[str, np.ndarray]]:
     """(config dict, {tensor name: float32 array}) of a Hugging Face model directory."""
     config = read_hf_config(path)
-    return config, {n: f.read(n) for n, f in open_hf_tensors(path).items()}
+    src = open_hf_tensors(path)
+    return config, {n: src.read(n) for n in src}
 
 
 def sha256_file(path: Path) -> str:
@@ -205,31 +303,42 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def verify_manifest(path) -> dict | None:
-    """When the directory has a manifest.json (a checkpoint of ours), check every file it lists
-    (present, its size, its sha256) and return it; None when there is no manifest. Every loader
-    of a directory calls this, so a corrupted checkpoint never loads silently."""
-    path = Path(path)
-    mpath = path / MANIFEST
+def read_manifest(path) -> dict | None:
+    """manifest.json of a checkpoint of ours (None when the directory has none), its shape checked."""
+    mpath = Path(path) / MANIFEST
     if not mpath.is_file():
         return None
     try:
         manifest = json.loads(mpath.read_text())
-        files = manifest["files"]
-        if not isinstance(files, dict):
+        if not isinstance(manifest["files"], dict):
             raise TypeError("files must be an object")
     except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
         raise HFFormatError(f"{mpath}: unreadable manifest ({type(e).__name__}: {e})") from None
-    for name, info in files.items():
-        p = path / name
-        if not p.is_file():
-            raise HFFormatError(f"{p}: listed in the manifest but missing")
-        size = p.stat().st_size
-        if size != info["bytes"]:
-            raise HFFormatError(
-                f"{p}: {size} bytes, the manifest says {info['bytes']}: the file is truncated or was replaced")
-        if sha256_file(p) != info["sha256"]:
-            raise HFFormatError(f"{p}: sha256 differs from the manifest: the file is corrupted")
+    return manifest
+
+
+def check_file(p: Path, info: dict | None) -> None:
+    """A file against its manifest entry: listed, present, its size, its sha256."""
+    if info is None:
+        raise HFFormatError(f"{p}: not listed in {p.parent / MANIFEST}; the checkpoint is not one whole save")
+    if not p.is_file():
+        raise HFFormatError(f"{p}: listed in the manifest but missing")
+    size = p.stat().st_size
+    if size != info["bytes"]:
+        raise HFFormatError(
+            f"{p}: {size} bytes, the manifest says {info['bytes']}: the file is truncated or was replaced")
+    if sha256_file(p) != info["sha256"]:
+        raise HFFormatError(f"{p}: sha256 differs from the manifest: the file is corrupted")
+
+
+def verify_manifest(path) -> dict | None:
+    """When the directory has a manifest.json (a checkpoint of ours), check every file it lists
+    (present, its size, its sha256) and return it; None when there is no manifest."""
+    path = Path(path)
+    manifest = read_manifest(path)
+    if manifest is not None:
+        for name, info in manifest["files"].items():
+            check_file(path / name, info)
     return manifest
 
 
