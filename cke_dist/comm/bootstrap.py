@@ -13,6 +13,9 @@ Rules this module keeps:
 - Settings: arguments win, then CKE_TRANSPORT, CKE_COMM_INTERFACE,
   CKE_COMM_TIMEOUT (seconds, per blocking call), CKE_COMM_QUIET (1: rank 0 does not
   print the transport plan at start), CKE_COMM_HOSTNAME (test-only host identity override).
+- Under srun: MPI must see srun's tasks as one world (srun --mpi=pmi2 for the mpich wheel); a size-1
+  world in a step of several tasks (SLURM_STEP_NUM_TASKS) is refused, since every task would run the whole
+  job alone.
 - Aborting: with `abort_on_error` (the default under mpiexec) a CommError that
   goes uncaught, or one that was raised at all before the process exits, ends
   the whole job through `MPI.COMM_WORLD.Abort(1)` after printing the error.
@@ -92,6 +95,11 @@ def init(transport=None, interface=None, timeout=None, abort_on_error=True, quie
 
     comm = MPI.COMM_WORLD
     rank, size = comm.Get_rank(), comm.Get_size()
+    step_tasks = os.environ.get("SLURM_STEP_NUM_TASKS", "1")
+    if size == 1 and step_tasks.isdigit() and int(step_tasks) > 1:
+        raise RuntimeError(f"srun started {step_tasks} tasks but MPI sees each as a world of 1 (no PMI between "
+                           f"srun and MPI): run srun --mpi=pmi2 (what the mpich wheel's MPI speaks), or ask for "
+                           f"MpiDefault=pmi2 in slurm.conf")
     host = _setting(None, "CKE_COMM_HOSTNAME", socket.gethostname())
     token = comm.bcast(secrets.token_bytes(16) if rank == 0 else None, root=0)
     deadline = time.monotonic() + timeout
