@@ -111,12 +111,15 @@ def _stack(arrays, flat=None, offsets=None, names=None):
 class InferenceModel:
     """The decoder for generation: float32 views of a Model (or Q8_0 linears) plus KV-cache forward."""
 
-    def __init__(self, config, tensors: dict, tp_group=None, flat=None, offsets=None):
+    def __init__(self, config, tensors: dict, tp_group=None, flat=None, offsets=None, stage=None):
         """config: a LlamaConfig. tensors: HF name -> this rank's shard (cke_dist.model.layout's cut
-        for the group's size and rank) as a float32 array, or for Q8_0 weights (qs, scales). With
-        the Model's flat buffer and offsets, q/k/v and gate/up become single views of it (no copy).
-        Each layer is a dict of layout roles (ln1, qkv, o, ln2, gate_up, down)."""
+        for the group's size and rank, of its pipeline `stage`: layers [l0, l1), the embedding on the
+        first stage, norm and head on the last) as a float32 array, or for Q8_0 weights (qs, scales).
+        With the Model's flat buffer and offsets, q/k/v and gate/up become single views of it (no
+        copy). Each layer is a dict of layout roles (ln1, qkv, o, ln2, gate_up, down)."""
+        from .layout import Stage
         self.config = cfg = config
+        self.stage = stage = stage or Stage.whole(cfg)
         self.tp_group = tp_group
         self.tp_size = getattr(tp_group, "size", 1) if tp_group is not None else 1
         tp_rank = tp_group.rank if self.tp_size > 1 else 0
@@ -125,7 +128,7 @@ class InferenceModel:
         self.head_dim = cfg.head_dim
         self.eps = cfg.rms_norm_eps
         self.inv_freq = rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
-        shapes = {s.name: s.shape for s in param_specs(cfg, self.tp_size, tp_rank)}
+        shapes = {s.name: s.shape for s in param_specs(cfg, self.tp_size, tp_rank, stage)}
 
         def get(name):
             if name not in tensors:
@@ -148,22 +151,24 @@ class InferenceModel:
             return Linear(_stack(ws, flat, offsets, names), bias)
 
         self.layers = []
-        for i in range(cfg.num_hidden_layers):
+        for i in range(stage.l0, stage.l1):
             n = layer_names(cfg, i)
             # o_proj's bias is added after the allreduce of the row-parallel partial sums (see forward)
             self.layers.append({"ln1": get(n["ln1"][0]), "qkv": lin(n["qkv"], n["qkv_bias"]), "o": lin(n["o"]),
                                 "o_bias": get(n["o_bias"][0]) if n["o_bias"] else None,
                                 "ln2": get(n["ln2"][0]), "gate_up": lin(n["gate_up"]), "down": lin(n["down"])})
-        self.norm = get(NORM)
-        self.lm_head = lin([head_name(cfg)])
-        embed = get(EMBED)
-        if cfg.tie_word_embeddings and self.lm_head.q8 is not None:
+        self.norm = get(NORM) if stage.last else None
+        self.lm_head = lin([head_name(cfg)]) if stage.last else None
+        embed = get(EMBED) if stage.first else None
+        if embed is None:
+            self.embed_q8, self.embed = None, None
+        elif cfg.tie_word_embeddings and self.lm_head is not None and self.lm_head.q8 is not None:
             self.embed_q8, self.embed = self.lm_head.q8, None     # one Q8_0 table serves both
         elif isinstance(embed, tuple):
             self.embed_q8, self.embed = embed, None
         else:
             self.embed_q8, self.embed = None, embed
-        self.quantize = "q8_0" if self.lm_head.q8 is not None else None
+        self.quantize = "q8_0" if self.layers[0]["down"].q8 is not None else None
         self._ws: dict[int, dict] = {}
 
     # ---- construction ---------------------------------------------------------------------------
@@ -174,12 +179,13 @@ class InferenceModel:
         if quantize not in (None, "q8_0"):
             raise ValueError(f"quantize={quantize!r}: supported are None (float32) and 'q8_0'")
         im = cls(model.config, model.named_params, getattr(model, "tp_group", None),
-                 flat=model.params, offsets=model.param_offsets)
+                 flat=model.params, offsets=model.param_offsets, stage=getattr(model, "stage", None))
         return im.to_q8_0() if quantize == "q8_0" else im
 
     @classmethod
-    def from_dir(cls, model_dir, quantize: str | None = None, tp_group=None) -> "InferenceModel":
-        """An HF model directory (float32/16 weights, through load_model) or a Q8_0 directory."""
+    def from_dir(cls, model_dir, quantize: str | None = None, tp_group=None, stage=None) -> "InferenceModel":
+        """An HF model directory (float32/16 weights, through load_model) or a Q8_0 directory; each
+        rank reads only its slices (its tp shard of its pipeline stage)."""
         d = Path(model_dir)
         cfg_path = d / "config.json"
         if not d.is_dir():
@@ -192,56 +198,49 @@ class InferenceModel:
             raise ValueError(f"{cfg_path} is not valid JSON: {e}") from None
         qc = raw.get("quantization_config") or {}
         if qc.get("quant_method") == Q8_METHOD:
-            return cls._from_q8_dir(d, raw, tp_group)
+            return cls._from_q8_dir(d, raw, tp_group, stage)
         if qc:
             raise ValueError(f"{cfg_path}: quantization_config.quant_method {qc.get('quant_method')!r} is not "
                              f"supported (ours is {Q8_METHOD!r}, written by `cke-dist quantize`)")
         _check_architecture(raw, cfg_path)
         from cke_dist.model import load_model
-        return cls.from_model(load_model(d, tp_group=tp_group), quantize=quantize)
+        return cls.from_model(load_model(d, tp_group=tp_group, stage=stage), quantize=quantize)
 
     @classmethod
-    def _from_q8_dir(cls, d: Path, raw: dict, tp_group) -> "InferenceModel":
-        from safetensors.numpy import load_file
-
+    def _from_q8_dir(cls, d: Path, raw: dict, tp_group, stage=None) -> "InferenceModel":
         from cke_dist.model import LlamaConfig
-        from cke_dist.model.hf_io import verify_manifest
+        from cke_dist.model.hf_io import SafetensorsFile, verify_manifest
         _check_architecture(raw, d / "config.json")
         verify_manifest(d)
         cfg = LlamaConfig.from_dict({k: v for k, v in raw.items() if k != "quantization_config"})
         tp = getattr(tp_group, "size", 1) if tp_group is not None else 1
-        specs = param_specs(cfg, tp, tp_group.rank if tp > 1 else 0)
+        specs = param_specs(cfg, tp, tp_group.rank if tp > 1 else 0, stage)
         path = d / "model.safetensors"
         if not path.is_file():
             raise FileNotFoundError(f"{path} is missing: a Q8_0 directory holds its weights in model.safetensors")
-        try:
-            stored = load_file(str(path))
-        except Exception as e:
-            raise ValueError(f"{path}: not a readable safetensors file ({e}); rewrite it with "
-                             f"`cke-dist quantize`") from None
+        stored = SafetensorsFile(path)        # memory-mapped: each rank reads its slices only
         tensors = {}
         for spec in specs:
             name, shape = spec.name, spec.full
-            if name not in stored:
+            if name not in stored.header:
                 raise ValueError(f"{path}: missing tensor {name} that config.json needs")
-            arr = stored[name]
+            dtype = stored.header[name]["dtype"]
             if len(shape) == 2:
                 sname = name + Q8_SCALE_SUFFIX
                 want_s = (shape[0], shape[1] // 32)
-                if arr.dtype != np.int8 or sname not in stored:
+                if dtype != "I8" or sname not in stored.header:
                     raise ValueError(f"{path}: tensor {name} should be Q8_0 (int8 values + {sname}); "
-                                     f"found dtype {arr.dtype}")
-                sc = stored[sname]
-                if tuple(arr.shape) != shape or tuple(sc.shape) != want_s:
-                    raise ValueError(f"{path}: tensor {name} has shape {tuple(arr.shape)} / scales "
-                                     f"{tuple(sc.shape)}, the config expects {shape} / {want_s}")
-                tensors[name] = (np.ascontiguousarray(spec.take(arr)), _q8_scale_shard(spec, sc, path))
+                                     f"found dtype {dtype}")
+                if stored.shape(name) != shape or stored.shape(sname) != want_s:
+                    raise ValueError(f"{path}: tensor {name} has shape {stored.shape(name)} / scales "
+                                     f"{stored.shape(sname)}, the config expects {shape} / {want_s}")
+                tensors[name] = (stored.read(name, spec.index, raw=True), _q8_scale_shard(spec, stored, sname, path))
             else:
-                if tuple(arr.shape) != shape:
-                    raise ValueError(f"{path}: tensor {name} has shape {tuple(arr.shape)}, "
+                if stored.shape(name) != shape:
+                    raise ValueError(f"{path}: tensor {name} has shape {stored.shape(name)}, "
                                      f"the config expects {shape}")
-                tensors[name] = np.ascontiguousarray(spec.take(arr), dtype=F32)
-        return cls(cfg, tensors, tp_group)
+                tensors[name] = stored.read(name, spec.index)
+        return cls(cfg, tensors, tp_group, stage=stage)
 
     def to_q8_0(self) -> "InferenceModel":
         """A Q8_0 copy: every linear, the LM head and the embedding table (the same tensors a Q8_0
@@ -252,9 +251,14 @@ class InferenceModel:
         q = copy.copy(self)
         q.layers = [{role: (w.quantized() if isinstance(w, Linear) else w) for role, w in layer.items()}
                     for layer in self.layers]
-        q.lm_head = self.lm_head.quantized()
+        q.lm_head = self.lm_head.quantized() if self.lm_head is not None else None
         q.embed = None
-        q.embed_q8 = q.lm_head.q8 if self.config.tie_word_embeddings else quantize_q8_0(self.embed)
+        if self.embed is None:
+            q.embed_q8 = None
+        elif self.config.tie_word_embeddings and q.lm_head is not None:
+            q.embed_q8 = q.lm_head.q8                  # one table serves both
+        else:
+            q.embed_q8 = quantize_q8_0(self.embed)
         q.quantize, q._ws = "q8_0", {}
         return q
 
@@ -267,7 +271,7 @@ class InferenceModel:
     def weight_bytes_per_token(self) -> int:
         """Bytes of weights one decode step reads (every linear, the LM head, norms; one embedding row)."""
         n = sum(w.nbytes for layer in self.layers for w in layer.values() if w is not None)
-        return n + self.lm_head.nbytes + self.norm.nbytes
+        return n + (self.lm_head.nbytes + self.norm.nbytes if self.stage.last else 0)
 
     def new_cache(self, batch: int, max_len: int) -> KVCache:
         if max_len > self.max_context:
@@ -299,17 +303,18 @@ class InferenceModel:
         """ids, seq, pos (M,) ints -> logits (len(logits_rows), V) (all M rows by default).
 
         Writes each row's key/value into cache row seq[m] at position pos[m] and sets
-        cache.lengths[seq[m]] = pos[m] + 1."""
-        ids = np.ascontiguousarray(ids, dtype=np.int64).reshape(-1)
+        cache.lengths[seq[m]] = pos[m] + 1. The whole model: a pipeline stage runs forward_stage."""
+        return self.forward_stage(ids, seq, pos, cache, logits_rows)
+
+    def forward_stage(self, inp, seq, pos, cache: KVCache, logits_rows=None) -> np.ndarray:
+        """This stage's part of forward: token ids (M,) in on the first stage, else the previous
+        stage's hidden states (M, C); logits out on the last stage, else hidden states (M, C) for the
+        next one (a workspace view: send it before the next call)."""
         seq = np.ascontiguousarray(seq, dtype=np.int64).reshape(-1)
         pos = np.ascontiguousarray(pos, dtype=np.int64).reshape(-1)
-        M = ids.size
-        if not (seq.size == pos.size == M and M > 0):
-            raise ValueError(f"ids, seq, pos must be the same non-zero length, got {ids.size}, {seq.size}, {pos.size}")
-        V = self.config.vocab_size
-        if ids.min() < 0 or ids.max() >= V:
-            bad = int(ids.min() if ids.min() < 0 else ids.max())
-            raise ValueError(f"token id {bad} is outside the vocabulary [0, {V})")
+        M = seq.size
+        if not (pos.size == M and M > 0):
+            raise ValueError(f"seq and pos must be the same non-zero length, got {seq.size}, {pos.size}")
         if seq.min() < 0 or seq.max() >= cache.batch:
             raise ValueError(f"cache row {int(seq.max())} outside the cache's batch of {cache.batch}")
         if pos.min() < 0 or pos.max() >= cache.max_len:
@@ -317,10 +322,34 @@ class InferenceModel:
                              f"the model's context is {self.max_context})")
         if np.any(pos > cache.lengths[seq] + np.arange(M)):   # cheap guard against holes in the cache
             raise ValueError("positions must continue each sequence's cache without gaps")
-        D, H, KV = self.head_dim, self.heads.n_q, self.heads.n_kv
         ws = self._workspace(M)
-        x, x2, xn = ws["x"], ws["x2"], ws["xn"]
-        self._embed(ids, x)
+        x = ws["x"]
+        if self.stage.first:
+            ids = np.ascontiguousarray(inp, dtype=np.int64).reshape(-1)
+            V = self.config.vocab_size
+            if ids.size != M:
+                raise ValueError(f"ids, seq, pos must be the same length, got {ids.size}, {M}, {M}")
+            if ids.min() < 0 or ids.max() >= V:
+                bad = int(ids.min() if ids.min() < 0 else ids.max())
+                raise ValueError(f"token id {bad} is outside the vocabulary [0, {V})")
+            self._embed(ids, x)
+        else:
+            x[...] = inp
+        self._layers(x, seq, pos, cache, ws)
+        np.maximum.at(cache.lengths, seq, pos + 1)
+        if not self.stage.last:
+            return x
+        rows = slice(None) if logits_rows is None else np.asarray(logits_rows, dtype=np.int64)
+        xf = np.ascontiguousarray(x[rows])
+        xfn = np.empty_like(xf)
+        rmsnorm_forward(xf, self.norm, self.eps, xfn, np.empty(xf.shape[0], F32))
+        local = self.lm_head(xfn, np.empty((xf.shape[0], self.lm_head.out_features), F32))
+        return gather_vocab(self.tp_group, local, self.config.vocab_size) if self.tp_size > 1 else local
+
+    def _layers(self, x, seq, pos, cache, ws):
+        M = x.shape[0]
+        D, H, KV = self.head_dim, self.heads.n_q, self.heads.n_kv
+        x2, xn = ws["x2"], ws["xn"]
         segs = self.heads.segments()
         for li, L in enumerate(self.layers):
             rmsnorm_forward(x, L["ln1"], self.eps, xn, ws["rstd"])
@@ -347,13 +376,6 @@ class InferenceModel:
             swiglu_forward(L["gate_up"](xn, ws["gu"]), ws["h"])
             self._allreduce(L["down"](ws["h"], ws["tmp"]))
             residual_forward(x2, ws["tmp"], x)
-        np.maximum.at(cache.lengths, seq, pos + 1)
-        rows = slice(None) if logits_rows is None else np.asarray(logits_rows, dtype=np.int64)
-        xf = np.ascontiguousarray(x[rows])
-        xfn = np.empty_like(xf)
-        rmsnorm_forward(xf, self.norm, self.eps, xfn, np.empty(xf.shape[0], F32))
-        local = self.lm_head(xfn, np.empty((xf.shape[0], self.lm_head.out_features), F32))
-        return gather_vocab(self.tp_group, local, V) if self.tp_size > 1 else local
 
     def _embed(self, ids, x):
         """Vocab-parallel lookup: rows of this rank's vocabulary shard, zeros elsewhere, summed over tp."""
@@ -392,15 +414,15 @@ class InferenceModel:
         return self.forward(ids, rows, cache.lengths[rows], cache)
 
 
-def _q8_scale_shard(spec, scales, path):
+def _q8_scale_shard(spec, stored, sname, path):
     """The float32 block scales of this rank's shard of a Q8_0 tensor (blocks of 32 along a row)."""
     if spec.dim == 1:
         if spec.start % 32 or spec.stop % 32:
             raise ValueError(f"{path}: tensor {spec.name} is cut at columns {spec.start}:{spec.stop} for tensor "
                              f"parallelism, not on its 32-value Q8_0 blocks; use a tp size that cuts on block "
                              f"boundaries or the float32 directory")
-        return np.ascontiguousarray(scales[:, spec.start // 32:spec.stop // 32], dtype=F32)
-    return np.ascontiguousarray(spec.take(scales), dtype=F32)
+        return stored.read(sname, (slice(None), slice(spec.start // 32, spec.stop // 32)))
+    return stored.read(sname, spec.index)
 
 
 def _check_architecture(raw: dict, cfg_path) -> None:

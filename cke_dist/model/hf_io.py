@@ -34,6 +34,7 @@ _STORED = {
     "F16": (np.dtype("<f2"), 2),
     "BF16": (np.dtype("<u2"), 2),  # numpy has no bfloat16: read the raw 16 bits
     "F64": (np.dtype("<f8"), 8),
+    "I8": (np.dtype("i1"), 1),      # Q8_0 values (cke_dist.model.decode reads them raw)
 }
 
 
@@ -105,14 +106,15 @@ class SafetensorsFile:
     def shape(self, name) -> tuple[int, ...]:
         return tuple(self.header[name]["shape"])
 
-    def read(self, name, index=()) -> np.ndarray:
+    def read(self, name, index=(), raw: bool = False) -> np.ndarray:
+        """That part of a tensor as float32, or as stored (raw=True: a copy in the file's dtype)."""
         entry = self.header[name]
         stored, _ = _STORED[entry["dtype"]]
         shape = tuple(entry["shape"])
         try:
             mm = np.memmap(self.path, dtype=stored, mode="r", offset=self.data_start + entry["data_offsets"][0],
                            shape=shape) if int(np.prod(shape, dtype=np.int64)) else np.zeros(shape, stored)
-            return _widen(entry["dtype"], mm[index])
+            return np.array(mm[index]) if raw else _widen(entry["dtype"], mm[index])
         except (OSError, ValueError) as e:
             raise HFFormatError(f"{self.path}: cannot read tensor {name!r}: {e}") from e
 

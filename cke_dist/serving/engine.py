@@ -1,0 +1,395 @@
+"""Continuous-batching decode over a tp x pp grid: the one engine behind `cke-dist generate` and
+`cke-dist serve`.
+
+    engine = Engine.build(model_dir, world, tp=2, pp=2, max_batch=16)   # every rank
+    if world.rank == 0:
+        engine.start()                              # the loop in a thread of rank 0
+        req = engine.submit(prompt_ids, Params(max_tokens=32, temperature=0))
+        for tok in req.stream(): ...                # ids as they are sampled; req.finish: why it ended
+        engine.shutdown()
+    else:
+        engine.run()                                # follow rank 0's ticks until it shuts down
+
+How a tick goes (`Engine.run`):
+- Rank 0 owns the requests. Each tick it plans the work of one micro-batch group (cache slots
+  i with i % pp == g, g = tick % pp): every running request of the group feeds its last sampled
+  token, and waiting requests join the group's free slots with their whole prompt (prefill rows
+  and decode rows in one forward). A request joins and leaves between ticks: continuous batching.
+- The plan (token ids, cache slots, positions, which rows need logits) goes to stage 0's tp ranks
+  by a broadcast, and down the pipeline with each stage's hidden states: while the last stage
+  runs group g's tick, the earlier stages already run the next groups', so with pp groups in
+  flight every stage works at once. The last stage's logits (gathered over tp) go to rank 0,
+  which samples (each request its own Sampler and seed) before planning that group's next
+  tick. Per token only the ids (in the plan) and the hidden states cross the network besides
+  tp's two allreduces per layer.
+- With nothing to do rank 0 still sends an empty plan every `heartbeat` seconds, so no rank sits
+  in a receive past the comm deadline; a dead rank surfaces as a CommError in the next tick:
+  the engine fails every request with it and stops.
+Tests: tests/test_serving.py (one process), tests/serve_mpi.py via tests/test_serving.py.
+"""
+from __future__ import annotations
+
+import queue
+import threading
+from collections import deque
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..sampling import Sampler, check_sampling_args
+
+_STOP = 1
+_LOGITS_TAG = 7
+
+
+class EngineError(RuntimeError):
+    """The engine stopped (a dead rank, a failed step): no request can be served."""
+
+
+@dataclass
+class Params:
+    max_tokens: int = 16
+    temperature: float = 1.0
+    top_k: int | None = None
+    top_p: float | None = None
+    seed: int | None = None
+    stop_ids: tuple = ()
+
+
+class Request:
+    """One generation: its prompt, sampler and the events (token ids, then the end) it streams."""
+
+    def __init__(self, rid: int, prompt: list[int], params: Params, limit: int):
+        self.id, self.prompt, self.params, self.limit = rid, prompt, params, limit
+        self.sampler = Sampler(params.temperature, params.top_k, params.top_p, params.seed)
+        self.stop_ids = set(int(i) for i in params.stop_ids)
+        self.generated: list[int] = []
+        self.slot: int | None = None
+        self.waiting = False          # a plan with this request's row is in flight
+        self.cancelled = False
+        self.finish: str | None = None   # "stop", "length", "cancelled", or None while running
+        self.events: queue.Queue = queue.Queue()
+
+    def cancel(self) -> None:
+        """Stop generating (a client that went away): the slot is freed at the next tick."""
+        self.cancelled = True
+
+    def stream(self, timeout: float | None = None):
+        """Yield token ids as they are sampled; ends when the request does (see .finish); raises
+        EngineError if the engine stops first."""
+        while True:
+            kind, value = self.events.get(timeout=timeout)
+            if kind == "token":
+                yield value
+            elif kind == "done":
+                return
+            else:
+                raise EngineError(value)
+
+
+class Engine:
+    def __init__(self, im, world, tp_group=None, pp_group=None, max_batch: int = 16, max_len: int | None = None,
+                 heartbeat: float = 1.0):
+        self.im, self.world = im, world
+        self.tp_group, self.pp_group = tp_group, pp_group
+        self.pp = pp_group.size if pp_group is not None else 1
+        self.stage_index = pp_group.rank if pp_group is not None else 0
+        self.max_len = min(max_len or im.max_context, im.max_context)
+        self.max_batch = max_batch
+        if max_batch < 1:
+            raise ValueError(f"max_batch must be >= 1, got {max_batch}")
+        self.cache = im.new_cache(max_batch, self.max_len)
+        self.heartbeat = heartbeat
+        self.vocab = im.config.vocab_size
+        # rank 0's scheduling state
+        self._cv = threading.Condition()
+        self._waiting: deque[Request] = deque()
+        self._slots: list[Request | None] = [None] * max_batch
+        self._next_id = 0
+        self._stopping = False
+        self.error: str | None = None
+        self._thread: threading.Thread | None = None
+
+    @classmethod
+    def build(cls, model_dir, world, tp: int = 1, pp: int = 1, quantize: str | None = None, **kw) -> "Engine":
+        """Every rank: its tp shard of its pipeline stage of the model in `model_dir`, read by slice."""
+        from ..model import LlamaConfig
+        from ..model.decode import InferenceModel
+        from ..model.layout import Stage, stage_layers, stage_work
+        from ..parallel import ProcessGrid
+
+        if world.size != tp * pp:
+            raise ValueError(f"--tp {tp} x --pp {pp} = {tp * pp} ranks, but the world has {world.size}: launch "
+                             f"with mpiexec -n {tp * pp}")
+        grid = ProcessGrid(world, pp=pp, tp=tp)
+        raw = {k: v for k, v in read_hf_config_any(model_dir).items() if k != "quantization_config"}
+        cfg = LlamaConfig.from_dict(raw)
+        l0, l1 = stage_layers(cfg.num_hidden_layers, pp, None, **stage_work(cfg))[grid.pp_rank]
+        stage = Stage(l0, l1, grid.pp_rank == 0, grid.pp_rank == pp - 1)
+        im = InferenceModel.from_dir(model_dir, quantize=quantize, tp_group=grid.tp_group, stage=stage)
+        return cls(im, world, grid.tp_group if tp > 1 else None, grid.pp_group if pp > 1 else None, **kw)
+
+    # ---- rank 0: requests ------------------------------------------------------------------------
+
+    def submit(self, prompt_ids, params: Params) -> Request:
+        """Queue a generation (rank 0). A prompt that leaves no room in the context is a ValueError
+        naming both numbers."""
+        prompt = [int(i) for i in prompt_ids]
+        check_sampling_args(params.temperature, params.top_k, params.top_p)
+        if not prompt:
+            raise ValueError("the prompt is empty: generation needs at least one token to start from")
+        bad = [i for i in prompt if not 0 <= i < self.vocab]
+        if bad:
+            raise ValueError(f"the prompt has token id {bad[0]} outside the vocabulary [0, {self.vocab})")
+        if int(params.max_tokens) != params.max_tokens or params.max_tokens < 1:
+            raise ValueError(f"max_tokens must be an integer >= 1, got {params.max_tokens!r}")
+        room = self.max_len - len(prompt)
+        if room < 1:
+            raise ValueError(f"the prompt has {len(prompt)} tokens; the context holds {self.max_len}, so no "
+                             f"token is left to generate")
+        with self._cv:
+            if self.error is not None:
+                raise EngineError(self.error)
+            req = Request(self._next_id, prompt, params, min(int(params.max_tokens), room))
+            self._next_id += 1
+            self._waiting.append(req)
+            self._cv.notify()
+        return req
+
+    def start(self) -> threading.Thread:
+        """Rank 0: run the loop in a thread (its failure fails every request)."""
+        self._thread = threading.Thread(target=self._run_logged, name="cke-engine", daemon=True)
+        self._thread.start()
+        return self._thread
+
+    def shutdown(self, timeout: float | None = None) -> None:
+        """Rank 0: cancel what runs, let the pipeline drain, stop every rank's loop."""
+        with self._cv:
+            self._stopping = True
+            for r in list(self._waiting) + [r for r in self._slots if r is not None]:
+                r.cancel()
+            self._cv.notify()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def _run_logged(self):
+        try:
+            self.run()
+        except BaseException as e:   # the thread's end: every request learns why
+            self._fail(f"the engine stopped: {type(e).__name__}: {e}")
+
+    def _fail(self, message: str) -> None:
+        with self._cv:
+            self.error = message
+            for r in list(self._waiting) + [r for r in self._slots if r is not None]:
+                if r.finish is None:
+                    r.finish = "error"
+                    r.events.put(("error", message))
+            self._waiting.clear()
+            self._slots = [None] * self.max_batch
+
+    @property
+    def alive(self) -> bool:
+        return self.error is None and (self._thread is None or self._thread.is_alive())
+
+    # ---- every rank: the tick loop ---------------------------------------------------------------
+
+    def run(self) -> None:
+        """Every rank's loop. Rank 0 plans; stage 0's tp ranks get each plan by a tp broadcast; a
+        later stage gets it from the stage before, with that stage's hidden states, in the order
+        they were sent (so every link carries one ordered stream); the last stage's tp rank 0 sends
+        logits back to rank 0. Sends are asynchronous (copies), so no stage waits on a slower one
+        downstream while holding what an upstream one needs."""
+        rank0 = self.world.rank == 0
+        first, last = self.stage_index == 0, self.stage_index == self.pp - 1
+        inflight: list[list | None] = [None] * self.pp      # rank 0: per group, the requests awaiting logits
+        self._sends: list = []
+        tick = 0
+        try:
+            while True:
+                g = tick % self.pp
+                outs = None
+                if rank0:
+                    if self.pp > 1 and inflight[g] is not None:
+                        logits = np.empty((len(inflight[g]), self.vocab), np.float32)
+                        self.pp_group.recv(logits, self.pp - 1, tag=_LOGITS_TAG)
+                        self._deliver(inflight[g], logits)
+                        inflight[g] = None
+                    plan, outs = self._plan(g, any(x is not None for x in inflight))
+                else:
+                    plan = None
+                if first:
+                    plan = self._tp_broadcast(plan)
+                    hidden = None
+                else:
+                    plan, hidden = self._recv_from_previous()
+                if plan is None:
+                    if not last:
+                        self._send_next(None, None)
+                    return
+                out = self._run_stage(plan, hidden)
+                if not last:
+                    self._send_next(plan, out)
+                elif self.pp > 1:
+                    if out is not None and (self.tp_group is None or self.tp_group.rank == 0):
+                        self._post(self.pp_group.send(np.ascontiguousarray(out, dtype=np.float32), 0,
+                                                      tag=_LOGITS_TAG, async_op=True))
+                elif rank0 and out is not None:   # pp = 1: rank 0 is the last stage
+                    self._deliver(outs, out)
+                    outs = None
+                if rank0 and outs:
+                    inflight[g] = outs
+                tick += 1
+        finally:
+            for h in self._sends:
+                h.wait()
+
+    def _post(self, handle) -> None:
+        self._sends = [h for h in self._sends if not h.is_completed()]
+        self._sends.append(handle)
+
+    def _run_stage(self, plan, hidden):
+        ids, seq, pos, rows = plan
+        if seq.size == 0:
+            return None
+        return self.im.forward_stage(ids if self.stage_index == 0 else hidden, seq, pos, self.cache, logits_rows=rows)
+
+    @staticmethod
+    def _pack(plan) -> tuple[np.ndarray, np.ndarray]:
+        head = np.zeros(4, np.int64)
+        if plan is None:
+            head[2] = _STOP
+            return head, np.empty(0, np.int64)
+        head[0], head[1] = plan[1].size, plan[3].size
+        return head, np.concatenate(plan).astype(np.int64)
+
+    @staticmethod
+    def _unpack(head, body):
+        if head[2] == _STOP:
+            return None
+        M = int(head[0])
+        return body[:M], body[M:2 * M], body[2 * M:3 * M], body[3 * M:]
+
+    def _tp_broadcast(self, plan):
+        """Rank 0's plan (None: stop) to the other tp ranks of stage 0."""
+        if self.tp_group is None:
+            return plan
+        head, body = self._pack(plan) if self.tp_group.rank == 0 else (np.zeros(4, np.int64), None)
+        self.tp_group.broadcast(head, root=0)
+        if self.tp_group.rank != 0:
+            body = np.empty(3 * int(head[0]) + int(head[1]), np.int64)
+        if body.size:
+            self.tp_group.broadcast(body, root=0)
+        return self._unpack(head, body)
+
+    def _send_next(self, plan, out) -> None:
+        head, body = self._pack(plan)
+        nxt = self.stage_index + 1
+        self._post(self.pp_group.send(head, nxt, tag=2, async_op=True))
+        if body.size:
+            self._post(self.pp_group.send(body, nxt, tag=3, async_op=True))
+        if out is not None:
+            self._post(self.pp_group.send(np.array(out, dtype=np.float32), nxt, tag=1, async_op=True))
+
+    def _recv_from_previous(self):
+        prev = self.stage_index - 1
+        head = np.empty(4, np.int64)
+        self.pp_group.recv(head, prev, tag=2)
+        body = np.empty(3 * int(head[0]) + int(head[1]), np.int64)
+        if body.size:
+            self.pp_group.recv(body, prev, tag=3)
+        plan = self._unpack(head, body)
+        hidden = None
+        if plan is not None and plan[1].size:
+            hidden = np.empty((plan[1].size, self.im.config.hidden_size), np.float32)
+            self.pp_group.recv(hidden, prev, tag=1)
+        return plan, hidden
+
+    # ---- rank 0: planning and sampling -----------------------------------------------------------
+
+    def _plan(self, g: int, busy_elsewhere: bool):
+        """(ids, seq, pos, logits rows) of group g's next tick and the requests its logits rows are
+        for; None to stop. Blocks (up to the heartbeat) while there is nothing at all to do."""
+        with self._cv:
+            while True:
+                self._free_finished()
+                running = [r for r in self._slots if r is not None]
+                if self._stopping and not running and not busy_elsewhere:
+                    return None, None
+                if running or self._waiting or busy_elsewhere or self._stopping:
+                    break
+                if not self._cv.wait(self.heartbeat):
+                    break     # idle: an empty tick keeps the followers inside their deadline
+            ids, seq, pos, rows, outs = [], [], [], [], []
+            mine = [i for i in range(self.max_batch) if i % self.pp == g]
+            for i in mine:
+                r = self._slots[i]
+                if r is not None and not r.waiting and r.generated:
+                    p = len(r.prompt) + len(r.generated) - 1
+                    ids.append(r.generated[-1]), seq.append(i), pos.append(p)
+                    rows.append(len(ids) - 1)
+                    outs.append(r)
+                    r.waiting = True
+            for i in mine:
+                if self._slots[i] is None and self._waiting and not self._stopping:
+                    r = self._waiting.popleft()
+                    r.slot, r.waiting = i, True
+                    self._slots[i] = r
+                    P = len(r.prompt)
+                    ids += r.prompt
+                    seq += [i] * P
+                    pos += list(range(P))
+                    rows.append(len(ids) - 1)
+                    outs.append(r)
+        as64 = [np.asarray(a, np.int64) for a in (ids, seq, pos, rows)]
+        return tuple(as64), outs
+
+    def _free_finished(self):
+        for i, r in enumerate(self._slots):
+            if r is not None and not r.waiting and (r.finish is not None or r.cancelled):
+                if r.finish is None:
+                    r.finish = "cancelled"
+                    r.events.put(("done", r.finish))
+                self._slots[i] = None
+        for r in [r for r in self._waiting if r.cancelled]:
+            self._waiting.remove(r)
+            r.finish = "cancelled"
+            r.events.put(("done", r.finish))
+
+    def _deliver(self, reqs, logits):
+        with self._cv:
+            for r, row in zip(reqs, logits):
+                r.waiting = False
+                if r.cancelled or r.finish is not None:
+                    continue
+                tok = r.sampler(row)
+                r.generated.append(tok)
+                r.events.put(("token", tok))
+                if tok in r.stop_ids:
+                    r.finish = "stop"
+                elif len(r.generated) >= r.limit:
+                    r.finish = "length"
+                if r.finish is not None:
+                    r.events.put(("done", r.finish))
+            self._cv.notify_all()
+
+
+def read_hf_config_any(model_dir) -> dict:
+    """config.json of a float or a Q8_0 directory (its manifest checked when it has one)."""
+    import json
+    from pathlib import Path
+
+    from ..model.hf_io import read_manifest, check_file
+    d = Path(model_dir)
+    path = d / "config.json"
+    if not d.is_dir():
+        raise FileNotFoundError(f"model directory {d} does not exist")
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing: a model directory needs config.json + safetensors")
+    manifest = read_manifest(d)
+    if manifest is not None:
+        check_file(path, manifest["files"].get("config.json"))
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON: {e}") from None

@@ -1,0 +1,74 @@
+"""The serving engine: continuous batching in one process, and at tp / pp / both (tests/serve_mpi.py)."""
+import numpy as np
+import pytest
+
+from cke_dist.generate import generate, generate_batch
+from cke_dist.model import LlamaConfig, Model
+from cke_dist.model.decode import InferenceModel
+from cke_dist.serving import Engine, EngineError, Params
+from mpirun import REPO, run_pytest_mpi
+
+CFG = dict(vocab_size=61, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+           num_key_value_heads=2, max_position_embeddings=40, rms_norm_eps=1e-5)
+
+
+@pytest.mark.parametrize("n", [2, 4])
+def test_serving_suite(n):
+    res = run_pytest_mpi(n, REPO / "tests" / "serve_mpi.py", timeout=300)
+    assert "passed" in res.stdout and "failed" not in res.stdout
+
+
+@pytest.fixture
+def engine():
+    from cke_dist.comm import init
+    model = Model.from_config(LlamaConfig.from_dict(CFG), seed=1, init_std=0.2)
+    e = Engine(InferenceModel.from_model(model), init(), max_batch=2, heartbeat=0.05)
+    e.start()
+    yield e
+    e.shutdown(timeout=10)
+
+
+def test_requests_join_and_leave_the_batch_and_equal_generate(engine):
+    rng = np.random.default_rng(0)
+    prompts = [rng.integers(0, 61, n).tolist() for n in (3, 8, 1, 5, 12)]
+    reqs = [engine.submit(p, Params(max_tokens=6 + i, temperature=0)) for i, p in enumerate(prompts)]
+    outs = [list(r.stream(timeout=30)) for r in reqs]
+    assert outs == [generate(engine.im, p, 6 + i, temperature=0) for i, p in enumerate(prompts)]
+    assert [r.finish for r in reqs] == ["length"] * 5
+    # 5 requests through 2 slots: some waited for a slot, all ran
+    assert generate_batch(engine.im, prompts, 6, temperature=0) == [o[:6] for o in outs]
+
+
+def test_stop_ids_cancel_and_context(engine):
+    p = [1, 2, 3]
+    first = generate(engine.im, p, 8, temperature=0)
+    r = engine.submit(p, Params(max_tokens=8, temperature=0, stop_ids=(first[2],)))
+    assert list(r.stream(timeout=30)) == first[:first.index(first[2]) + 1] and r.finish == "stop"
+    ctx = engine.submit(list(range(36)), Params(max_tokens=100, temperature=0))
+    assert len(list(ctx.stream(timeout=30))) == 4 and ctx.finish == "length"   # the context holds 40
+    with pytest.raises(ValueError, match="the prompt has 40 tokens; the context holds 40"):
+        engine.submit(list(range(40)), Params(max_tokens=1))
+
+
+def test_a_cancelled_request_leaves_and_frees_its_slot():
+    from cke_dist.comm import init
+    model = Model.from_config(LlamaConfig.from_dict(CFG), seed=1, init_std=0.2)
+    e = Engine(InferenceModel.from_model(model), init(), max_batch=1, heartbeat=0.05)
+    gone = e.submit([1, 2], Params(max_tokens=30, temperature=0))
+    kept = e.submit([3, 4], Params(max_tokens=5, temperature=0))
+    gone.cancel()                  # before the loop runs: it never takes the one slot
+    e.start()
+    assert list(gone.stream(timeout=30)) == [] and gone.finish == "cancelled"
+    assert list(kept.stream(timeout=30)) == generate(e.im, [3, 4], 5, temperature=0)
+    e.shutdown(timeout=10)
+    assert not e._thread.is_alive() and e.error is None
+
+
+def test_a_failed_engine_fails_its_requests(engine):
+    r = engine.submit([1, 2], Params(max_tokens=1000, temperature=0))
+    next(r.stream(timeout=30))
+    engine._fail("the engine stopped: CommError: rank 1 died")
+    with pytest.raises(EngineError, match="rank 1 died"):
+        list(r.stream(timeout=30))
+    with pytest.raises(EngineError, match="rank 1 died"):
+        engine.submit([1], Params(max_tokens=1))
