@@ -1,4 +1,5 @@
-"""Text generation: the Python API and the `cke-dist generate` job.
+"""Text generation: the Python API and the `cke-dist generate` job (any tp x pp layout, through
+the serving engine: `mpiexec -n 4 cke-dist generate --model DIR --tp 2 --pp 2 --prompt ...`).
 
     from cke_dist.generate import generate, stream_ids, generate_batch
     ids = generate(model, prompt_ids, max_new_tokens=32, temperature=0)        # greedy
@@ -147,6 +148,8 @@ def add_arguments(p):
     p.add_argument("--quantize", choices=["q8_0"], default=None, help="quantize the linears at load time")
     p.add_argument("--threads", type=int, default=None, help="threads for BLAS and numba together")
     p.add_argument("--add-bos", action="store_true", help="prepend the tokenizer's BOS token")
+    p.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks (under mpiexec: -n tp*pp)")
+    p.add_argument("--pp", type=int, default=1, help="pipeline stages; several prompts flow through them at once")
 
 
 class _StopText:
@@ -175,47 +178,68 @@ class _StopText:
 
 
 def run(args) -> int:
+    """Every rank loads its slices (tp shard of its pipeline stage) and runs the serving engine;
+    rank 0 submits the prompts (prompt i samples with seed + i, as generate_batch) and prints."""
+    from .comm import init
+    from .serving import Engine, Params
     from .tokenizer import TextStream, load_tokenizer
     if args.threads is not None:
         from cke_kernels.threads import set_num_threads
         set_num_threads(args.threads)
-    tok = load_tokenizer(args.model)     # before the weights: a missing tokenizer fails fast
-    im = InferenceModel.from_dir(args.model, quantize=args.quantize)
-    if im.config.vocab_size < getattr(tok, "vocab_size", 0):
+    world = init()
+    tok = load_tokenizer(args.model)     # before the weights (every rank alike): a missing tokenizer fails fast
+    engine = Engine.build(args.model, world, tp=args.tp, pp=args.pp, quantize=args.quantize,
+                          max_batch=len(args.prompt))
+    if engine.vocab < getattr(tok, "vocab_size", 0):
         raise ValueError(f"{args.model}: tokenizer has {tok.vocab_size} tokens, the model's vocab_size is only "
-                         f"{im.config.vocab_size}")
-    stop_ids = list(getattr(tok, "eos_token_ids", []) or [])
-    kw = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed, stop_ids=stop_ids)
+                         f"{engine.vocab}")
+    if world.rank != 0:
+        engine.run()
+        return 0
+    engine.start()
+    try:
+        return _print_generations(args, tok, engine, Params, TextStream)
+    finally:
+        engine.shutdown()
+
+
+def _print_generations(args, tok, engine, Params, TextStream) -> int:
+    stop_ids = tuple(getattr(tok, "eos_token_ids", []) or [])
     prompts = [tok.encode(p, add_bos=args.add_bos) for p in args.prompt]
-    if len(prompts) > 1:
-        outs = generate_batch(im, prompts, args.max_new_tokens, **kw)
-        for text, ids in zip(args.prompt, outs):
-            body = tok.decode([i for i in ids if i not in stop_ids])
+    for i, ids in enumerate(prompts):
+        if len(ids) >= engine.max_len:
+            raise ValueError(f"prompt {i} has {len(ids)} tokens; the model's context of {engine.max_len} "
+                             f"(max_position_embeddings in config.json) leaves no room to generate: shorten it")
+    if args.max_new_tokens == 0:
+        return 0
+    reqs = [engine.submit(ids, Params(max_tokens=args.max_new_tokens, temperature=args.temperature,
+                                      top_k=args.top_k, top_p=args.top_p,
+                                      seed=None if args.seed is None else args.seed + i, stop_ids=stop_ids))
+            for i, ids in enumerate(prompts)]
+    if len(reqs) > 1:
+        for text, req in zip(args.prompt, reqs):
+            body = tok.decode([i for i in req.stream() if i not in stop_ids])
             for s in args.stop:
                 body = body.split(s)[0] if s else body
             print(f"{text}{body}\n---")
         return 0
+    req = reqs[0]
     out, stream, cut = sys.stdout, TextStream(tok), _StopText(args.stop)
     out.write(args.prompt[0])
     out.flush()
-    gen = stream_ids(im, prompts[0], args.max_new_tokens, **kw)
-    reason = None
-    while True:
-        try:
-            t = next(gen)
-        except StopIteration as e:
-            reason = e.value
-            break
+    for t in req.stream():
         if t in stop_ids:
             continue
         out.write(cut.push(stream.push(t)))
         out.flush()
         if cut.hit:
-            gen.close()
-            reason = "stop"
+            req.cancel()
             break
     if not cut.hit:
         out.write(cut.push(stream.flush()) + cut.flush())
+    reason = "stop" if cut.hit else req.finish
+    if reason == "length" and req.limit < args.max_new_tokens:
+        reason = _ended("context", engine.max_len)
     out.write("\n")
     out.flush()
     print(f"[stopped: {reason}]", file=sys.stderr)

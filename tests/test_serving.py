@@ -72,3 +72,36 @@ def test_a_failed_engine_fails_its_requests(engine):
         list(r.stream(timeout=30))
     with pytest.raises(EngineError, match="rank 1 died"):
         engine.submit([1], Params(max_tokens=1))
+
+
+def _generate_cli(n, model, *args):
+    import subprocess
+    import sys
+
+    from mpirun import run_mpi
+    argv = ["-m", "cke_dist.cli", "generate", "--model", str(model), "--temperature", "0", "--max-new-tokens", "12",
+            *args]
+    if n == 1:
+        res = subprocess.run([sys.executable, *argv], capture_output=True, text=True, timeout=120, cwd=REPO)
+        assert res.returncode == 0, res.stderr[-3000:]
+        return res.stdout
+    res = run_mpi(n, argv, timeout=120, env={"CKE_COMM_TIMEOUT": "30", "CKE_COMM_QUIET": "1"})
+    assert res.returncode == 0, res.stdout[-3000:]
+    return res.stdout
+
+
+@pytest.mark.parametrize("n, layout", [(2, ["--tp", "2"]), (4, ["--tp", "2", "--pp", "2"])])
+def test_generate_command_on_a_grid_prints_what_one_process_prints(tmp_path, n, layout):
+    """mpiexec -n N cke-dist generate --tp T --pp P: the same text as one process, streamed (one
+    prompt) and batched (three prompts flowing through the stages together)."""
+    model = Model.from_config(LlamaConfig.from_dict(dict(CFG, vocab_size=256, num_hidden_layers=4)), seed=2,
+                              init_std=0.2)
+    model.save(tmp_path)
+    (tmp_path / "cke_tokenizer.json").write_text('{"type": "bytes"}')
+    one = _generate_cli(1, tmp_path, "--prompt", "hello")
+    assert one.startswith("hello") and len(one) > len("hello\n")
+    assert one in _generate_cli(n, tmp_path, "--prompt", "hello", *layout)
+    three = ["--prompt", "ab", "--prompt", "the cat", "--prompt", "x"]
+    batched = _generate_cli(1, tmp_path, *three)
+    assert batched.count("---") == 3
+    assert batched in _generate_cli(n, tmp_path, *three, *layout)
