@@ -15,6 +15,7 @@ ONE_PROCESS = {
     "tensor_parallel.py": "tp=2 / torch eager at 2 threads",
     "pipeline.py": "zb bubble",
     "zero_memory.py": "zero=1 / zero=0: optimizer state 0.50x",
+    "decode_tp.py": "tp=2 memory per rank / 1 rank",
 }
 
 
