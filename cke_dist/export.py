@@ -1,4 +1,6 @@
-"""`cke-dist export CKPT OUT [--max-shard-mb N]`: a checkpoint as a plain Hugging Face directory.
+"""`cke-dist export CKPT OUT [--max-shard-mb N]`: a checkpoint as a plain Hugging Face directory;
+`cke-dist export CKPT OUT.gguf --format gguf [--type f32|f16|q8_0|q4_0]`: as one GGUF file that
+llama.cpp and transformers' GGUF loader read (cke_dist.model.gguf_io.write_gguf).
 
 Writes config.json, the weights as model.safetensors or, past --max-shard-mb, as
 model-0000x-of-0000y.safetensors with model.safetensors.index.json (what `save_pretrained` writes),
@@ -21,6 +23,9 @@ def add_arguments(p) -> None:
     p.add_argument("out", metavar="OUT", help="the Hugging Face directory to write (must not exist yet)")
     p.add_argument("--max-shard-mb", type=float, default=2048.0,
                    help="largest weight file in MiB before the weights are split into shards (default 2048)")
+    p.add_argument("--format", choices=["hf", "gguf"], default="hf", help="hf: a directory (default); gguf: one file")
+    p.add_argument("--type", default="f32", choices=["f32", "f16", "q8_0", "q4_0"],
+                   help="GGUF: how 2-D weights are stored (norms and biases stay f32)")
 
 
 def export(checkpoint, out, max_shard_mb: float = 2048.0) -> Path:
@@ -49,11 +54,35 @@ def export(checkpoint, out, max_shard_mb: float = 2048.0) -> Path:
     return out
 
 
+def export_gguf(checkpoint, out, kind: str = "f32") -> Path:
+    from .checkpoint import find_checkpoint
+    from .model import load_model
+    from .model.gguf_io import write_gguf
+    from .tokenizer import load_tokenizer
+
+    src, out = find_checkpoint(checkpoint), Path(out)
+    if out.exists():
+        raise FileExistsError(f"{out}: exists; export writes a new file")
+    model = load_model(src)                       # verifies what it reads
+    try:
+        tok = load_tokenizer(src)
+    except FileNotFoundError:
+        tok = None
+    template = None
+    if (src / "tokenizer_config.json").is_file():
+        import json
+        template = json.loads((src / "tokenizer_config.json").read_text()).get("chat_template")
+    return write_gguf(out, model.config, dict(model.named_params), kind, tok, template)
+
+
 def run(args) -> int:
     from .checkpoint import CheckpointError
     from .model.hf_io import HFFormatError
     try:
-        out = export(args.checkpoint, args.out, args.max_shard_mb)
+        if args.format == "gguf":
+            out = export_gguf(args.checkpoint, args.out, args.type)
+        else:
+            out = export(args.checkpoint, args.out, args.max_shard_mb)
     except (FileNotFoundError, FileExistsError, CheckpointError, HFFormatError, ValueError) as e:
         print(f"cke-dist export: {e}", file=sys.stderr)
         return 2

@@ -68,6 +68,18 @@ class HFTokenizer:
         self.bos_token_id = bos_token_id
         self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
 
+    @classmethod
+    def from_tokenizer(cls, tok, eos_token_ids: list[int], bos_token_id: int | None, source: str) -> "HFTokenizer":
+        """One around a `tokenizers.Tokenizer` built elsewhere (e.g. from a GGUF file's metadata)."""
+        self = cls.__new__(cls)
+        self._tok = tok
+        self.eos_token_ids = eos_token_ids
+        self.eos_token_id = eos_token_ids[0] if eos_token_ids else None
+        self.bos_token_id = bos_token_id
+        self.vocab_size = tok.get_vocab_size(with_added_tokens=True)
+        self.source = source
+        return self
+
     def encode(self, text: str, add_bos: bool = False) -> list[int]:
         ids = self._tok.encode(text, add_special_tokens=False).ids
         if add_bos:
@@ -106,6 +118,10 @@ def _ids(value) -> list[int]:
 
 
 def load_tokenizer(model_dir) -> ByteTokenizer | HFTokenizer:
+    """The tokenizer of a model directory, or of a GGUF file (rebuilt from its metadata)."""
+    from .model.gguf_io import gguf_tokenizer, is_gguf
+    if is_gguf(model_dir):
+        return gguf_tokenizer(model_dir)
     d = Path(model_dir)
     if not d.is_dir():
         raise FileNotFoundError(f"model directory {d} does not exist")

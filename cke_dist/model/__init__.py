@@ -14,7 +14,8 @@ from .llama import Model, check_names
 
 
 def load_model(model_dir, tp_group=None, stage=None) -> Model:
-    """A Model from a Hugging Face directory (config.json + model.safetensors, or shards + index).
+    """A Model from a Hugging Face directory (config.json + model.safetensors, or shards + index), or
+    from a GGUF file (dequantized to float32: cke_dist.model.gguf_io).
 
     With a tp group and/or a pipeline stage, each rank reads only its tensors and its slices of
     them (memory-mapped), never a whole tensor it does not keep. A checkpoint of ours (any layout:
@@ -24,14 +25,20 @@ def load_model(model_dir, tp_group=None, stage=None) -> Model:
 
     import numpy as np
 
+    from .gguf_io import GGUFTensors, gguf_config, is_gguf
     from .hf_io import open_hf_tensors, read_hf_config
-    config_dict = read_hf_config(model_dir)
+    if is_gguf(model_dir):     # llama.cpp's single file: dequantized to float32 tensor by tensor
+        config_dict = gguf_config(model_dir)
+        files, source, where = GGUFTensors(model_dir, config_dict), os.fspath(model_dir), os.fspath(model_dir)
+    else:
+        config_dict = read_hf_config(model_dir)
+        files = open_hf_tensors(model_dir)   # name -> pieces, each file verified when first read
+        source = os.path.join(os.fspath(model_dir), "model*.safetensors")
+        where = os.path.join(os.fspath(model_dir), "config.json")
     try:
         cfg = LlamaConfig.from_dict(config_dict)
     except ValueError as e:
-        raise ValueError(f"{os.path.join(os.fspath(model_dir), 'config.json')}: {e}") from None
-    files = open_hf_tensors(model_dir)   # name -> pieces, each file verified when first read
-    source = os.path.join(os.fspath(model_dir), "model*.safetensors")
+        raise ValueError(f"{where}: {e}") from None
     model = Model(cfg, tp_group=tp_group, stage=stage)
     names = set(files)
     if cfg.tie_word_embeddings and LM_HEAD in names:

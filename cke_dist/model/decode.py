@@ -187,6 +187,10 @@ class InferenceModel:
         """An HF model directory (float32/16 weights, through load_model) or a Q8_0 directory; each
         rank reads only its slices (its tp shard of its pipeline stage)."""
         d = Path(model_dir)
+        from .gguf_io import is_gguf
+        if is_gguf(d):          # dequantized to float32 (quantize="q8_0" requantizes it)
+            from cke_dist.model import load_model
+            return cls.from_model(load_model(d, tp_group=tp_group, stage=stage), quantize=quantize)
         cfg_path = d / "config.json"
         if not d.is_dir():
             raise FileNotFoundError(f"model directory {d} does not exist")

@@ -375,11 +375,15 @@ class Engine:
 
 
 def read_hf_config_any(model_dir) -> dict:
-    """config.json of a float or a Q8_0 directory (its manifest checked when it has one)."""
+    """config.json of a float or a Q8_0 directory (its manifest checked when it has one), or the
+    config a GGUF file's metadata describes."""
     import json
     from pathlib import Path
 
-    from ..model.hf_io import read_manifest, check_file
+    from ..model.gguf_io import gguf_config, is_gguf
+    from ..model.hf_io import check_file, read_manifest
+    if is_gguf(model_dir):
+        return gguf_config(model_dir)
     d = Path(model_dir)
     path = d / "config.json"
     if not d.is_dir():
