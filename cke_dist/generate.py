@@ -145,7 +145,8 @@ def add_arguments(p):
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--stop", action="append", default=[], help="stop when this text appears (repeatable); "
                    "the tokenizer's end-of-sequence token always stops")
-    p.add_argument("--quantize", choices=["q8_0"], default=None, help="quantize the linears at load time")
+    p.add_argument("--quantize", choices=["q8_0", "q4_0", "q4_1"], default=None,
+                   help="quantize the linears at load time (a GGUF file keeps its own formats otherwise)")
     p.add_argument("--threads", type=int, default=None, help="threads for BLAS and numba together")
     p.add_argument("--add-bos", action="store_true", help="prepend the tokenizer's BOS token")
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks (under mpiexec: -n tp*pp)")

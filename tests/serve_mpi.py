@@ -32,6 +32,7 @@ def model_dir(world, tmp_path_factory):
         model = Model.from_config(LlamaConfig.from_dict(CFG), seed=3, init_std=0.2)
         model.save(d / "f32")
         save_q8_dir(InferenceModel.from_model(model, quantize="q8_0"), d / "q8")
+        save_q8_dir(InferenceModel.from_model(model, quantize="q4_1"), d / "q4")
     world.barrier()
     return d
 
@@ -75,15 +76,17 @@ def test_greedy_and_seeded_sampling_equal_one_process(world, model_dir):
         world.barrier()
 
 
-def test_q8_0_shards_equal_one_process_q8_0(world, model_dir):
-    """One request at a time (a Q8_0 forward of more than 8 rows takes the dequantize + GEMM path,
-    so batching it with others may change its rounding: see the README's known limits)."""
+@pytest.mark.parametrize("kind", ["q8", "q4"])
+def test_quantized_shards_equal_one_process(world, model_dir, kind):
+    """Q8_0 and Q4_1 directories, each rank reading its slices of the blocks. One request at a time
+    (a quantized forward of more than 8 rows takes the dequantize + GEMM path, so batching it with
+    others may change its rounding: see the README's known limits)."""
     from cke_dist.generate import generate
     from cke_dist.model.decode import InferenceModel
-    one = InferenceModel.from_dir(model_dir / "q8")
+    one = InferenceModel.from_dir(model_dir / kind)
     want = [generate(one, p, N_NEW, temperature=0) for p in prompts()]
     for tp, pp in layouts(world.size):
-        engine = Engine.build(model_dir / "q8", world, tp=tp, pp=pp, max_batch=1)
+        engine = Engine.build(model_dir / kind, world, tp=tp, pp=pp, max_batch=1)
         if world.rank != 0:
             engine.run()
             continue

@@ -218,3 +218,21 @@ def test_smollm2_greedy_text_and_logits_equal_transformers(smollm2):
     got = generate(ours, ids, 12, temperature=0)
     assert got == ref
     assert tok.decode(got).startswith(" Paris.")
+
+
+def test_smollm2_stays_4bit_and_close_to_its_float32(smollm2):
+    """Inference on the GGUF keeps its Q4_1 and Q8_0 blocks (about 106 MiB read per token, not 540);
+    its logits stay close to the dequantized float32 model's and the first token is the same."""
+    from cke_dist.model.decode import InferenceModel
+    from cke_dist.tokenizer import load_tokenizer
+    tok = load_tokenizer(smollm2)
+    ids = tok.encode("The capital of France is")
+    native = InferenceModel.from_dir(smollm2)
+    f32 = InferenceModel.from_model(load_model(smollm2))
+    assert native.quantize == "q4_1" and native.embed_q.kind == "q8_0"
+    assert native.weight_bytes_per_token() < 0.25 * f32.weight_bytes_per_token()
+    a = native.prefill(native.new_cache(1, 8), 0, ids, all_logits=True)
+    b = f32.prefill(f32.new_cache(1, 8), 0, ids, all_logits=True)
+    cos = (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
+    assert cos.min() > 0.99 and np.argmax(a[-1]) == np.argmax(b[-1]), cos
+    assert tok.decode([int(np.argmax(a[-1]))]) == " Paris"

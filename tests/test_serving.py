@@ -64,14 +64,19 @@ def test_a_cancelled_request_leaves_and_frees_its_slot():
     assert not e._thread.is_alive() and e.error is None
 
 
-def test_a_failed_engine_fails_its_requests(engine):
-    r = engine.submit([1, 2], Params(max_tokens=1000, temperature=0))
-    next(r.stream(timeout=30))
-    engine._fail("the engine stopped: CommError: rank 1 died")
+def test_a_failed_engine_fails_its_requests():
+    """What a dead rank does to rank 0's engine (a CommError in its loop): every request, queued or
+    new, raises EngineError with the reason."""
+    from cke_dist.comm import init
+    model = Model.from_config(LlamaConfig.from_dict(CFG), seed=1, init_std=0.2)
+    e = Engine(InferenceModel.from_model(model), init(), max_batch=1, heartbeat=0.05)
+    r = e.submit([1, 2], Params(max_tokens=5, temperature=0))
+    e._fail("the engine stopped: CommError: rank 1 died")
     with pytest.raises(EngineError, match="rank 1 died"):
         list(r.stream(timeout=30))
     with pytest.raises(EngineError, match="rank 1 died"):
-        engine.submit([1], Params(max_tokens=1))
+        e.submit([1], Params(max_tokens=1))
+    assert r.finish == "error" and e.error and not e.alive
 
 
 def _generate_cli(n, model, *args):

@@ -39,7 +39,8 @@ from cke_kernels.decode_attention import cached_attention, rope_positions
 from cke_kernels.embedding import embedding_forward
 from cke_kernels.linear import linear_forward
 from cke_kernels.decode_matvec import f32_matvec
-from cke_kernels.q8_0 import MATVEC_MAX_ROWS, q8_0_gather_rows, q8_0_matmul, quantize_q8_0
+from cke_kernels.q4 import dequantize_q4, q4_gather_rows, q4_matmul, quantize_q4
+from cke_kernels.q8_0 import MATVEC_MAX_ROWS, dequantize_q8_0, q8_0_gather_rows, q8_0_matmul, quantize_q8_0
 from cke_kernels.residual import residual_forward
 from cke_kernels.rmsnorm import rmsnorm_forward
 from cke_kernels.rope import rope_inv_freq
@@ -51,35 +52,91 @@ from .llama import gather_vocab
 F32 = np.float32
 Q8_METHOD = "cke_q8_0"      # config.json "quantization_config.quant_method" of a Q8_0 directory
 Q8_SCALE_SUFFIX = "_scale"  # "<name>.weight" int8 values + "<name>.weight_scale" float16 block scales
+Q4_MIN_SUFFIX = "_min"      # Q4_1: "<name>.weight_min" float16 block minimums
+QUANT_METHODS = {"q8_0": Q8_METHOD, "q4_0": "cke_q4_0", "q4_1": "cke_q4_1"}
 
 
-class Linear:
-    """y = x @ W.T (+ b), W float32 (N, K) or Q8_0 (qs int8 (N, K), scales float32 (N, K/32))."""
+class Quant:
+    """A quantized 2-D weight (N, K): Q8_0 (q int8 (N, K), d float32 (N, K/32)) or Q4_0 / Q4_1
+    (q uint8 (N, K/2) packed, d, and Q4_1's m float32 (N, K/32)): see cke_kernels.q8_0 and .q4."""
+    KINDS = ("q8_0", "q4_0", "q4_1")
 
-    def __init__(self, weight=None, bias=None, q8=None):
-        if (weight is None) == (q8 is None):
-            raise ValueError("Linear takes a float32 weight or a Q8_0 pair, exactly one")
-        self.weight, self.bias, self.q8 = weight, bias, q8
-        self.out_features, self.in_features = (weight if q8 is None else q8[0]).shape
+    def __init__(self, kind, q, d, m=None):
+        if kind not in self.KINDS:
+            raise ValueError(f"quantization {kind!r}: one of {', '.join(self.KINDS)}")
+        self.kind, self.q, self.d, self.m = kind, q, d, m
+
+    @classmethod
+    def of(cls, w: np.ndarray, kind: str) -> "Quant":
+        if kind == "q8_0":
+            return cls(kind, *quantize_q8_0(w))
+        return cls(kind, *quantize_q4(w, kind))
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        n, k = self.q.shape
+        return (n, k) if self.kind == "q8_0" else (n, 2 * k)
 
     @property
     def nbytes(self) -> int:
-        w = self.weight.nbytes if self.q8 is None else self.q8[0].nbytes + self.q8[1].nbytes
+        return self.q.nbytes + self.d.nbytes + (0 if self.m is None else self.m.nbytes)
+
+    @staticmethod
+    def stack(parts: list["Quant"]) -> "Quant":
+        """Rows of several weights of one kind as one (q/k/v, gate/up: one product each)."""
+        if len(parts) == 1:
+            return parts[0]
+        cat = lambda xs: np.ascontiguousarray(np.concatenate(xs))     # noqa: E731
+        m = None if parts[0].m is None else cat([p.m for p in parts])
+        return Quant(parts[0].kind, cat([p.q for p in parts]), cat([p.d for p in parts]), m)
+
+    def dequantized(self) -> np.ndarray:
+        if self.kind == "q8_0":
+            return dequantize_q8_0(self.q, self.d)
+        return dequantize_q4(self.q, self.d, self.m)
+
+    def matmul(self, x, out):
+        if self.kind == "q8_0":
+            return q8_0_matmul(self.q, self.d, x, out)
+        return q4_matmul(self.q, self.d, self.m, x, out)
+
+    def gather_rows(self, ids, out):
+        if self.kind == "q8_0":
+            return q8_0_gather_rows(self.q, self.d, ids, out)
+        return q4_gather_rows(self.q, self.d, _NO_MIN if self.m is None else self.m, self.m is not None, ids, out)
+
+
+_NO_MIN = np.zeros((1, 1), np.float32)
+
+
+class Linear:
+    """y = x @ W.T (+ b), W float32 (N, K) or a Quant (Q8_0, Q4_0, Q4_1)."""
+
+    def __init__(self, weight=None, bias=None, quant: Quant | None = None):
+        if (weight is None) == (quant is None):
+            raise ValueError("Linear takes a float32 weight or a quantized one, exactly one")
+        self.weight, self.bias, self.quant = weight, bias, quant
+        self.out_features, self.in_features = (weight if quant is None else quant).shape
+
+    @property
+    def nbytes(self) -> int:
+        w = self.weight.nbytes if self.quant is None else self.quant.nbytes
         return w + (0 if self.bias is None else self.bias.nbytes)
 
-    def quantized(self) -> "Linear":
-        if self.q8 is not None:
+    def quantized(self, kind: str = "q8_0") -> "Linear":
+        if self.quant is not None and self.quant.kind == kind:
             return self
-        return Linear(bias=self.bias, q8=quantize_q8_0(self.weight))
+        w = self.weight if self.quant is None else self.quant.dequantized()
+        return Linear(bias=self.bias, quant=Quant.of(w, kind))
 
     def __call__(self, x, out):
-        if self.q8 is None:
+        if self.quant is None:
             if x.shape[0] > MATVEC_MAX_ROWS:
                 linear_forward(x, self.weight, self.bias, out)      # prefill: BLAS GEMM
                 return out
             f32_matvec(self.weight, x, out)                         # decode: one thread pool
         else:
-            q8_0_matmul(self.q8[0], self.q8[1], x, out)
+            self.quant.matmul(x, out)
         if self.bias is not None:
             out += self.bias
         return out
@@ -134,7 +191,9 @@ class InferenceModel:
             if name not in tensors:
                 raise ValueError(f"missing tensor {name} that the config needs")
             t = tensors[name]
-            shape = tuple((t[0] if isinstance(t, tuple) else t).shape)
+            if isinstance(t, tuple):          # (qs, scales): a Q8_0 pair
+                t = Quant("q8_0", *t)
+            shape = tuple(t.shape)
             if shape != shapes[name]:
                 raise ValueError(f"tensor {name} has shape {shape}; this rank's shard of it should be "
                                  f"{shapes[name]}")
@@ -144,10 +203,12 @@ class InferenceModel:
             ws = [get(n) for n in names]
             bs = [get(n) for n in bias_names]
             bias = _stack(bs, flat, offsets, bias_names) if bs else None
-            if all(isinstance(w, tuple) for w in ws):            # Q8_0 pairs
-                qs = np.concatenate([w[0] for w in ws]) if len(ws) > 1 else ws[0][0]
-                sc = np.concatenate([w[1] for w in ws]) if len(ws) > 1 else ws[0][1]
-                return Linear(bias=bias, q8=(np.ascontiguousarray(qs), np.ascontiguousarray(sc, dtype=F32)))
+            if any(isinstance(w, Quant) for w in ws):
+                kinds = {w.kind for w in ws if isinstance(w, Quant)}
+                if len(kinds) > 1 or not all(isinstance(w, Quant) for w in ws):
+                    # one fused product needs one format: the parts' mix (a GGUF may mix them) as Q8_0
+                    ws = [Quant.of(w.dequantized() if isinstance(w, Quant) else w, "q8_0") for w in ws]
+                return Linear(bias=bias, quant=Quant.stack(ws))
             return Linear(_stack(ws, flat, offsets, names), bias)
 
         self.layers = []
@@ -161,14 +222,15 @@ class InferenceModel:
         self.lm_head = lin([head_name(cfg)]) if stage.last else None
         embed = get(EMBED) if stage.first else None
         if embed is None:
-            self.embed_q8, self.embed = None, None
-        elif cfg.tie_word_embeddings and self.lm_head is not None and self.lm_head.q8 is not None:
-            self.embed_q8, self.embed = self.lm_head.q8, None     # one Q8_0 table serves both
-        elif isinstance(embed, tuple):
-            self.embed_q8, self.embed = embed, None
+            self.embed_q, self.embed = None, None
+        elif cfg.tie_word_embeddings and self.lm_head is not None and self.lm_head.quant is not None:
+            self.embed_q, self.embed = self.lm_head.quant, None     # one quantized table serves both
+        elif isinstance(embed, Quant):
+            self.embed_q, self.embed = embed, None
         else:
-            self.embed_q8, self.embed = None, embed
-        self.quantize = "q8_0" if self.layers[0]["down"].q8 is not None else None
+            self.embed_q, self.embed = None, embed
+        down = self.layers[0]["down"].quant if self.layers else None
+        self.quantize = None if down is None else down.kind
         self._ws: dict[int, dict] = {}
 
     # ---- construction ---------------------------------------------------------------------------
@@ -176,11 +238,11 @@ class InferenceModel:
     @classmethod
     def from_model(cls, model, quantize: str | None = None) -> "InferenceModel":
         """Views of a cke_dist Model's parameters (no copy for float32); quantize="q8_0" for a Q8_0 copy."""
-        if quantize not in (None, "q8_0"):
-            raise ValueError(f"quantize={quantize!r}: supported are None (float32) and 'q8_0'")
+        if quantize not in (None, *Quant.KINDS):
+            raise ValueError(f"quantize={quantize!r}: supported are None (float32), {', '.join(Quant.KINDS)}")
         im = cls(model.config, model.named_params, getattr(model, "tp_group", None),
                  flat=model.params, offsets=model.param_offsets, stage=getattr(model, "stage", None))
-        return im.to_q8_0() if quantize == "q8_0" else im
+        return im.to_quantized(quantize) if quantize else im
 
     @classmethod
     def from_dir(cls, model_dir, quantize: str | None = None, tp_group=None, stage=None) -> "InferenceModel":
@@ -188,9 +250,11 @@ class InferenceModel:
         rank reads only its slices (its tp shard of its pipeline stage)."""
         d = Path(model_dir)
         from .gguf_io import is_gguf
-        if is_gguf(d):          # dequantized to float32 (quantize="q8_0" requantizes it)
-            from cke_dist.model import load_model
-            return cls.from_model(load_model(d, tp_group=tp_group, stage=stage), quantize=quantize)
+        if is_gguf(d):
+            if quantize is not None:       # dequantized to float32, then quantized as asked
+                from cke_dist.model import load_model
+                return cls.from_model(load_model(d, tp_group=tp_group, stage=stage), quantize=quantize)
+            return cls._from_gguf(d, tp_group, stage)
         cfg_path = d / "config.json"
         if not d.is_dir():
             raise FileNotFoundError(f"model directory {d} does not exist")
@@ -201,8 +265,9 @@ class InferenceModel:
         except json.JSONDecodeError as e:
             raise ValueError(f"{cfg_path} is not valid JSON: {e}") from None
         qc = raw.get("quantization_config") or {}
-        if qc.get("quant_method") == Q8_METHOD:
-            return cls._from_q8_dir(d, raw, tp_group, stage)
+        kinds = {v: k for k, v in QUANT_METHODS.items()}
+        if qc.get("quant_method") in kinds:
+            return cls._from_q8_dir(d, raw, tp_group, stage, kinds[qc["quant_method"]])
         if qc:
             raise ValueError(f"{cfg_path}: quantization_config.quant_method {qc.get('quant_method')!r} is not "
                              f"supported (ours is {Q8_METHOD!r}, written by `cke-dist quantize`)")
@@ -211,7 +276,7 @@ class InferenceModel:
         return cls.from_model(load_model(d, tp_group=tp_group, stage=stage), quantize=quantize)
 
     @classmethod
-    def _from_q8_dir(cls, d: Path, raw: dict, tp_group, stage=None) -> "InferenceModel":
+    def _from_q8_dir(cls, d: Path, raw: dict, tp_group, stage=None, kind: str = "q8_0") -> "InferenceModel":
         from cke_dist.model import LlamaConfig
         from cke_dist.model.hf_io import SafetensorsFile, verify_manifest
         _check_architecture(raw, d / "config.json")
@@ -230,15 +295,22 @@ class InferenceModel:
                 raise ValueError(f"{path}: missing tensor {name} that config.json needs")
             dtype = stored.header[name]["dtype"]
             if len(shape) == 2:
-                sname = name + Q8_SCALE_SUFFIX
+                sname, mname = name + Q8_SCALE_SUFFIX, name + Q4_MIN_SUFFIX
                 want_s = (shape[0], shape[1] // 32)
-                if dtype != "I8" or sname not in stored.header:
-                    raise ValueError(f"{path}: tensor {name} should be Q8_0 (int8 values + {sname}); "
-                                     f"found dtype {dtype}")
-                if stored.shape(name) != shape or stored.shape(sname) != want_s:
+                want_q = shape if kind == "q8_0" else (shape[0], shape[1] // 2)
+                if dtype != ("I8" if kind == "q8_0" else "U8") or sname not in stored.header or \
+                        (kind == "q4_1" and mname not in stored.header):
+                    raise ValueError(f"{path}: tensor {name} should be {kind.upper()} ({'int8' if kind == 'q8_0' else 'uint8'}"
+                                     f" values + {sname}); found dtype {dtype}")
+                if stored.shape(name) != want_q or stored.shape(sname) != want_s:
                     raise ValueError(f"{path}: tensor {name} has shape {stored.shape(name)} / scales "
-                                     f"{stored.shape(sname)}, the config expects {shape} / {want_s}")
-                tensors[name] = (stored.read(name, spec.index, raw=True), _q8_scale_shard(spec, stored, sname, path))
+                                     f"{stored.shape(sname)}, the config expects {want_q} / {want_s}")
+                q_index = spec.index
+                if kind != "q8_0" and spec.dim == 1:     # packed: two values a byte along K
+                    q_index = (slice(None), slice(spec.start // 2, spec.stop // 2))
+                tensors[name] = Quant(kind, stored.read(name, q_index, raw=True),
+                                      _q8_scale_shard(spec, stored, sname, path),
+                                      _q8_scale_shard(spec, stored, mname, path) if kind == "q4_1" else None)
             else:
                 if stored.shape(name) != shape:
                     raise ValueError(f"{path}: tensor {name} has shape {stored.shape(name)}, "
@@ -246,24 +318,45 @@ class InferenceModel:
                 tensors[name] = stored.read(name, spec.index)
         return cls(cfg, tensors, tp_group, stage=stage)
 
+    @classmethod
+    def _from_gguf(cls, path: Path, tp_group, stage=None) -> "InferenceModel":
+        """A GGUF file in its own formats: Q8_0 / Q4_0 / Q4_1 weights stay as stored (K-quants to
+        the nearest of those: cke_dist.model.gguf_io.GGUFTensors.read_native); each rank reads its
+        slices."""
+        from cke_dist.model import LlamaConfig
+        from .gguf_io import GGUFTensors, gguf_config
+        raw = gguf_config(path)
+        cfg = LlamaConfig.from_dict(raw)
+        src = GGUFTensors(path, raw)
+        tp = getattr(tp_group, "size", 1) if tp_group is not None else 1
+        tensors = {}
+        for spec in param_specs(cfg, tp, tp_group.rank if tp > 1 else 0, stage):
+            if spec.name not in src:
+                raise ValueError(f"{path}: no tensor for {spec.name}, which config needs")
+            tensors[spec.name] = src.read_native(spec.name, spec)
+        return cls(cfg, tensors, tp_group, stage=stage)
+
     def to_q8_0(self) -> "InferenceModel":
-        """A Q8_0 copy: every linear, the LM head and the embedding table (the same tensors a Q8_0
-        directory stores); norms and biases shared with this one."""
+        return self.to_quantized("q8_0")
+
+    def to_quantized(self, kind: str) -> "InferenceModel":
+        """A copy with every linear, the LM head and the embedding table quantized to `kind`
+        (q8_0, q4_0, q4_1: the tensors a quantized directory stores); norms and biases shared."""
         import copy
-        if self.quantize == "q8_0":
+        if self.quantize == kind:
             return self
         q = copy.copy(self)
-        q.layers = [{role: (w.quantized() if isinstance(w, Linear) else w) for role, w in layer.items()}
+        q.layers = [{role: (w.quantized(kind) if isinstance(w, Linear) else w) for role, w in layer.items()}
                     for layer in self.layers]
-        q.lm_head = self.lm_head.quantized() if self.lm_head is not None else None
+        q.lm_head = self.lm_head.quantized(kind) if self.lm_head is not None else None
         q.embed = None
-        if self.embed is None:
-            q.embed_q8 = None
+        if self.embed is None and self.embed_q is None:
+            q.embed_q = None
         elif self.config.tie_word_embeddings and q.lm_head is not None:
-            q.embed_q8 = q.lm_head.q8                  # one table serves both
+            q.embed_q = q.lm_head.quant                  # one table serves both
         else:
-            q.embed_q8 = quantize_q8_0(self.embed)
-        q.quantize, q._ws = "q8_0", {}
+            q.embed_q = Quant.of(self.embed if self.embed is not None else self.embed_q.dequantized(), kind)
+        q.quantize, q._ws = kind, {}
         return q
 
     # ---- sizes ----------------------------------------------------------------------------------
@@ -390,12 +483,11 @@ class InferenceModel:
             local = ids - v0
             mine = (local >= 0) & (local < v1 - v0)
             if mine.all():
-                q8_0_gather_rows(self.embed_q8[0], self.embed_q8[1], local, x)
+                self.embed_q.gather_rows(local, x)
             else:
                 x.fill(0.0)
                 if mine.any():
-                    x[mine] = q8_0_gather_rows(self.embed_q8[0], self.embed_q8[1], local[mine],
-                                               np.empty((int(mine.sum()), x.shape[1]), F32))
+                    x[mine] = self.embed_q.gather_rows(local[mine], np.empty((int(mine.sum()), x.shape[1]), F32))
         self._allreduce(x)
 
     def prefill(self, cache: KVCache, row: int, ids, start: int = 0, all_logits: bool = False) -> np.ndarray:
@@ -441,31 +533,35 @@ def _check_architecture(raw: dict, cfg_path) -> None:
 
 
 def save_q8_dir(im: InferenceModel, out_dir) -> None:
-    """Write a Q8_0 directory: config.json (+ quantization_config) and model.safetensors in HF names."""
+    """Write a quantized directory (Q8_0, Q4_0 or Q4_1, whichever `im` holds): config.json (+
+    quantization_config) and model.safetensors in HF names: '<name>' the values (int8, or uint8
+    packed nibbles), '<name>_scale' float16 block scales, '<name>_min' (Q4_1) float16 block minimums."""
     from safetensors.numpy import save_file
-    if im.quantize != "q8_0":
-        raise ValueError("save_q8_dir needs an InferenceModel built with quantize='q8_0'")
+    if im.quantize not in Quant.KINDS:
+        raise ValueError("save_q8_dir needs an InferenceModel built with quantize='q8_0', 'q4_0' or 'q4_1'")
     cfg = im.config
     tensors = {NORM: im.norm}
 
-    def put(name, lin_or_pair, bias_names=(), split=None):
-        qs, sc = lin_or_pair.q8 if isinstance(lin_or_pair, Linear) else lin_or_pair
+    def put(name, lin_or_quant, bias_names=(), split=None):
+        qt = lin_or_quant.quant if isinstance(lin_or_quant, Linear) else lin_or_quant
         names = [name] if split is None else name
-        rows = [qs.shape[0]] if split is None else split
+        rows = [qt.q.shape[0]] if split is None else split
         r0 = 0
         for n, r in zip(names, rows):
-            tensors[n] = np.ascontiguousarray(qs[r0:r0 + r])
-            tensors[n + Q8_SCALE_SUFFIX] = sc[r0:r0 + r].astype(np.float16)
+            tensors[n] = np.ascontiguousarray(qt.q[r0:r0 + r])
+            tensors[n + Q8_SCALE_SUFFIX] = qt.d[r0:r0 + r].astype(np.float16)
+            if qt.m is not None:
+                tensors[n + Q4_MIN_SUFFIX] = qt.m[r0:r0 + r].astype(np.float16)
             r0 += r
-        if isinstance(lin_or_pair, Linear) and lin_or_pair.bias is not None:
+        if isinstance(lin_or_quant, Linear) and lin_or_quant.bias is not None:
             b0 = 0
             for bn, r in zip(bias_names, rows):
-                tensors[bn] = np.ascontiguousarray(lin_or_pair.bias[b0:b0 + r])
+                tensors[bn] = np.ascontiguousarray(lin_or_quant.bias[b0:b0 + r])
                 b0 += r
 
-    if im.tp_size > 1:
+    if im.tp_size > 1 or not (im.stage.first and im.stage.last):
         raise ValueError("save_q8_dir writes a whole model; quantize the one-process model")
-    put(EMBED, im.embed_q8)
+    put(EMBED, im.embed_q)
     D = im.head_dim
     for i, L in enumerate(im.layers):
         n = layer_names(cfg, i)
@@ -481,10 +577,13 @@ def save_q8_dir(im: InferenceModel, out_dir) -> None:
     tensors = {k: np.ascontiguousarray(v) for k, v in tensors.items()}
     os.makedirs(out_dir, exist_ok=True)
     d = cfg.to_dict()
-    d["quantization_config"] = {"quant_method": Q8_METHOD, "block_size": 32, "scale_dtype": "float16",
-                                "note": "weights: int8 '<name>' + float16 '<name>_scale' per 32-value block "
-                                        "(GGML Q8_0); norms and biases float32"}
+    what = {"q8_0": "int8 '<name>'", "q4_0": "uint8 '<name>' (two 4-bit values a byte, GGML's order)",
+            "q4_1": "uint8 '<name>' (two 4-bit values a byte) + float16 '<name>_min'"}[im.quantize]
+    d["quantization_config"] = {"quant_method": QUANT_METHODS[im.quantize], "block_size": 32,
+                                "scale_dtype": "float16",
+                                "note": f"weights: {what} + float16 '<name>_scale' per 32-value block "
+                                        f"(GGML {im.quantize.upper()}); norms and biases float32"}
     with open(os.path.join(out_dir, "config.json"), "w") as f:
         json.dump(d, f, indent=2, sort_keys=True)
         f.write("\n")
-    save_file(tensors, os.path.join(out_dir, "model.safetensors"), metadata={"format": "cke_q8_0"})
+    save_file(tensors, os.path.join(out_dir, "model.safetensors"), metadata={"format": QUANT_METHODS[im.quantize]})

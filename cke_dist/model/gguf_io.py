@@ -177,6 +177,49 @@ class GGUFTensors:
         return np.ascontiguousarray(w[index])
 
 
+    def read_native(self, name, spec):
+        """This rank's slice (spec: a layout ParamSpec) in the file's own format where a kernel of
+        ours reads it: Q8_0, Q4_0, Q4_1 kept as stored (a decode.Quant, blocks repacked, never
+        requantized); Q4_K and Q5_K requantized to Q4_1, Q6_K to Q8_0 (the nearest kernels we
+        have); float types as float32."""
+        from gguf.quants import dequantize
+
+        from .decode import Quant
+        t = self._tensors[name]
+        kind = t.tensor_type.name
+        full = self.shape(name)
+        if len(full) != 2 or kind in ("F32", "F16", "BF16"):
+            return self.read(name, spec.index)
+        if kind in ("Q4_K", "Q5_K", "Q6_K"):
+            return Quant.of(self.read(name, spec.index), "q8_0" if kind == "Q6_K" else "q4_1")
+        rows, nb = full[0], full[1] // 32
+        blocks = np.asarray(t.data).reshape(rows, nb, -1)
+        f16 = lambda a, b: np.ascontiguousarray(blocks[..., a:b]).view(np.float16)[..., 0].astype(np.float32)  # noqa: E731
+        if kind == "Q8_0":
+            q, d, m = np.ascontiguousarray(blocks[..., 2:34]).view(np.int8).reshape(rows, -1), f16(0, 2), None
+        elif kind == "Q4_0":
+            q, d, m = blocks[..., 2:18].reshape(rows, -1), f16(0, 2), None
+        elif kind == "Q4_1":
+            q, d, m = blocks[..., 4:20].reshape(rows, -1), f16(0, 2), f16(2, 4)
+        else:
+            return Quant.of(np.asarray(dequantize(t.data, t.tensor_type), np.float32)[spec.index], "q8_0")
+        if self.arch == "llama" and (".q_proj." in name or ".k_proj." in name):
+            heads = self.config["num_attention_heads"] if ".q_proj." in name else self.config["num_key_value_heads"]
+            q, d = _unpermute(q, heads), _unpermute(d, heads)
+            m = None if m is None else _unpermute(m, heads)
+        per = 1 if kind == "Q8_0" else 2           # values per stored byte
+        if spec.dim == 1:
+            if spec.start % 32 or spec.stop % 32:
+                raise GGUFError(f"{self.path}: {name} is cut at columns {spec.start}:{spec.stop} for tensor "
+                                f"parallelism, not on its 32-value blocks; choose another tp")
+            qi = (slice(None), slice(spec.start // per, spec.stop // per))
+            di = (slice(None), slice(spec.start // 32, spec.stop // 32))
+        else:
+            qi = di = spec.index
+        cut = lambda a: None if a is None else np.ascontiguousarray(a[di])   # noqa: E731
+        return Quant(kind.lower(), np.ascontiguousarray(q[qi]), cut(d), cut(m))
+
+
 def _unpermute(w: np.ndarray, heads: int) -> np.ndarray:
     """Undo convert_hf_to_gguf's q/k row order: within each head llama.cpp stores the rotary pairs
     interleaved (row 2i, 2i+1), HF stores the two halves (row i, i + d/2)."""

@@ -35,6 +35,7 @@ _STORED = {
     "BF16": (np.dtype("<u2"), 2),  # numpy has no bfloat16: read the raw 16 bits
     "F64": (np.dtype("<f8"), 8),
     "I8": (np.dtype("i1"), 1),      # Q8_0 values (cke_dist.model.decode reads them raw)
+    "U8": (np.dtype("u1"), 1),      # Q4_0 / Q4_1 packed values
 }
 
 
