@@ -16,6 +16,7 @@ ONE_PROCESS = {
     "pipeline.py": "zb bubble",
     "zero_memory.py": "zero=1 / zero=0: optimizer state 0.50x",
     "decode_tp.py": "tp=2 memory per rank / 1 rank",
+    "decode_gguf.py": "tiny Q4_0 (ours)",
 }
 
 
