@@ -84,7 +84,7 @@ def ours(path: Path, threads: int, prompt: list[int], n: int) -> float:
     return float(np.median(times[2:]))
 
 
-def llama_cpp(path: Path, threads: int, prompt: list[int], n: int) -> float | None:
+def llama_cpp_decode(path: Path, threads: int, prompt: list[int], n: int) -> float | None:
     try:
         from llama_cpp import Llama
     except ImportError:
@@ -133,7 +133,7 @@ def main():
         prompt = np.random.default_rng(0).integers(0, vocab, args.prompt_len).tolist()
         for t in THREADS:
             s_ours = ours(path, t, prompt, args.new_tokens)
-            s_peer = llama_cpp(path, t, prompt, args.new_tokens)
+            s_peer = llama_cpp_decode(path, t, prompt, args.new_tokens)
             peer_col = f"{1 / s_peer:10.1f}" if s_peer else f"{'-':>10}"
             ratio = f"{s_peer / s_ours:14.2f}x" if s_peer else f"{'-':>15}"
             print(f"{name:<28} {t:7d} {1 / s_ours:10.1f} {peer_col} {ratio}", flush=True)
