@@ -12,6 +12,7 @@ import sys
 COMMANDS = {
     "train": ("cke_dist.train", "train a model (one process, or under mpiexec)"),
     "generate": ("cke_dist.generate", "generate text from a model directory"),
+    "serve": ("cke_dist.serve", "an OpenAI-compatible HTTP server (one process, or under mpiexec as tp x pp)"),
     "compare": ("cke_dist.compare", "check our numbers against the PyTorch reference"),
     "quantize": ("cke_dist.quantize", "write a Q8_0 copy of a model directory"),
     "info": ("cke_dist.info", "transports, RDMA devices, MPI library, threads"),

@@ -153,7 +153,7 @@ def add_arguments(p):
     p.add_argument("--pp", type=int, default=1, help="pipeline stages; several prompts flow through them at once")
 
 
-class _StopText:
+class StopText:
     """Holds back streamed text that might be the start of a stop string; cuts at the first match."""
 
     def __init__(self, stops):
@@ -225,7 +225,7 @@ def _print_generations(args, tok, engine, Params, TextStream) -> int:
             print(f"{text}{body}\n---")
         return 0
     req = reqs[0]
-    out, stream, cut = sys.stdout, TextStream(tok), _StopText(args.stop)
+    out, stream, cut = sys.stdout, TextStream(tok), StopText(args.stop)
     out.write(args.prompt[0])
     out.flush()
     for t in req.stream():

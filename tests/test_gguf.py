@@ -236,3 +236,12 @@ def test_smollm2_stays_4bit_and_close_to_its_float32(smollm2):
     cos = (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
     assert cos.min() > 0.99 and np.argmax(a[-1]) == np.argmax(b[-1]), cos
     assert tok.decode([int(np.argmax(a[-1]))]) == " Paris"
+
+
+def test_smollm2_chat_template_renders_as_transformers_renders_it(smollm2):
+    from cke_dist.serving.chat import load_chat_template
+    ref = transformers.AutoTokenizer.from_pretrained(smollm2.parent, gguf_file=smollm2.name)
+    msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is 2+2?"},
+            {"role": "assistant", "content": "4"}, {"role": "user", "content": "And 3+3?"}]
+    assert load_chat_template(smollm2).render(msgs) == ref.apply_chat_template(msgs, tokenize=False,
+                                                                               add_generation_prompt=True)

@@ -231,6 +231,18 @@ def gguf_chat_template(path, reader=None) -> str | None:
     return _field(reader or _reader(path), "tokenizer.chat_template")
 
 
+def gguf_special_tokens(path, reader=None) -> dict[str, str]:
+    """bos_token / eos_token (/ unk, pad) texts, the variables a chat template may use."""
+    r = reader or _reader(path)
+    tokens = _field(r, "tokenizer.ggml.tokens") or []
+    out = {}
+    for key in ("bos", "eos", "unk", "pad"):
+        i = _field(r, f"tokenizer.ggml.{key}_token_id" if key != "pad" else "tokenizer.ggml.padding_token_id")
+        if i is not None and 0 <= int(i) < len(tokens):
+            out[f"{key}_token"] = tokens[int(i)]
+    return out
+
+
 def gguf_tokenizer(path, reader=None):
     """An HFTokenizer (cke_dist.tokenizer) rebuilt from the file's tokenizer metadata."""
     from tokenizers import AddedToken, Regex, Tokenizer, decoders, pre_tokenizers

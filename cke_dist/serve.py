@@ -1,0 +1,133 @@
+"""The `cke-dist serve` job: an OpenAI-compatible HTTP server over the continuous-batching engine.
+
+    cke-dist serve --model DIR                                   # one process
+    mpiexec -n 4 cke-dist serve --model DIR --tp 2 --pp 2 --port 8000
+
+Every rank builds its part of the model (Engine.build, read by slice). Ranks other than 0 follow
+rank 0's ticks (engine.run) and exit 0 when rank 0 shuts the engine down. Rank 0 runs the engine
+loop in a thread and answers HTTP (serving/http.py) until SIGINT/SIGTERM (an orderly stop: exit 0)
+or until the engine dies (a rank lost, a failed step): then every request in flight and every new
+one gets 503 for a moment, and the job ends with a non-zero status (MPI Abort under mpiexec, so
+no rank is left waiting).
+Tests: tests/test_serve.py.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import threading
+from pathlib import Path
+
+# after the engine dies: how long in-flight requests get to receive their 503, then how long new
+# ones keep getting a 503 (rather than a refused connection) before the process ends
+DRAIN_S = 5.0
+LINGER_S = 2.0
+
+
+def add_arguments(p):
+    p.add_argument("--model", required=True, help="model directory: HF (config.json + safetensors + tokenizer.json) "
+                   "or a Q8_0 copy from `cke-dist quantize`; its tokenizer_config.json chat_template serves chat")
+    p.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks (the world is tp x pp)")
+    p.add_argument("--pp", type=int, default=1, help="pipeline stages")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on (default 127.0.0.1: this machine only; 0.0.0.0 exposes it)")
+    p.add_argument("--port", type=int, default=8000, help="TCP port (0: any free one; the URL is printed)")
+    p.add_argument("--api-key", default=None,
+                   help="require 'Authorization: Bearer KEY' on /v1 paths (default: $CKE_API_KEY; none: open)")
+    p.add_argument("--served-model-name", default=None, help="the model id clients see (default: the directory name)")
+    p.add_argument("--quantize", choices=["q8_0"], default=None, help="quantize the linears at load time")
+    p.add_argument("--max-batch", type=int, default=16, help="requests decoded together (KV cache slots)")
+    p.add_argument("--max-len", type=int, default=None,
+                   help="context per request: prompt + completion tokens (default: max_position_embeddings)")
+    p.add_argument("--threads", type=int, default=None, help="threads for BLAS and numba together, per rank")
+    p.add_argument("--add-bos", action="store_true", help="prepend the tokenizer's BOS to /v1/completions prompts "
+                   "(chat templates place their own)")
+    p.add_argument("--max-body", type=int, default=1 << 20, help="largest request body in bytes (larger: 413)")
+    p.add_argument("--quiet", action="store_true", help="no access log line per request")
+
+
+def run(args) -> int:
+    from .comm import init
+    from .serving import Engine
+
+    if args.threads is not None:
+        from cke_kernels.threads import set_num_threads
+        set_num_threads(args.threads)
+    world = init()
+    if world.rank != 0:
+        # Ctrl-C reaches every rank under mpiexec; rank 0 alone decides the stop and tells the others
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        engine = Engine.build(args.model, world, args.tp, args.pp, quantize=args.quantize, max_batch=args.max_batch,
+                              max_len=args.max_len)
+        engine.run()
+        return 0
+
+    from .serving.chat import load_chat_template
+    from .serving.http import OpenAIServer
+    from .tokenizer import load_tokenizer
+
+    # everything that can fail on a bad argument fails before the weights are read
+    tok = load_tokenizer(args.model)
+    chat = load_chat_template(args.model)
+    api_key = args.api_key or os.environ.get("CKE_API_KEY") or None
+    name = args.served_model_name or Path(args.model).resolve().name
+    try:
+        server = OpenAIServer((args.host, args.port), tok, name, chat_template=chat, api_key=api_key,
+                              max_body=args.max_body, add_bos=args.add_bos, access_log=not args.quiet)
+    except OSError as e:
+        raise OSError(f"cannot listen on {args.host}:{args.port}: {e}") from None
+
+    engine = Engine.build(args.model, world, args.tp, args.pp, quantize=args.quantize, max_batch=args.max_batch,
+                          max_len=args.max_len)
+    vocab = engine.vocab
+    if vocab < getattr(tok, "vocab_size", 0):
+        engine.start()
+        engine.shutdown(timeout=30)
+        raise ValueError(f"{args.model}: tokenizer has {tok.vocab_size} tokens, the model's vocab_size is only {vocab}")
+    server.engine = engine
+    engine.start()
+
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.2}, name="cke-http", daemon=True).start()
+    _banner(args, server, engine, world.size, chat is not None, api_key is not None)
+
+    while not stop.wait(0.2):
+        if not engine.alive:
+            break
+    if engine.alive:      # a signal: stop taking requests, then stop the engine (every rank's loop)
+        print("cke-dist serve: stopping", file=sys.stderr, flush=True)
+        server.shutdown()
+        engine.shutdown(timeout=60)
+        server.server_close()
+        return 0
+
+    print(f"cke-dist serve: {engine.error or 'the engine stopped'}; answering 503 and ending the job",
+          file=sys.stderr, flush=True)
+    server.wait_idle(DRAIN_S)
+    stop.wait(LINGER_S)
+    server.shutdown()
+    server.server_close()
+    if world.size > 1:
+        from mpi4py import MPI
+        MPI.COMM_WORLD.Abort(1)
+    return 1
+
+
+def _banner(args, server, engine, size, has_chat, has_key):
+    host = args.host if ":" not in args.host else f"[{args.host}]"
+    base = f"http://{host}:{server.port}"
+    weights = args.quantize or engine.im.quantize or "float32"
+    auth = ' -H "Authorization: Bearer $CKE_API_KEY"' if has_key else ""
+    lines = [
+        f"cke-dist serve: {base}/v1 (OpenAI-compatible; GET {base}/health)",
+        f"  model {server.model_name!r} from {args.model} ({weights}); layout tp={args.tp} x pp={args.pp} on {size} "
+        f"rank{'s' if size > 1 else ''}; up to {engine.max_batch} requests at once, context {engine.max_len} tokens;"
+        f" chat {'from the template' if has_chat else 'unavailable (no chat template)'}"
+        f"{'; API key required' if has_key else ''}",
+        f"  try: curl {base}/v1/completions -H 'Content-Type: application/json'{auth} "
+        f"-d '{{\"prompt\": \"Hello\", \"max_tokens\": 16}}'",
+    ]
+    print("\n".join(lines), flush=True)

@@ -1,0 +1,592 @@
+"""The OpenAI-compatible HTTP front of `cke-dist serve`, on rank 0, over a running Engine.
+
+    server = OpenAIServer(("127.0.0.1", 8000), tokenizer, "my-model", chat_template=tpl, api_key=None)
+    server.engine = engine            # Engine.build(...) then engine.start()
+    server.serve_forever()
+
+Endpoints: POST /v1/completions, POST /v1/chat/completions (JSON, or server-sent events with
+`"stream": true` ending in `data: [DONE]`), GET /v1/models, GET /health.
+
+Rules it keeps:
+- One thread per connection (stdlib ThreadingHTTPServer), HTTP/1.1 keep-alive; every request is
+  one Engine request, so concurrent requests are batched by the engine, not by this file.
+- A stream is sent with chunked transfer encoding (Connection: close for an HTTP/1.0 client). Its
+  200 goes out only with the first token, so an engine that fails before it is still a 503.
+- Bad input is a 400 naming the field (OpenAI's error object: message, type, param, code); a body
+  is read only after its Content-Length passed the limit (413 over it); unknown fields are
+  ignored; features we do not have (n > 1, logprobs, penalties, tools, ...) are a 400, never
+  silently dropped. prompt + max_tokens beyond the context is a 400 naming both numbers.
+- With an API key every /v1 path needs `Authorization: Bearer <key>` (401); /health stays open.
+- Text: the tokenizer's EOS ids end a request (finish_reason "stop") and are not shown; a stop
+  string cuts the text before it (generate.py's StopText, as the CLI does) and cancels the
+  request; usage counts every sampled token.
+- A client that goes away (a failed write, or its socket at EOF while we wait) has its request
+  cancelled; the engine frees the slot at the next tick.
+- A dead engine: every in-flight and new request gets 503 (an `error` event inside a stream
+  already started); `serve.py` then ends the process.
+Tests: tests/test_serve.py.
+"""
+from __future__ import annotations
+
+import hmac
+import json
+import math
+import queue
+import select
+import socket
+import sys
+import threading
+import time
+import uuid
+from contextlib import contextmanager
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import urlsplit
+
+from ..generate import StopText
+from ..tokenizer import TextStream
+from .chat import ChatTemplateError
+from .engine import EngineError, Params
+
+MAX_BODY = 1 << 20
+COMPLETIONS_DEFAULT_MAX_TOKENS = 16      # OpenAI's default for /v1/completions
+MAX_STOP_STRINGS = 16
+_GONE_POLL_S = 0.25
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
+                 kind: str = "invalid_request_error"):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code, self.kind = status, message, param, code, kind
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
+
+
+def _unavailable(message: str) -> ApiError:
+    return ApiError(503, message, kind="server_error", code="engine_unavailable")
+
+
+class _ClientGone(Exception):
+    pass
+
+
+# ---- field checks: each names the field it refuses ----------------------------------------------
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_num(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _opt_int(body: dict, name: str, lo: int | None = None):
+    v = body.get(name)
+    if v is None:
+        return None
+    if not _is_int(v) or (lo is not None and v < lo):
+        want = "an integer" + (f" >= {lo}" if lo is not None else "")
+        raise ApiError(400, f"'{name}' must be {want}, got {json.dumps(v)}", name)
+    return v
+
+
+def _opt_num(body: dict, name: str, ok, want: str):
+    v = body.get(name)
+    if v is None:
+        return None
+    if not _is_num(v) or not ok(v):
+        raise ApiError(400, f"'{name}' must be {want}, got {json.dumps(v)}", name)
+    return float(v)
+
+
+def _opt_bool(body: dict, name: str):
+    v = body.get(name)
+    if v is not None and not isinstance(v, bool):
+        raise ApiError(400, f"'{name}' must be true or false, got {json.dumps(v)}", name)
+    return v
+
+
+def _unsupported(body: dict, name: str, neutral, what: str):
+    """A feature this server does not implement: accept only its neutral values."""
+    v = body.get(name)
+    if v is not None and v not in neutral:
+        raise ApiError(400, f"'{name}' is not supported by this server ({what})", name)
+
+
+def _stop_strings(body: dict) -> list[str]:
+    v = body.get("stop")
+    if v is None:
+        return []
+    if isinstance(v, str):
+        v = [v]
+    if not isinstance(v, list) or not all(isinstance(s, str) for s in v):
+        raise ApiError(400, f"'stop' must be a string or a list of strings, got {json.dumps(v)}", "stop")
+    if len(v) > MAX_STOP_STRINGS:
+        raise ApiError(400, f"'stop' has {len(v)} strings; at most {MAX_STOP_STRINGS} are allowed", "stop")
+    return v
+
+
+class Sampling:
+    """What a request asks for, checked; max_tokens None = the endpoint's default."""
+
+    def __init__(self, body: dict, chat: bool):
+        if body.get("model") is not None and not isinstance(body["model"], str):
+            raise ApiError(400, f"'model' must be a string, got {json.dumps(body['model'])}", "model")
+        n = _opt_int(body, "n", 1)
+        if n not in (None, 1):
+            raise ApiError(400, f"'n' must be 1: this server returns one choice per request, got {n}", "n")
+        _unsupported(body, "best_of", (1,), "one choice per request")
+        _unsupported(body, "echo", (False,), "the prompt is not echoed")
+        _unsupported(body, "suffix", ("",), "no insertion")
+        _unsupported(body, "logprobs", (False, 0) if not chat else (False,), "no log probabilities")
+        _unsupported(body, "top_logprobs", (0,), "no log probabilities")
+        _unsupported(body, "presence_penalty", (0, 0.0), "no penalties")
+        _unsupported(body, "frequency_penalty", (0, 0.0), "no penalties")
+        _unsupported(body, "logit_bias", ({},), "no logit bias")
+        _unsupported(body, "tools", ([],), "no tool calls")
+        _unsupported(body, "functions", ([],), "no function calls")
+        _unsupported(body, "response_format", ({"type": "text"},), "plain text only")
+        self.max_tokens = _opt_int(body, "max_tokens", 1)
+        if chat:   # the newer name for the same limit wins
+            self.max_tokens = _opt_int(body, "max_completion_tokens", 1) or self.max_tokens
+        t = _opt_num(body, "temperature", lambda v: v >= 0, "a number >= 0 (0 = greedy)")
+        self.temperature = 1.0 if t is None else t
+        self.top_p = _opt_num(body, "top_p", lambda v: 0 < v <= 1, "a number in (0, 1]")
+        top_k = _opt_int(body, "top_k")
+        self.top_k = top_k if top_k is not None and top_k >= 1 else None    # 0 and -1 mean no limit (vLLM)
+        self.seed = _opt_int(body, "seed", 0)
+        self.stop = _stop_strings(body)
+        self.stream = bool(_opt_bool(body, "stream"))
+        opts = body.get("stream_options")
+        if opts is not None and not isinstance(opts, dict):
+            raise ApiError(400, f"'stream_options' must be an object, got {json.dumps(opts)}", "stream_options")
+        self.include_usage = bool(_opt_bool(opts or {}, "include_usage"))
+
+
+def _prompt_ids(body: dict, tokenizer, add_bos: bool) -> list[int]:
+    """/v1/completions' prompt: a string, token ids, or a list holding one of either."""
+    p = body.get("prompt")
+    if isinstance(p, list) and len(p) == 1 and isinstance(p[0], (str, list)):
+        p = p[0]
+    if isinstance(p, str):
+        return tokenizer.encode(p, add_bos=add_bos)
+    if isinstance(p, list) and p and all(_is_int(i) for i in p):
+        return list(p)
+    if isinstance(p, list) and len(p) > 1 and all(isinstance(i, (str, list)) for i in p):
+        raise ApiError(400, f"'prompt' holds {len(p)} prompts; this server takes one prompt per request", "prompt")
+    raise ApiError(400, "'prompt' must be a string, a list of token ids, or a list holding one of either", "prompt")
+
+
+def _messages(body: dict) -> list[dict]:
+    msgs = body.get("messages")
+    if not isinstance(msgs, list) or not msgs:
+        raise ApiError(400, "'messages' must be a non-empty list of {\"role\", \"content\"} objects", "messages")
+    out = []
+    for i, m in enumerate(msgs):
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str):
+            raise ApiError(400, f"messages[{i}] must be an object with a string 'role'", "messages")
+        content = m.get("content")
+        if isinstance(content, list):   # content parts: this server reads text only
+            if not all(isinstance(c, dict) and c.get("type") == "text" and isinstance(c.get("text"), str)
+                       for c in content):
+                raise ApiError(400, f"messages[{i}].content: only parts of type \"text\" are supported", "messages")
+            content = "".join(c["text"] for c in content)
+        elif content is not None and not isinstance(content, str):
+            raise ApiError(400, f"messages[{i}].content must be a string, a list of text parts or null", "messages")
+        out.append({**m, "content": content})
+    return out
+
+
+# ---- one generation, as text ----------------------------------------------------------------------
+
+class Generation:
+    """An engine request turned into text pieces: EOS hidden, stop strings cut, the client watched."""
+
+    def __init__(self, server: "OpenAIServer", ids: list[int], s: Sampling, gone):
+        self.server, self.gone = server, gone
+        self.prompt_tokens = len(ids)
+        engine = server.engine
+        try:
+            self.req = engine.submit(ids, Params(max_tokens=s.max_tokens, temperature=s.temperature, top_k=s.top_k,
+                                                 top_p=s.top_p, seed=s.seed, stop_ids=tuple(server.stop_ids)))
+        except EngineError as e:
+            raise _unavailable(str(e)) from None
+        except ValueError as e:
+            raise ApiError(400, str(e)) from None
+        self.text = TextStream(server.tokenizer)
+        self.cut = StopText(s.stop)
+        self.completion_tokens = 0
+        self.finish: str | None = None
+
+    def _tokens(self):
+        while True:
+            try:
+                # a fresh generator per wait: one that timed out is finished, the queue is not
+                for tok in self.req.stream(timeout=_GONE_POLL_S):
+                    yield tok
+                return
+            except queue.Empty:
+                if self.gone():
+                    raise _ClientGone() from None
+                if not self.server.engine.alive and self.req.finish is None:
+                    raise _unavailable(self.server.engine.error or "the engine stopped") from None
+
+    def pieces(self):
+        """One text piece (maybe "") per sampled token, then the tail; self.finish at the end."""
+        stop_ids = self.server.stop_ids
+        try:
+            for tok in self._tokens():
+                self.completion_tokens += 1
+                if tok in stop_ids:
+                    continue
+                piece = self.cut.push(self.text.push(tok))
+                if self.cut.hit:
+                    self.req.cancel()
+                    self.finish = "stop"
+                    yield piece
+                    return
+                yield piece
+        except EngineError as e:
+            raise _unavailable(str(e)) from None
+        if self.req.finish not in ("stop", "length"):   # cancelled by engine.shutdown
+            raise _unavailable("the server is shutting down")
+        tail = self.cut.push(self.text.flush())
+        if not self.cut.hit:
+            tail += self.cut.flush()
+        self.finish = "stop" if self.cut.hit else self.req.finish
+        yield tail
+
+    def usage(self) -> dict:
+        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
+                "total_tokens": self.prompt_tokens + self.completion_tokens}
+
+    def close(self):
+        if self.req.finish is None:
+            self.req.cancel()
+
+
+# ---- the server ---------------------------------------------------------------------------------
+
+class OpenAIServer(ThreadingHTTPServer):
+    daemon_threads = True         # a stuck client never holds the process at exit
+    request_queue_size = 128
+
+    def __init__(self, address, tokenizer, model_name: str, chat_template=None, api_key: str | None = None,
+                 engine=None, max_body: int = MAX_BODY, add_bos: bool = False, access_log: bool = True):
+        if ":" in address[0]:
+            self.address_family = socket.AF_INET6
+        super().__init__(address, Handler)
+        self.engine, self.tokenizer, self.model_name = engine, tokenizer, model_name
+        self.chat_template, self.api_key, self.max_body = chat_template, api_key or None, max_body
+        self.add_bos, self.access_log = add_bos, access_log
+        self.stop_ids = frozenset(int(i) for i in (getattr(tokenizer, "eos_token_ids", None) or []))
+        self.created = int(time.time())
+        self._active = 0
+        self._idle = threading.Condition()
+
+    @property
+    def port(self) -> int:
+        return self.server_address[1]
+
+    @contextmanager
+    def _track(self):
+        with self._idle:
+            self._active += 1
+        try:
+            yield
+        finally:
+            with self._idle:
+                self._active -= 1
+                self._idle.notify_all()
+
+    def wait_idle(self, timeout: float) -> bool:
+        """Until no request is being answered (True) or timeout (False)."""
+        with self._idle:
+            return self._idle.wait_for(lambda: self._active == 0, timeout)
+
+
+class Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server_version = "cke-dist"
+    timeout = 120      # seconds a socket may stall (an idle keep-alive or a client not reading) before we drop it
+    server: OpenAIServer
+
+    # path -> (method, handler name, needs the API key)
+    ROUTES = {
+        "/v1/completions": ("POST", "_completions", True),
+        "/v1/chat/completions": ("POST", "_chat", True),
+        "/v1/models": ("GET", "_models", True),
+        "/health": ("GET", "_health", False),
+    }
+
+    def do_GET(self):
+        self._dispatch()
+
+    do_POST = do_PUT = do_DELETE = do_PATCH = do_HEAD = do_OPTIONS = do_GET
+
+    def version_string(self):
+        return self.server_version
+
+    def log_message(self, fmt, *args):
+        if self.server.access_log:
+            sys.stderr.write(f"cke-dist serve: {self.address_string()} {fmt % args}\n")
+
+    # ---- plumbing
+
+    def _dispatch(self):
+        self._body_read = False
+        self._headers_sent = False
+        self._gen = None
+        path = urlsplit(self.path).path
+        route = self.ROUTES.get(path.rstrip("/") if path != "/" else path)
+        try:
+            if route is None:
+                raise ApiError(404, f"no route {path}: this server has POST /v1/completions, POST "
+                                    f"/v1/chat/completions, GET /v1/models and GET /health", code="not_found")
+            method, name, needs_key = route
+            if self.command != method:
+                raise ApiError(405, f"{path} takes {method}, not {self.command}", code="method_not_allowed")
+            if needs_key and not self._authorized():
+                raise ApiError(401, "a valid API key is needed: send the header 'Authorization: Bearer <key>'",
+                               code="invalid_api_key")
+            with self.server._track():
+                getattr(self, name)()
+        except ApiError as e:
+            if self._headers_sent:
+                self._stream_error(e)
+            else:
+                extra = {"Allow": route[0]} if e.status == 405 else {}
+                if e.status == 401:
+                    extra["WWW-Authenticate"] = "Bearer"
+                self._json(e.status, e.body(), extra)
+        except (_ClientGone, BrokenPipeError, ConnectionResetError, TimeoutError):
+            self.close_connection = True
+            if self._gen is not None:
+                self._gen.close()
+                self.log_message("client went away: its request was cancelled after %d tokens",
+                                 self._gen.completion_tokens)
+        except Exception as e:     # a bug of ours: the client still gets an answer, the log the traceback
+            import traceback
+            traceback.print_exc()
+            if self._gen is not None:
+                self._gen.close()
+            err = ApiError(500, f"internal error: {type(e).__name__}: {e}", kind="server_error")
+            try:
+                if self._headers_sent:
+                    self._stream_error(err)
+                else:
+                    self._json(500, err.body())
+            except OSError:
+                self.close_connection = True
+
+    def _authorized(self) -> bool:
+        key = self.server.api_key
+        if key is None:
+            return True
+        got = self.headers.get("Authorization", "")
+        scheme, _, token = got.partition(" ")
+        return scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), key.encode())
+
+    def _json(self, status: int, obj: dict, extra: dict | None = None):
+        data = json.dumps(obj).encode()
+        if not self._body_read and self.command == "POST":
+            # the body we did not read would be parsed as the next request
+            self.close_connection = True
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        for k, v in (extra or {}).items():
+            self.send_header(k, v)
+        if self.close_connection:
+            self.send_header("Connection", "close")
+        self.end_headers()
+        self._headers_sent = True
+        if self.command != "HEAD":
+            self.wfile.write(data)
+        self.wfile.flush()
+
+    def _read_json(self) -> dict:
+        if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
+            raise ApiError(411, "send the body with a Content-Length (chunked request bodies are not accepted)")
+        length = self.headers.get("Content-Length")
+        if length is None:
+            raise ApiError(411, "a POST needs a Content-Length header")
+        if not (length.strip().isascii() and length.strip().isdigit()):
+            raise ApiError(400, f"Content-Length {length!r} is not a number of bytes")
+        n = int(length)
+        if n > self.server.max_body:
+            raise ApiError(413, f"the request body is {n} bytes; the limit is {self.server.max_body}",
+                           code="request_too_large")
+        data = self.rfile.read(n)
+        self._body_read = True
+        if len(data) < n:
+            raise _ClientGone()
+        try:
+            body = json.loads(data)
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ApiError(400, f"the body is not valid JSON: {e}") from None
+        if not isinstance(body, dict):
+            raise ApiError(400, "the body must be a JSON object")
+        return body
+
+    def _client_gone(self) -> bool:
+        """The peer closed its end: EOF (or an error) waiting on the socket while we have not read it."""
+        try:
+            readable, _, _ = select.select([self.connection], [], [], 0)
+            return bool(readable) and self.connection.recv(1, socket.MSG_PEEK) == b""
+        except (OSError, ValueError):
+            return True
+
+    def _check_engine(self):
+        engine = self.server.engine
+        if engine is None or not engine.alive:
+            raise _unavailable(f"the engine is not running: {getattr(engine, 'error', None) or 'not started'}")
+
+    # ---- server-sent events
+
+    def _start_stream(self):
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream; charset=utf-8")
+        self.send_header("Cache-Control", "no-cache")
+        self._chunked = self.request_version != "HTTP/1.0"
+        if self._chunked:
+            self.send_header("Transfer-Encoding", "chunked")
+        else:    # no chunking in HTTP/1.0: the end of the stream is the end of the connection
+            self.close_connection = True
+            self.send_header("Connection", "close")
+        self.end_headers()
+        self._headers_sent = True
+
+    def _write_event(self, data: str):
+        raw = f"data: {data}\n\n".encode()
+        if self._chunked:
+            raw = b"%x\r\n%s\r\n" % (len(raw), raw)
+        self.wfile.write(raw)
+        self.wfile.flush()
+
+    def _end_stream(self):
+        if self._chunked:
+            self.wfile.write(b"0\r\n\r\n")
+            self.wfile.flush()
+
+    def _stream_error(self, e: ApiError):
+        """After the 200 went out an error can only be an event; the client's SDK raises on it."""
+        try:
+            err = e.body()
+            err["error"]["code"] = e.status
+            self._write_event(json.dumps(err))
+            self._end_stream()
+        except OSError:
+            pass
+        self.close_connection = True
+
+    # ---- endpoints
+
+    def _health(self):
+        engine = self.server.engine
+        if engine is not None and engine.alive:
+            self._json(200, {"status": "ok"})
+        else:
+            self._json(503, {"status": "error", "error": getattr(engine, "error", None) or "not started"})
+
+    def _models(self):
+        s = self.server
+        self._json(200, {"object": "list", "data": [{
+            "id": s.model_name, "object": "model", "created": s.created, "owned_by": "cke-dist",
+            "max_model_len": s.engine.max_len if s.engine is not None else None}]})
+
+    def _completions(self):
+        self._check_engine()
+        body = self._read_json()
+        s = Sampling(body, chat=False)
+        ids = _prompt_ids(body, self.server.tokenizer, self.server.add_bos)
+        self._generate(ids, s, chat=False, field="prompt")
+
+    def _chat(self):
+        self._check_engine()
+        body = self._read_json()
+        s = Sampling(body, chat=True)
+        msgs = _messages(body)
+        tpl = self.server.chat_template
+        if tpl is None:
+            raise ApiError(400, f"the model {self.server.model_name!r} has no chat template (no chat_template in "
+                                f"its tokenizer_config.json or chat_template.jinja): use /v1/completions",
+                           code="no_chat_template")
+        try:
+            text = tpl.render(msgs, add_generation_prompt=True)
+        except ChatTemplateError as e:
+            raise ApiError(400, str(e), "messages") from None
+        self._generate(self.server.tokenizer.encode(text), s, chat=True, field="messages")
+
+    def _generate(self, ids: list[int], s: Sampling, chat: bool, field: str):
+        ctx = self.server.engine.max_len
+        P = len(ids)
+        if P == 0:
+            raise ApiError(400, f"the {field} is empty: generation needs at least one token to start from", field)
+        M = s.max_tokens
+        if M is None:
+            M = max(ctx - P, 1) if chat else COMPLETIONS_DEFAULT_MAX_TOKENS
+        if P + M > ctx:
+            raise ApiError(400, f"This model's maximum context length is {ctx} tokens; you requested {P + M} tokens "
+                                f"({P} in the {field}, {M} for the completion). Shorten the {field} or lower "
+                                f"max_tokens.", "max_tokens" if s.max_tokens is not None else field,
+                           code="context_length_exceeded")
+        s.max_tokens = M
+        gen = self._gen = Generation(self.server, ids, s, self._client_gone)
+        try:
+            if s.stream:
+                self._send_stream(gen, s, chat)
+            else:
+                self._send_whole(gen, chat)
+        finally:
+            gen.close()
+
+    def _envelope(self, chat: bool, chunk: bool) -> dict:
+        kind = ("chat.completion.chunk" if chunk else "chat.completion") if chat else "text_completion"
+        return {"id": self._rid, "object": kind, "created": int(time.time()), "model": self.server.model_name}
+
+    def _send_whole(self, gen: Generation, chat: bool):
+        self._rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
+        text = []
+        for i, piece in enumerate(gen.pieces()):
+            text.append(piece)
+            if i % 8 == 7 and self._client_gone():   # nobody to answer: free the slot now
+                raise _ClientGone()
+        text = "".join(text)
+        choice = {"index": 0, "logprobs": None, "finish_reason": gen.finish}
+        if chat:
+            choice["message"] = {"role": "assistant", "content": text}
+        else:
+            choice["text"] = text
+        self._json(200, {**self._envelope(chat, False), "choices": [choice], "usage": gen.usage()})
+
+    def _send_stream(self, gen: Generation, s: Sampling, chat: bool):
+        self._rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
+        pieces = gen.pieces()
+        first = next(pieces, None)        # an engine failure up to here is still a plain 503
+
+        def chunk(text=None, finish=None, role=False):
+            if chat:
+                delta = {"role": "assistant", "content": ""} if role else ({} if text is None else {"content": text})
+                choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+            else:
+                choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}
+            out = {**self._envelope(chat, True), "choices": [choice]}
+            if s.include_usage:
+                out["usage"] = None
+            self._write_event(json.dumps(out))
+
+        self._start_stream()
+        if chat:
+            chunk(role=True)
+        if first:
+            chunk(first)
+        for piece in pieces:
+            if piece:
+                chunk(piece)
+        chunk(None, gen.finish)
+        if s.include_usage:
+            self._write_event(json.dumps({**self._envelope(chat, True), "choices": [], "usage": gen.usage()}))
+        self._write_event("[DONE]")
+        self._end_stream()
