@@ -26,8 +26,8 @@ LINGER_S = 2.0
 
 
 def add_arguments(p):
-    p.add_argument("--model", required=True, help="model directory: HF (config.json + safetensors + tokenizer.json) "
-                   "or a Q8_0 copy from `cke-dist quantize`; its tokenizer_config.json chat_template serves chat")
+    p.add_argument("--model", required=True, help="model directory (HF config.json + safetensors + tokenizer.json, "
+                   "or a quantized copy from `cke-dist quantize`) or a GGUF file; its chat template serves chat")
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks (the world is tp x pp)")
     p.add_argument("--pp", type=int, default=1, help="pipeline stages")
     p.add_argument("--host", default="127.0.0.1",
@@ -36,7 +36,8 @@ def add_arguments(p):
     p.add_argument("--api-key", default=None,
                    help="require 'Authorization: Bearer KEY' on /v1 paths (default: $CKE_API_KEY; none: open)")
     p.add_argument("--served-model-name", default=None, help="the model id clients see (default: the directory name)")
-    p.add_argument("--quantize", choices=["q8_0"], default=None, help="quantize the linears at load time")
+    p.add_argument("--quantize", choices=["q8_0", "q4_0", "q4_1"], default=None,
+                   help="quantize the linears at load time (a GGUF file keeps its own formats otherwise)")
     p.add_argument("--max-batch", type=int, default=16, help="requests decoded together (KV cache slots)")
     p.add_argument("--max-len", type=int, default=None,
                    help="context per request: prompt + completion tokens (default: max_position_embeddings)")

@@ -17,6 +17,7 @@ ONE_PROCESS = {
     "zero_memory.py": "zero=1 / zero=0: optimizer state 0.50x",
     "decode_tp.py": "tp=2 memory per rank / 1 rank",
     "decode_gguf.py": "tiny Q4_0 (ours)",
+    "serve.py": "4 clients / 1 client tokens/s",
 }
 
 

