@@ -23,7 +23,7 @@ from numba import njit, prange, types
 from numba.core import cgutils, errors
 from numba.extending import intrinsic
 
-from .q8_0 import _CONTRACT, _I32, BLOCK, MATVEC_MAX_ROWS, _block_pair_sums, _lanes, _simd, quantize_rows
+from .q8_0 import _CONTRACT, _I32, BLOCK, MATVEC_MAX_ROWS, _lanes, quantize_rows
 
 TILE_ROWS = 256
 
@@ -77,28 +77,61 @@ def _block_sums(xq, xd, xs):
             xs[i, b] = xd[i, b] * np.float32(s)
 
 
-ROWS = 4       # weight rows per task (each activation block unpacked once for all of them)
+ROWS = 8       # weight rows per task (each activation block loaded once for all of them)
 
 
-def make_q4_dot(simd, rows, with_min):
-    """A numba intrinsic q4_dot(q, qo, d, do, x, xo, xd, xdo, nb, m, xs) -> tuple of `rows` float32:
+def _simd4():
+    """u8 x s8 dot instructions the CPU has: VNNI (vpdpbusd), AVX2 (pmaddubsw + pmaddwd), or none."""
+    from llvmlite import binding as llvm
+    from numba import config
+    if config.CPU_NAME:
+        return "generic"
+    f = llvm.get_host_cpu_features()
+    if f.get("avx512vnni") and f.get("avx512vl"):
+        return "vnni"
+    return "avx2" if f.get("avx2") else "generic"
+
+
+def _nibble_dot(builder, u, x, simd):
+    """<32 x i8> u (unsigned 0..15), <32 x i8> x (signed) -> <8 x i32>, lane l = sum of u[j]*x[j]
+    over j = 4l..4l+3, exact; every variant groups the same j into the same lane."""
+    v8 = ir.VectorType(_I32, 8)
+    b32 = ir.VectorType(ir.IntType(8), BLOCK)
+    if simd == "vnni":
+        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(v8, [v8, v8, v8]),
+                                            "llvm.x86.avx512.vpdpbusd.256")
+        return builder.call(fn, [ir.Constant(v8, [0] * 8), builder.bitcast(u, v8), builder.bitcast(x, v8)])
+    if simd == "avx2":
+        h16 = ir.VectorType(ir.IntType(16), 16)
+        mub = cgutils.get_or_insert_function(builder.module, ir.FunctionType(h16, [b32, b32]),
+                                             "llvm.x86.avx2.pmadd.ub.sw")
+        mwd = cgutils.get_or_insert_function(builder.module, ir.FunctionType(v8, [h16, h16]), "llvm.x86.avx2.pmadd.wd")
+        return builder.call(mwd, [builder.call(mub, [u, x]), ir.Constant(h16, [1] * 16)])
+    w = ir.VectorType(_I32, BLOCK)
+    p = builder.mul(builder.zext(u, w), builder.sext(x, w), flags=["nsw"])
+    parts = [builder.shuffle_vector(p, p, _lanes(4 * lane + o for lane in range(8))) for o in range(4)]
+    return builder.add(builder.add(parts[0], parts[1]), builder.add(parts[2], parts[3]))
+
+
+def make_q4_dot(simd, rows):
+    """A numba intrinsic q4_dot(q, qo, d, do, x, xo, xd, xdo, nb) -> tuple of `rows` float32: for
     `rows` consecutive rows of a packed 4-bit weight (16 bytes a block, row r at byte qo + r*16*nb)
-    against one Q8_0 activation row. Per block: the 16 bytes split into 32 4-bit values in
-    registers (low nibbles, then high: GGML's order), minus 8 for Q4_0, an exact integer dot with
-    the activation block through the same pair sums as Q8_0's, scaled once by d_w * d_x; Q4_1 adds
-    m_w * (the block's activation sum xs). Two vector accumulators per row, lanes summed in a fixed
-    order at the end: the same bits for any thread count."""
+    against one Q8_0 activation row, the sum over blocks of d_w * d_x * (unsigned nibbles . x).
+    Per block the 16 bytes split into 32 values in registers (low nibbles, then high: GGML's
+    order) and one u8 x s8 integer dot (VNNI's vpdpbusd, or AVX2's pmaddubsw + pmaddwd) gives 8
+    exact int32 lanes, converted and scaled once; the activation block is loaded once for all
+    rows; two vector accumulators per row, lanes summed in a fixed order at the end. The zero
+    point (Q4_0's 8, Q4_1's minimum) is the caller's: a per-block term of the activation sums."""
     @intrinsic
-    def q4_dot(typingctx, q, qo, d, do, x, xo, xd, xdo, nb, m, xs):
-        for a, dt in ((q, types.uint8), (d, types.float32), (x, types.int8), (xd, types.float32),
-                      (m, types.float32), (xs, types.float32)):
+    def q4_dot(typingctx, q, qo, d, do, x, xo, xd, xdo, nb):
+        for a, dt in ((q, types.uint8), (d, types.float32), (x, types.int8), (xd, types.float32)):
             if not (isinstance(a, types.Array) and a.layout == "C" and a.dtype == dt):
                 raise errors.TypingError(f"q4_dot needs C-contiguous {dt} arrays, got {a}")
         ret = types.UniTuple(types.float32, rows)
-        sig = ret(q, qo, d, do, x, xo, xd, xdo, nb, m, xs)
+        sig = ret(q, qo, d, do, x, xo, xd, xdo, nb)
 
         def codegen(context, builder, signature, args):
-            ptr = {i: context.make_array(signature.args[i])(context, builder, args[i]).data for i in (0, 2, 4, 6, 9, 10)}
+            ptr = {i: context.make_array(signature.args[i])(context, builder, args[i]).data for i in (0, 2, 4, 6)}
             qo_, do_, xo_, xdo_, nb_ = (context.cast(builder, args[i], signature.args[i], types.int64)
                                         for i in (1, 3, 5, 7, 8))
             i64 = ir.IntType(64)
@@ -106,36 +139,27 @@ def make_q4_dot(simd, rows, with_min):
             vf = ir.VectorType(ir.FloatType(), 8)
             v16 = ir.VectorType(ir.IntType(8), 16)
             v32p = ir.VectorType(ir.IntType(8), BLOCK).as_pointer()
-            mask = ir.Constant(v16, [15] * 16)
-            four = ir.Constant(v16, [4] * 16)
-            eight = ir.Constant(ir.VectorType(ir.IntType(8), BLOCK), [8] * BLOCK)
+            mask, four = ir.Constant(v16, [15] * 16), ir.Constant(v16, [4] * 16)
             row_q = [builder.add(qo_, builder.mul(const(r * 16), nb_)) for r in range(rows)]
             row_s = [builder.add(do_, builder.mul(const(r), nb_)) for r in range(rows)]
             acc = [[cgutils.alloca_once_value(builder, ir.Constant(vf, [0.0] * 8)) for _ in range(2)]
                    for _ in range(rows)]
-            macc = [cgutils.alloca_once_value(builder, ir.Constant(ir.FloatType(), 0.0)) for _ in range(rows)]
 
             def block(b, which):
                 lx = builder.load(builder.bitcast(builder.gep(ptr[4], [builder.add(xo_, builder.mul(b, const(BLOCK)))]),
                                                   v32p), align=1)
                 dx = builder.load(builder.gep(ptr[6], [builder.add(xdo_, b)]))
-                sx = builder.load(builder.gep(ptr[10], [builder.add(xdo_, b)])) if with_min else None
                 for r in range(rows):
                     at = builder.add(row_q[r], builder.mul(b, const(16)))
                     raw = builder.load(builder.bitcast(builder.gep(ptr[0], [at]), v16.as_pointer()), align=1)
-                    lq = builder.shuffle_vector(builder.and_(raw, mask), builder.lshr(raw, four), _lanes(range(32)))
-                    if not with_min:
-                        lq = builder.sub(lq, eight)
-                    f = builder.sitofp(_block_pair_sums(builder, lq, lx, simd), vf)
+                    u = builder.shuffle_vector(builder.and_(raw, mask), builder.lshr(raw, four), _lanes(range(32)))
+                    f = builder.sitofp(_nibble_dot(builder, u, lx, simd), vf)
                     dd = builder.fmul(builder.load(builder.gep(ptr[2], [builder.add(row_s[r], b)])), dx)
                     dv = builder.insert_element(ir.Constant(vf, ir.Undefined), dd, ir.Constant(_I32, 0))
                     dv = builder.shuffle_vector(dv, dv, _lanes([0] * 8))
                     a = acc[r][which]
                     builder.store(builder.fadd(builder.load(a), builder.fmul(f, dv, flags=_CONTRACT),
                                                flags=_CONTRACT), a)
-                    if with_min:
-                        mw = builder.load(builder.gep(ptr[9], [builder.add(row_s[r], b)]))
-                        builder.store(builder.fadd(builder.load(macc[r]), builder.fmul(mw, sx)), macc[r])
 
             pairs = builder.sdiv(nb_, const(2))
             with cgutils.for_range(builder, pairs) as loop:
@@ -150,44 +174,48 @@ def make_q4_dot(simd, rows, with_min):
                 t = builder.extract_element(v, ir.Constant(_I32, 0))
                 for i in range(1, 8):
                     t = builder.fadd(t, builder.extract_element(v, ir.Constant(_I32, i)))
-                sums.append(builder.fadd(t, builder.load(macc[r])) if with_min else t)
+                sums.append(t)
             return context.make_tuple(builder, ret, sums)
         return sig, codegen
     return q4_dot
 
 
-_q4_0_rows, _q4_0_one = make_q4_dot(_simd(), ROWS, False), make_q4_dot(_simd(), 1, False)
-_q4_1_rows, _q4_1_one = make_q4_dot(_simd(), ROWS, True), make_q4_dot(_simd(), 1, True)
+_q4_rows, _q4_one = make_q4_dot(_simd4(), ROWS), make_q4_dot(_simd4(), 1)
 
 
-def _make_matvec(dot_rows, dot_one, has_min):
-    @njit(parallel=True, nogil=True, cache=True)
-    def matvec(packed, d, mins, x, out):
-        m_rows, k = x.shape
-        nb = k // BLOCK
-        xq = np.empty((m_rows, k), np.int8)
-        xd = np.empty((m_rows, nb), np.float32)
-        quantize_rows(x, xq, xd)
-        xs = np.zeros((m_rows, nb), np.float32)
-        if has_min:
-            _block_sums(xq, xd, xs)
-        n_rows = packed.shape[0]
-        half = k // 2
-        for t in prange((n_rows + ROWS - 1) // ROWS):
-            n = ROWS * t
-            for i in range(m_rows):
-                if n + ROWS <= n_rows:
-                    vals = dot_rows(packed, n * half, d, n * nb, xq, i * k, xd, i * nb, nb, mins, xs)
-                    for r in range(ROWS):
-                        out[i, n + r] = vals[r]
+@njit(parallel=True, nogil=True, cache=True)
+def _matvec(packed, d, zero, has_min, x, out):
+    """zero: Q4_1's minimums (has_min) or unused (Q4_0: the zero point is 8 steps of d)."""
+    m_rows, k = x.shape
+    nb = k // BLOCK
+    xq = np.empty((m_rows, k), np.int8)
+    xd = np.empty((m_rows, nb), np.float32)
+    quantize_rows(x, xq, xd)
+    xs = np.empty((m_rows, nb), np.float32)
+    _block_sums(xq, xd, xs)
+    n_rows = packed.shape[0]
+    half = k // 2
+    for t in prange((n_rows + ROWS - 1) // ROWS):
+        n = ROWS * t
+        for i in range(m_rows):
+            if n + ROWS <= n_rows:
+                vals = _q4_rows(packed, n * half, d, n * nb, xq, i * k, xd, i * nb, nb)
+                for r in range(ROWS):
+                    out[i, n + r] = vals[r]
+            else:
+                for r in range(n, n_rows):
+                    out[i, r] = _q4_one(packed, r * half, d, r * nb, xq, i * k, xd, i * nb, nb)[0]
+            # the zero point: Q4_0 w = (u - 8) d, Q4_1 w = u d + m, per block times the activation sum
+            for r in range(n, min(n + ROWS, n_rows)):
+                c = np.float32(0.0)
+                if has_min:
+                    for b in range(nb):
+                        c += zero[r, b] * xs[i, b]
                 else:
-                    for r in range(n, n_rows):
-                        out[i, r] = dot_one(packed, r * half, d, r * nb, xq, i * k, xd, i * nb, nb, mins, xs)[0]
-    return matvec
-
-
-_matvec_q4_0 = _make_matvec(_q4_0_rows, _q4_0_one, False)
-_matvec_q4_1 = _make_matvec(_q4_1_rows, _q4_1_one, True)
+                    for b in range(nb):
+                        c += d[r, b] * xs[i, b]
+                    c *= np.float32(-8.0)
+                out[i, r] += c
 
 
 @njit(parallel=True, nogil=True, cache=True)
@@ -222,8 +250,7 @@ def q4_matmul(packed, d, m, x, out):
         for name, a in (("packed", packed), ("d", d), ("m", mins)):
             if not a.flags.c_contiguous:   # the integer dot reads flat offsets
                 raise ValueError(f"q4_matmul: {name} must be C-contiguous")
-        mv = _matvec_q4_0 if m is None else _matvec_q4_1
-        mv(packed, d, mins, np.ascontiguousarray(x, dtype=np.float32), out)
+        _matvec(packed, d, mins, m is not None, np.ascontiguousarray(x, dtype=np.float32), out)
         return out
     tile = np.empty((min(TILE_ROWS, n), k), np.float32)
     for r0 in range(0, n, TILE_ROWS):
