@@ -58,15 +58,19 @@ def worker(args):
     t0 = time.perf_counter()
     engine = Engine.build(args.dir, world, tp=args.tp, max_batch=1, max_len=args.prompt_len + args.new_tokens + 1)
     load_s = time.perf_counter() - t0
-    if world.rank != 0:
-        engine.run()
+    stamps = []
+    if world.rank == 0:      # the client in a thread, the engine loop on the main thread (as the CLI runs it)
+        import threading
+
+        def client():
+            prompt = np.random.default_rng(0).integers(0, engine.vocab, args.prompt_len).tolist()
+            for _ in engine.submit(prompt, Params(max_tokens=args.new_tokens, temperature=0)).stream():
+                stamps.append(time.perf_counter())
+            engine.shutdown()
+        threading.Thread(target=client).start()
+        engine.run_main()
     else:
-        engine.start()
-        prompt = np.random.default_rng(0).integers(0, engine.vocab, args.prompt_len).tolist()
-        stamps = []
-        for _ in engine.submit(prompt, Params(max_tokens=args.new_tokens, temperature=0)).stream():
-            stamps.append(time.perf_counter())
-        engine.shutdown()
+        engine.run()
     rss = np.array([peak_rss()], np.int64)
     every = np.zeros(world.size, np.int64)
     world.allgather(rss, every) if world.size > 1 else every.__setitem__(0, rss[0])
