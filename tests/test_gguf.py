@@ -245,3 +245,20 @@ def test_smollm2_chat_template_renders_as_transformers_renders_it(smollm2):
             {"role": "assistant", "content": "4"}, {"role": "user", "content": "And 3+3?"}]
     assert load_chat_template(smollm2).render(msgs) == ref.apply_chat_template(msgs, tokenize=False,
                                                                                add_generation_prompt=True)
+
+
+def test_llama_cpp_runs_our_export(tmp_path):
+    """Where llama-cpp-python is installed (not in CI: it builds llama.cpp for ~25 minutes), llama.cpp
+    loads our f32 export, byte tokenizer included, and its logits are ours."""
+    llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed")
+    from cke_dist.tokenizer import ByteTokenizer
+    model = Model.from_config(LlamaConfig.from_dict(dict(SMALL, vocab_size=256)), seed=2, init_std=0.2)
+    path = write_gguf(tmp_path / "m.gguf", model.config, dict(model.named_params), "f32", ByteTokenizer())
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=32, verbose=False, logits_all=True)
+    ids = list(b"hello")
+    llm.eval(ids)
+    theirs = np.array(llm.scores[:len(ids)])
+    ours = load_model(path).forward(np.array([ids]))[0]
+    assert np.abs(theirs - ours).max() < 2e-3 * np.abs(ours).max()
+    assert (theirs.argmax(1) == ours.argmax(1)).all()
+    assert llm.tokenize(b"hello", add_bos=False, special=False) == ids

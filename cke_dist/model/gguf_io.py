@@ -267,6 +267,7 @@ def gguf_tokenizer(path, reader=None):
     # transformers does, so the vocabulary keeps its size and ids
     vocab = {(t if set(t) <= alphabet else "".join(spelling[b] for b in t.encode("utf-8"))): i
              for i, t in enumerate(tokens)}
+    merges = [m for m in merges if len(m) == 2 and m[0] + m[1] in vocab]    # a merge to no token never applies
     tok = Tokenizer(BPE(vocab=vocab, merges=merges, dropout=None, continuing_subword_prefix="",
                         end_of_word_suffix="", fuse_unk=False))
     split = _SPLITS.get(pre)
@@ -361,8 +362,7 @@ def write_gguf(path, config, tensors: dict[str, np.ndarray], kind: str = "f32", 
     w.add_vocab_size(config.vocab_size)
     w.add_file_type(_FILE_TYPE[kind])
     w.add_quantization_version(gguf.GGML_QUANT_VERSION)
-    if tokenizer is not None:
-        _write_tokenizer(w, tokenizer, config.vocab_size)
+    _write_tokenizer(w, tokenizer, config.vocab_size)    # llama.cpp refuses a file without one
     if chat_template:
         w.add_chat_template(chat_template)
     qtype = {"f32": gguf.GGMLQuantizationType.F32, "f16": gguf.GGMLQuantizationType.F16,
@@ -392,12 +392,12 @@ def write_gguf(path, config, tensors: dict[str, np.ndarray], kind: str = "f32", 
 
 
 def _write_tokenizer(w, tokenizer, vocab_size: int) -> None:
-    """Byte-level BPE metadata: an HFTokenizer's vocabulary and merges, or our byte tokenizer as
-    256 single-byte tokens (no merges)."""
+    """Byte-level BPE metadata: an HFTokenizer's vocabulary and merges, or our byte tokenizer (also
+    for a model given none) as 256 single-byte tokens and no merges."""
     import json
 
     spelling = _bytes_to_unicode()
-    if getattr(tokenizer, "_tok", None) is None:      # ByteTokenizer: ids are bytes
+    if getattr(tokenizer, "_tok", None) is None:      # ByteTokenizer (or none given): ids are bytes
         tokens = [spelling[b] for b in range(256)] + [f"<unused{i}>" for i in range(vocab_size - 256)]
         types = [1] * 256 + [5] * (vocab_size - 256)
         merges: list[str] = []
@@ -422,8 +422,10 @@ def _write_tokenizer(w, tokenizer, vocab_size: int) -> None:
     w.add_tokenizer_pre(pre)
     w.add_token_list(tokens)
     w.add_token_types(types)
-    if merges:
-        w.add_token_merges(merges)
+    # llama.cpp refuses a byte-level vocabulary without merges, and gguf's writer drops an empty
+    # array: a byte vocabulary gets one merge whose result is no token, so it never applies (our
+    # reader drops such merges)
+    w.add_token_merges(merges or [f"{spelling[0]} {spelling[0]}"])
     if getattr(tokenizer, "eos_token_id", None) is not None:
         w.add_eos_token_id(tokenizer.eos_token_id)
     if getattr(tokenizer, "bos_token_id", None) is not None:
