@@ -11,23 +11,28 @@ Rules this module keeps:
 - Listening sockets bind to the job's address: `interface` (name or address),
   else the host name's address; loopback only when every rank is on one host.
 - Settings: arguments win, then CKE_TRANSPORT, CKE_COMM_INTERFACE,
-  CKE_COMM_TIMEOUT (seconds, per blocking call), CKE_COMM_QUIET (1: rank 0 does not
+  CKE_COMM_TIMEOUT (seconds a blocking call may go without progress; also how long
+  a peer host may leave TCP unacknowledged), CKE_COMM_QUIET (1: rank 0 does not
   print the transport plan at start), CKE_COMM_HOSTNAME (test-only host identity override).
 - Under srun: MPI must see srun's tasks as one world (srun --mpi=pmi2 for the mpich wheel); a size-1
   world in a step of several tasks (SLURM_STEP_NUM_TASKS) is refused, since every task would run the whole
   job alone.
 - Aborting: with `abort_on_error` (the default under mpiexec) a CommError that
   goes uncaught, or one that was raised at all before the process exits, ends
-  the whole job through `MPI.COMM_WORLD.Abort(1)` after printing the error.
+  the whole job through `MPI.COMM_WORLD.Abort(1)` after printing the error. If
+  Abort has not ended this process ABORT_GRACE_S later (the launcher cut off),
+  SIGALRM does.
 Tests: tests/test_comm_single.py, tests/comm_collectives_mpi.py, tests/test_comm_faults.py.
 """
 from __future__ import annotations
 
 import atexit
+import faulthandler
 import ipaddress
 import logging
 import os
 import secrets
+import signal
 import socket
 import sys
 import threading
@@ -40,6 +45,8 @@ from .group import Communicator, Engine
 log = logging.getLogger("cke_dist.comm")
 
 DEFAULT_TIMEOUT_S = 300.0
+# Seconds MPI_Abort gets to end the job before this process is ended by the kernel (SIGALRM, see _abort).
+ABORT_GRACE_S = 4
 # TCP connections per peer pair; messages >= tcp.STRIPE_MIN are cut across them.
 DEFAULT_TCP_STREAMS = 1
 _WORLD: Communicator | None = None
@@ -119,7 +126,7 @@ def init(transport=None, interface=None, timeout=None, abort_on_error=True, quie
         _check_addresses(facts)
         links, plan = select.open_links(
             comm, select.plan(transport, facts),
-            lambda peers: tcp.open_links(rank, peers, facts, token, listener, deadline),
+            lambda peers: tcp.open_links(rank, peers, facts, token, listener, deadline, liveness_s=timeout),
             rdma_probe=facts[rank]["rdma"])
         listener.expect([])  # no pair left to accept (tcp.open_links is skipped when no pair uses tcp)
         show = _setting(quiet, "CKE_COMM_QUIET", "0") not in (True, "1", "true", "yes")
@@ -161,6 +168,14 @@ def _abort(err):
     finally:
         from mpi4py import MPI
 
+        # MPI_Abort can leave this process hanging when the launcher is out of reach (this host's cable pulled):
+        # seen stuck in the exit that follows it, inside Python's finalization, which also stops faulthandler's
+        # watchdog thread. So the kernel ends it: SIGALRM's default action terminates the process whatever it is
+        # doing. Only if the application has taken SIGALRM, faulthandler's watchdog (_exit(1)) is the fallback.
+        if signal.getsignal(signal.SIGALRM) in (signal.SIG_DFL, None):
+            signal.alarm(ABORT_GRACE_S)
+        else:
+            faulthandler.dump_traceback_later(ABORT_GRACE_S, exit=True)
         MPI.COMM_WORLD.Abort(1)
 
 

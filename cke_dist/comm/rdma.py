@@ -28,6 +28,7 @@ import os
 import random
 import threading
 import time
+import warnings
 
 import numpy as np
 
@@ -271,16 +272,19 @@ class _Verbs:
                 sleep = min(sleep * 2, _MAX_SLEEP_S)
 
     def close(self):
-        for obj in (self.qp, self.scq, self.rcq):
+        """Destroy the QP, CQs and memory regions; each is tried even after one fails, and failures are reported
+        (a RuntimeWarning naming the object, the peer and the error) rather than silently dropped."""
+        failed = []
+        for name, obj in (("qp", self.qp), ("send cq", self.scq), ("recv cq", self.rcq), ("rx ring mr", self.rx),
+                          ("tx ring mr", self.tx), ("credit mr", self.credit), ("credit source mr", self.credit_src)):
             try:
                 obj.close()
-            except Exception:
-                pass
-        for r in (self.rx, self.tx, self.credit, self.credit_src):
-            try:
-                r.close()
-            except Exception:
-                pass
+            except Exception as e:  # pyverbs raises its own types; every one is reported below
+                failed.append(f"{name}: {type(e).__name__}: {e}")
+        if failed:
+            peer = getattr(self.link, "peer", "?")
+            warnings.warn(f"rdma link to rank {peer}: close could not release {len(failed)} verbs object(s): "
+                          + "; ".join(failed), RuntimeWarning, stacklevel=2)
 
 
 class _RdmaTx(TxRing):

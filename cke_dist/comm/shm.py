@@ -27,7 +27,8 @@ Rules kept:
 - No segment outlives setup: the attacher unlinks the name as soon as it has mapped it, the creator unlinks it
   after the attach round (whichever comes first wins), names still owned at exit are unlinked by atexit, and
   setup sweeps names left by creators that are dead (a rank killed inside the setup window).
-Covered by tests/test_shm_link.py and tests/test_shm_link_mpi.py.
+Covered by tests/test_shm_link.py and tests/test_shm_link_mpi.py; close() and the slot header parser also by
+tests/test_comm_fuzz.py.
 """
 from __future__ import annotations
 
@@ -39,6 +40,7 @@ import platform
 import secrets
 import threading
 import time
+import warnings
 
 import numpy as np
 
@@ -171,14 +173,21 @@ class _Segment:
     def set_meta(self, k: int, v: int) -> None:
         self.q[_META // 8 + k] = v
 
-    def close(self):
+    def close(self, what: str = "shm segment") -> bool:
+        """Unmap. True when unmapped; False (with a RuntimeWarning saying what) when a view of the memory is
+        still held somewhere, so the mapping can only go when that view is collected."""
         for mv in (self.q, self.i32):
-            mv.release()
+            if mv is not None:
+                mv.release()
         self.q = self.i32 = self.bytes = self._anchor = None
         try:
             self.mm.close()
-        except BufferError:  # a view is still held by a caller; the mapping goes when it is collected
-            pass
+            return True
+        except BufferError as e:
+            warnings.warn(f"{what}: could not unmap its {self.size} bytes of shared memory: a view of it is still "
+                          f"held ({e}); the mapping stays until that view is garbage-collected", RuntimeWarning,
+                          stacklevel=3)
+            return False
 
 
 _M_MAGIC, _M_NSLOTS, _M_SLOT, _M_CREATOR, _M_ATTACHER, _M_CLOSED0, _M_CLOSED1 = range(7)
@@ -289,6 +298,8 @@ class ShmLink(SlotLink):
                          _ShmRx(seg, rx_dir, side, peer_pid, self))
 
     def close(self):
+        """Tell the peer, then unmap the segment. Every view of the slots this link made is released first (they
+        once kept the mapping alive after close, silently); one still held elsewhere gives a RuntimeWarning."""
         if self._closed:
             return
         self._closed = True
@@ -298,8 +309,17 @@ class ShmLink(SlotLink):
         tx, rx = self._tx.ring, self._rx.ring
         tx._bump(tx.data_fi, tx.data_addr, always=True)
         rx._bump(rx.credit_fi, rx.credit_addr, always=True)
+        for end in (self._tx, self._rx):
+            for mv in end.slots_mv:
+                try:
+                    mv.release()
+                except BufferError:  # exported further: the unmap below then warns, naming this link
+                    pass
+            end.slots_mv = end.slots_np = None
+            end.ring.slots = None
+        del tx, rx, end
         self._tx = self._rx = None
-        seg.close()
+        seg.close(f"shm link to rank {self.peer} (host {self.host})")
 
 
 def slot_bytes_for(n_local_peers: int, nslots: int = DEFAULT_NSLOTS) -> int:

@@ -18,12 +18,15 @@ Rules kept here (the backends only say how to publish, release and wait):
 - Payload copies go straight between the user's buffer and the slot (memoryview assignment when small, np.copyto
   -- memcpy speed, GIL released -- when large); no Python bytes objects, no staging copy.
 - Waiting (spin, then block or back off) belongs to the backend: shm blocks on a futex, rdma polls its CQ.
+- Deadlines measure lack of progress (as in tcp): the time left when a send or receive of several chunks starts
+  is its budget, and each chunk that moves restarts it.
 Covered by tests/test_shm_link.py and tests/test_shm_link_mpi.py (through ShmLink, with real processes).
 """
 from __future__ import annotations
 
 import abc
 import struct
+import time
 from typing import Callable
 
 import numpy as np
@@ -126,8 +129,12 @@ class SlotSender(_End):
         src_np = np.frombuffer(src, np.uint8) if total > SMALL_COPY else None
         ring, nslots, payload = self.ring, self.ring.nslots, self.payload
         off = 0
+        nchunks = self.nchunks(total)
+        budget = deadline - time.monotonic() if nchunks > 1 else 0.0   # time allowed without progress
         try:
-            for _ in range(self.nchunks(total)):
+            for k in range(nchunks):
+                if k:  # a chunk went out: the deadline counts from there
+                    deadline = time.monotonic() + budget
                 seq = self.seq
                 if seq - ring.released() >= nslots:
                     ring.wait(lambda: seq - ring.released() < nslots, deadline, "send (waiting for a free slot)")
@@ -189,6 +196,7 @@ class SlotReceiver(_End):
         if self.broken is not None:
             self._check("recv")
         want = len(dst)
+        budget = deadline - time.monotonic() if want > self.payload else 0.0   # time allowed without progress
         i, htag, htotal, hoff, hn = self._next(deadline, "recv")
         if htag != tag or htotal != want or hoff != 0:
             self._discard(htotal, deadline)
@@ -217,6 +225,7 @@ class SlotReceiver(_End):
             self._consume()
             if off >= want:
                 return
+            deadline = time.monotonic() + budget  # a chunk arrived: the deadline counts from there
             i, htag, htotal, hoff, hn = self._next(deadline, "recv")
             if htag != tag or htotal != want:
                 self.broken = f"chunk of another message (tag={htag}, length={htotal}) inside a message"
@@ -241,14 +250,26 @@ class SlotLink(Link):
         self.eager_bytes = self._tx.payload
         self._closed = False
 
+    def _closed_error(self, op):
+        return CommError(f"{self.kind} link is closed", op=op, peer=self.peer, host=self.host)
+
     def send(self, buf, tag, deadline):
-        self._tx.send(buf, tag, deadline)
+        tx = self._tx
+        if tx is None:   # closed (shm drops its ends on close): an error naming the link, not an AttributeError
+            raise self._closed_error("send")
+        tx.send(buf, tag, deadline)
 
     def recv(self, buf, tag, deadline):
-        self._rx.recv(buf, tag, deadline)
+        rx = self._rx
+        if rx is None:
+            raise self._closed_error("recv")
+        rx.recv(buf, tag, deadline)
 
     def recv_reduce(self, dst, tag, deadline, op, received_first=True):
-        if self._rx.can_reduce(dst.itemsize):
-            self._rx.recv_reduce(dst, tag, deadline, op, received_first)
+        rx = self._rx
+        if rx is None:
+            raise self._closed_error("recv")
+        if rx.can_reduce(dst.itemsize):
+            rx.recv_reduce(dst, tag, deadline, op, received_first)
         else:
             super().recv_reduce(dst, tag, deadline, op, received_first)

@@ -13,14 +13,34 @@ Rules this module keeps:
   direction has its own deadline and a ring step can send and receive at once.
 - A deadline that passes raises `CommTimeout`, a closed peer `PeerLost`, a bad
   header `FrameError`; after any of them the link is marked broken.
-Tests: tests/comm_collectives_mpi.py (stray connection, frames), tests/test_comm_faults.py.
+- Deadlines measure lack of progress, not total time: the time left when a send
+  or receive starts is its budget, and every time bytes move the deadline moves
+  to now + budget. A large message over a slow link that keeps moving is never
+  cut off; one that stalls for the whole budget raises, saying how many bytes
+  had moved. A receive also counts our own earlier bytes to that peer draining
+  out of the socket buffer (SIOCOUTQ) as progress: the peer cannot answer before
+  it has them. What it cannot see is a peer stuck behind a slow link elsewhere.
+- Every link's socket has TCP keepalive tuned to the comm timeout, and a wait
+  longer than that checks how long the peer's kernel has been silent (TCP_INFO):
+  a peer host that stops answering (cable pulled, host dead) fails the link
+  within about the comm timeout even under a longer deadline of the caller's
+  own; a busy or stopped peer process still answers, so only the deadline
+  catches that.
+- An incoming connection has `handshake_s` in all (not per read) to present its
+  hello: a peer that trickles bytes is refused as surely as a silent one.
+Tests: tests/comm_collectives_mpi.py (stray connection, frames), tests/test_comm_faults.py,
+tests/test_comm_fuzz.py (handshake and frame parsers, progress deadlines), tests/test_chaos.py (virtual cluster).
 """
 from __future__ import annotations
 
+import array
+import errno
+import fcntl
 import hmac
 import logging
 import socket
 import struct
+import termios
 import threading
 import time
 
@@ -37,17 +57,45 @@ _ACK = struct.Struct("<4s16sI")         # magic, job token, acceptor rank
 _ACK_MAGIC = b"CKEA"
 # Big socket buffers keep a ring step streaming while the receiver reduces.
 _SOCKBUF = 4 << 20
+# struct tcp_info up to tcpi_last_ack_recv (linux/tcp.h): 8 bytes of u8 fields, then 13 u32 of which the last
+# two are the milliseconds since data / an ACK last came from the peer.
+_TCP_INFO = struct.Struct("<8B13I")
 # Below this a header and payload go out in one sendmsg and come in through one bounce read.
 _SMALL = 64 << 10
 
 
-def _tune(sock: socket.socket) -> None:
+def _tune(sock: socket.socket, liveness_s: float | None = None) -> None:
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     for opt in (socket.SO_SNDBUF, socket.SO_RCVBUF):
         try:
             sock.setsockopt(socket.SOL_SOCKET, opt, _SOCKBUF)
         except OSError:  # the kernel caps it; a smaller buffer still works
             pass
+    if liveness_s:
+        # Keepalive: the peer's kernel answers a probe after `idle` seconds without traffic, then every `intvl`,
+        # so a live peer (busy or stopped processes included) is never silent for long; an idle connection whose
+        # probes go unanswered fails with ETIMEDOUT after about liveness_s. The kernel sends no probes while data
+        # is in flight, so waits also check the silence themselves (TcpLink._silent_s). TCP_USER_TIMEOUT is left
+        # alone on purpose: Linux applies it to zero-window probing too, so a live peer that is merely slow to
+        # read would be cut off.
+        idle, intvl = _keepalive(liveness_s)
+        count = max(1, -(-int(silence_limit(liveness_s) - idle) // intvl))   # the kernel gives up at the same time
+        for opt, val in (("TCP_KEEPIDLE", idle), ("TCP_KEEPINTVL", intvl), ("TCP_KEEPCNT", count)):
+            if hasattr(socket, opt):
+                sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, opt), val)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+
+
+def _keepalive(liveness_s: float) -> tuple[int, int]:
+    """(idle, interval) seconds of the keepalive probes for a liveness limit."""
+    return max(1, int(liveness_s / 4)), max(1, int(liveness_s / 8))
+
+
+def silence_limit(liveness_s: float) -> float:
+    """Seconds without a byte or an ACK from the peer after which a link is dead: the liveness limit, but never
+    less than a live peer's longest keepalive silence (idle + two intervals)."""
+    idle, intvl = _keepalive(liveness_s)
+    return max(float(liveness_s), idle + 2.0 * intvl)
 
 
 class TcpLink(Link):
@@ -55,13 +103,16 @@ class TcpLink(Link):
     # Socket buffers hold this much without the peer reading, so such a send never blocks on the peer.
     eager_bytes = 64 << 10
 
-    def __init__(self, peer: int, host: str, sock: socket.socket):
+    def __init__(self, peer: int, host: str, sock: socket.socket, liveness_s: float | None = None):
         super().__init__(peer, host)
-        _tune(sock)
+        _tune(sock, liveness_s)
+        self.liveness_s = liveness_s
+        self._silence = silence_limit(liveness_s) if liveness_s else None
         self._rsock = sock
         self._ssock = sock.dup()
         self._hdr_in = bytearray(_FRAME.size)
         self._bounce = bytearray(_FRAME.size + _SMALL)
+        self._outq_buf = array.array("i", [0])
         self._broken: str | None = None
         self._closed = False
 
@@ -87,6 +138,8 @@ class TcpLink(Link):
         mv = memoryview(buf).cast("B")
         parts = [_FRAME.pack(_FRAME_MAGIC, tag & 0xFFFFFFFF, len(mv)), mv]
         sock = self._ssock
+        budget = deadline - time.monotonic()   # allowed time without progress (see the module note)
+        sent = 0
         try:
             while parts:
                 left = self._remaining(deadline)
@@ -94,41 +147,92 @@ class TcpLink(Link):
                     raise TimeoutError
                 sock.settimeout(left)
                 n = sock.sendmsg(parts)
+                if n:
+                    sent += n
+                    deadline = time.monotonic() + budget
                 while parts and n >= len(parts[0]):
                     n -= len(parts[0])
                     parts.pop(0)
                 if parts and n:
                     parts[0] = memoryview(parts[0])[n:]
-        except TimeoutError:
-            raise self._fail(CommTimeout, f"send of {len(mv)} bytes (tag {tag:#x}) passed its deadline",
+        except TimeoutError as e:
+            if e.errno == errno.ETIMEDOUT:  # the kernel gave up on the peer (see _tune), not our deadline
+                raise self._fail(PeerLost, f"connection lost during send: {self._why(e)}", "send") from None
+            raise self._fail(CommTimeout, f"send of {len(mv)} bytes (tag {tag:#x}) passed its deadline: no progress "
+                                          f"for {max(budget, 0):.1f}s ({_moved(sent - _FRAME.size, len(mv))})",
                              "send") from None
         except OSError as e:
-            raise self._fail(PeerLost, f"connection lost during send: {e}", "send") from None
+            raise self._fail(PeerLost, f"connection lost during send: {self._why(e)}", "send") from None
 
     # -- receive ------------------------------------------------------------
-    def _read_into(self, mv, deadline, what, at_least=None):
-        """Fill `mv` (or at least its first `at_least` bytes); return the count read."""
+    def _read_into(self, mv, clock, what, at_least=None):
+        """Fill `mv` (or at least its first `at_least` bytes); return the count read. `clock` is the
+        receive's [deadline, budget, bytes queued to the peer]: a read that brings bytes, or a wait during which
+        our queued bytes to the peer drained, moves the deadline to now + budget."""
         got, n = 0, len(mv)
         need = n if at_least is None else at_least
         sock = self._rsock
         try:
             while got < need:
-                left = self._remaining(deadline)
+                left = clock[0] - time.monotonic()
                 if left <= 0:
+                    q = self._outq()
+                    if q < clock[2]:
+                        # nothing came, but our own bytes to this peer kept moving: the peer is still taking in
+                        # what we sent before (a slow link), and cannot answer before it has all of it
+                        clock[0], clock[2] = time.monotonic() + clock[1], q
+                        continue
                     raise TimeoutError
+                silence = self._silence
+                if silence is not None and left > silence:
+                    # a wait longer than the liveness limit (a checkpoint barrier's): look at the peer every so often
+                    if self._silent_s() > silence:
+                        raise TimeoutError(errno.ETIMEDOUT, "no TCP segment from the peer")
+                    left = silence / 2
                 sock.settimeout(left)
-                k = sock.recv_into(mv[got:])
+                try:
+                    k = sock.recv_into(mv[got:])
+                except TimeoutError as e:
+                    if e.errno == errno.ETIMEDOUT:
+                        raise
+                    continue  # a slice of the wait ran out: the checks at the top decide
                 if k == 0:
                     raise self._fail(PeerLost, f"peer closed the connection during {what}", "recv")
                 got += k
-        except TimeoutError:
-            raise self._fail(CommTimeout, f"{what}: no data within the deadline ({got}/{n} bytes)",
-                             "recv") from None
+                clock[0] = time.monotonic() + clock[1]
+        except TimeoutError as e:
+            if e.errno == errno.ETIMEDOUT:  # the kernel gave up on the peer (see _tune), not our deadline
+                raise self._fail(PeerLost, f"connection lost during {what}: {self._why(e)}", "recv") from None
+            raise self._fail(CommTimeout, f"{what}: no data within the deadline (no progress for "
+                                          f"{max(clock[1], 0):.1f}s; {got}/{n} bytes)", "recv") from None
         except CommError:
             raise
         except OSError as e:
-            raise self._fail(PeerLost, f"connection lost during {what}: {e}", "recv") from None
+            raise self._fail(PeerLost, f"connection lost during {what}: {self._why(e)}", "recv") from None
         return got
+
+    def _outq(self) -> int:
+        """Bytes sent to the peer and not yet acknowledged by its kernel (SIOCOUTQ)."""
+        try:
+            fcntl.ioctl(self._ssock.fileno(), termios.TIOCOUTQ, self._outq_buf, True)
+        except (OSError, ValueError):
+            return 0
+        return self._outq_buf[0]
+
+    def _silent_s(self) -> float:
+        """Seconds since the peer's kernel last sent us anything (data or an ACK), from TCP_INFO; 0 if unknown."""
+        try:
+            info = _TCP_INFO.unpack_from(self._rsock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 104))
+        except (OSError, ValueError, struct.error):
+            return 0.0
+        return min(info[-2], info[-1]) / 1000.0
+
+    def _why(self, e: OSError) -> str:
+        if e.errno == errno.ETIMEDOUT:
+            limit = f"{self._silence:g}s" if self._silence else "the kernel's limit"
+            return (f"host {self.host} stopped answering (nothing from it, not even a keepalive answer, for "
+                    f"{limit}: link down or host dead) ({e})")
+        return str(e)
 
     def _check_header(self, hdr, tag, n):
         magic, rtag, length = _FRAME.unpack_from(hdr)
@@ -142,22 +246,23 @@ class TcpLink(Link):
         self._check("recv")
         mv = memoryview(buf).cast("B")
         n = len(mv)
+        clock = [deadline, deadline - time.monotonic(), self._outq()]   # deadline, budget, bytes queued out
         if n <= _SMALL:
             # One read for header and payload; the payload lands in a bounce
             # buffer and is copied out only after the header checked out.
             # Never asks for more than this frame's bytes, so a well-formed
             # next frame is not consumed.
             b = memoryview(self._bounce)[:_FRAME.size + n]
-            got = self._read_into(b, deadline, "frame header", at_least=_FRAME.size)
+            got = self._read_into(b, clock, "frame header", at_least=_FRAME.size)
             self._check_header(b, tag, n)
             if got < len(b):
-                self._read_into(b[got:], deadline, "frame payload")
+                self._read_into(b[got:], clock, "frame payload")
             mv[:] = b[_FRAME.size:]
             return
         hdr = memoryview(self._hdr_in)
-        self._read_into(hdr, deadline, "frame header")
+        self._read_into(hdr, clock, "frame header")
         self._check_header(hdr, tag, n)
-        self._read_into(mv, deadline, "frame payload")
+        self._read_into(mv, clock, "frame payload")
 
     def close(self):
         if self._closed:
@@ -170,6 +275,10 @@ class TcpLink(Link):
                 pass
 
 
+def _moved(sent: int, total: int) -> str:
+    return f"{max(sent, 0)}/{total} payload bytes sent" if sent > 0 else f"none of {total} payload bytes sent"
+
+
 def resolve_address(interface: str | None) -> str:
     """The IPv4 address to listen on: an address as given, an interface name, or the host name's."""
     import ipaddress
@@ -179,8 +288,6 @@ def resolve_address(interface: str | None) -> str:
             return str(ipaddress.ip_address(interface))
         except ValueError:
             pass
-        import fcntl
-
         names = [n for _, n in socket.if_nameindex()]
         if interface not in names:
             raise ValueError(f"network interface {interface!r} not found on {socket.gethostname()}; "
@@ -252,18 +359,27 @@ class Listener:
             pass
 
     def _handshake(self, conn, addr):
+        data = bytearray()
+        deadline = time.monotonic() + self.handshake_s   # in all, not per read: trickling bytes does not help
         try:
-            conn.settimeout(self.handshake_s)
-            data = bytearray()
             while len(data) < _HELLO.size:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise TimeoutError
+                conn.settimeout(left)
                 chunk = conn.recv(_HELLO.size - len(data))
                 if not chunk:
-                    return self._reject(conn, addr, "closed before sending a hello frame")
+                    return self._reject(conn, addr, f"closed after {len(data)} of the {_HELLO.size} bytes of a "
+                                                    f"hello frame")
                 data += chunk
         except OSError as e:
-            return self._reject(conn, addr, f"no hello frame within {self.handshake_s}s ({e})")
+            why = "timed out" if isinstance(e, TimeoutError) else e
+            return self._reject(conn, addr, f"no complete hello frame within {self.handshake_s}s "
+                                            f"({len(data)} of {_HELLO.size} bytes; {why})")
         magic, token, peer, size, stream = _HELLO.unpack(bytes(data))
-        if magic != _HELLO_MAGIC or not hmac.compare_digest(token, self.token):
+        if magic != _HELLO_MAGIC:
+            return self._reject(conn, addr, f"not a cke-dist hello frame (magic {magic!r})")
+        if not hmac.compare_digest(token, self.token):
             return self._reject(conn, addr, "wrong job token")
         with self._cv:
             if (size != self.size or peer not in self._expect or stream >= self.streams
@@ -350,8 +466,9 @@ def connect(endpoint, token, rank, size, peer, host, deadline, stream=0) -> sock
                        host=host) from None
 
 
-def open_links(rank, peers, facts, token, listener, deadline) -> dict[int, Link]:
-    """TCP links to `peers`: this rank dials the lower ranks and accepts the higher ones."""
+def open_links(rank, peers, facts, token, listener, deadline, liveness_s: float | None = None) -> dict[int, Link]:
+    """TCP links to `peers`: this rank dials the lower ranks and accepts the higher ones. liveness_s: a link
+    whose peer host acknowledges nothing for this long fails (see _tune); bootstrap passes the comm timeout."""
     hosts = [f["host"] for f in facts]
     streams = listener.streams
     higher = [p for p in peers if p > rank]
@@ -364,7 +481,7 @@ def open_links(rank, peers, facts, token, listener, deadline) -> dict[int, Link]
     listener.expect([])  # every later connection is a stray: refused and logged
     links = {}
     for p, ss in socks.items():
-        parts = [TcpLink(p, hosts[p], sock) for sock in ss]
+        parts = [TcpLink(p, hosts[p], sock, liveness_s) for sock in ss]
         links[p] = parts[0] if streams == 1 else StripedLink(parts)
     return links
 
