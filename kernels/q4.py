@@ -218,21 +218,25 @@ def _matvec(packed, d, zero, has_min, x, out):
                 out[i, r] += c
 
 
+@njit(nogil=True, cache=True, inline="always")
+def _dequant_row(packed, d, mins, has_min, r, out_row):
+    """out_row (K,) = row r of the 4-bit matrix in float32 (low nibbles then high, per block)."""
+    for b in range(d.shape[1]):
+        for j in range(16):
+            byte = packed[r, b * 16 + j]
+            lo, hi = np.float32(byte & 15), np.float32(byte >> 4)
+            if has_min:
+                out_row[b * BLOCK + j] = lo * d[r, b] + mins[r, b]
+                out_row[b * BLOCK + 16 + j] = hi * d[r, b] + mins[r, b]
+            else:
+                out_row[b * BLOCK + j] = (lo - np.float32(8)) * d[r, b]
+                out_row[b * BLOCK + 16 + j] = (hi - np.float32(8)) * d[r, b]
+
+
 @njit(parallel=True, nogil=True, cache=True)
 def _dequant_rows(packed, d, mins, has_min, r0, r1, out):
-    nb = d.shape[1]
     for i in prange(r1 - r0):
-        r = r0 + i
-        for b in range(nb):
-            for j in range(16):
-                byte = packed[r, b * 16 + j]
-                lo, hi = np.float32(byte & 15), np.float32(byte >> 4)
-                if has_min:
-                    out[i, b * BLOCK + j] = lo * d[r, b] + mins[r, b]
-                    out[i, b * BLOCK + 16 + j] = hi * d[r, b] + mins[r, b]
-                else:
-                    out[i, b * BLOCK + j] = (lo - np.float32(8)) * d[r, b]
-                    out[i, b * BLOCK + 16 + j] = (hi - np.float32(8)) * d[r, b]
+        _dequant_row(packed, d, mins, has_min, r0 + i, out[i])
 
 
 _NO_MIN = np.zeros((1, 1), np.float32)
@@ -263,17 +267,6 @@ def q4_matmul(packed, d, m, x, out):
 @njit(nogil=True, cache=True)
 def q4_gather_rows(packed, d, mins, has_min, ids, out):
     """out (M, K) = dequantized rows ids of a 4-bit matrix: the embedding lookup of a 4-bit table."""
-    nb = d.shape[1]
     for i in range(ids.shape[0]):
-        r = ids[i]
-        for b in range(nb):
-            for j in range(16):
-                byte = packed[r, b * 16 + j]
-                lo, hi = np.float32(byte & 15), np.float32(byte >> 4)
-                if has_min:
-                    out[i, b * BLOCK + j] = lo * d[r, b] + mins[r, b]
-                    out[i, b * BLOCK + 16 + j] = hi * d[r, b] + mins[r, b]
-                else:
-                    out[i, b * BLOCK + j] = (lo - np.float32(8)) * d[r, b]
-                    out[i, b * BLOCK + 16 + j] = (hi - np.float32(8)) * d[r, b]
+        _dequant_row(packed, d, mins, has_min, ids[i], out[i])
     return out
