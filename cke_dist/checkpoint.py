@@ -301,7 +301,6 @@ def _check_training(ckpt: Path, manifest: dict) -> None:
 class Checkpoint:
     path: Path
     trainer_state: dict
-    manifest: dict
 
     def optimizer_state(self, specs, names) -> dict:
         """The optimizer state for a rank holding `specs` (any layout): each of `names` as a flat
@@ -335,4 +334,4 @@ def load_checkpoint(path) -> Checkpoint:
                 check_file(ckpt / name, manifest["files"].get(name))
     except HFFormatError as e:
         raise CheckpointError(str(e)) from None
-    return Checkpoint(ckpt, json.loads((ckpt / TRAINER_STATE).read_text()), manifest)
+    return Checkpoint(ckpt, json.loads((ckpt / TRAINER_STATE).read_text()))

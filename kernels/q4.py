@@ -23,7 +23,7 @@ from numba import njit, prange, types
 from numba.core import cgutils, errors
 from numba.extending import intrinsic
 
-from .q8_0 import _CONTRACT, _I32, BLOCK, MATVEC_MAX_ROWS, _lanes, quantize_rows
+from .q8_0 import _I32, BLOCK, MATVEC_MAX_ROWS, _block_pairs, _lanes, _row_sums, _scaled_add, quantize_rows
 
 TILE_ROWS = 256
 
@@ -153,29 +153,11 @@ def make_q4_dot(simd, rows):
                     at = builder.add(row_q[r], builder.mul(b, const(16)))
                     raw = builder.load(builder.bitcast(builder.gep(ptr[0], [at]), v16.as_pointer()), align=1)
                     u = builder.shuffle_vector(builder.and_(raw, mask), builder.lshr(raw, four), _lanes(range(32)))
-                    f = builder.sitofp(_nibble_dot(builder, u, lx, simd), vf)
                     dd = builder.fmul(builder.load(builder.gep(ptr[2], [builder.add(row_s[r], b)])), dx)
-                    dv = builder.insert_element(ir.Constant(vf, ir.Undefined), dd, ir.Constant(_I32, 0))
-                    dv = builder.shuffle_vector(dv, dv, _lanes([0] * 8))
-                    a = acc[r][which]
-                    builder.store(builder.fadd(builder.load(a), builder.fmul(f, dv, flags=_CONTRACT),
-                                               flags=_CONTRACT), a)
+                    _scaled_add(builder, acc[r][which], _nibble_dot(builder, u, lx, simd), dd)
 
-            pairs = builder.sdiv(nb_, const(2))
-            with cgutils.for_range(builder, pairs) as loop:
-                b0 = builder.mul(loop.index, const(2))
-                block(b0, 0)
-                block(builder.add(b0, const(1)), 1)
-            with builder.if_then(builder.icmp_signed("!=", builder.mul(pairs, const(2)), nb_)):
-                block(builder.sub(nb_, const(1)), 0)
-            sums = []
-            for r in range(rows):
-                v = builder.fadd(builder.load(acc[r][0]), builder.load(acc[r][1]))
-                t = builder.extract_element(v, ir.Constant(_I32, 0))
-                for i in range(1, 8):
-                    t = builder.fadd(t, builder.extract_element(v, ir.Constant(_I32, i)))
-                sums.append(t)
-            return context.make_tuple(builder, ret, sums)
+            _block_pairs(builder, nb_, block)
+            return context.make_tuple(builder, ret, _row_sums(builder, acc))
         return sig, codegen
     return q4_dot
 
@@ -265,8 +247,13 @@ def q4_matmul(packed, d, m, x, out):
 
 
 @njit(nogil=True, cache=True)
-def q4_gather_rows(packed, d, mins, has_min, ids, out):
-    """out (M, K) = dequantized rows ids of a 4-bit matrix: the embedding lookup of a 4-bit table."""
+def _gather_rows(packed, d, mins, has_min, ids, out):
     for i in range(ids.shape[0]):
         _dequant_row(packed, d, mins, has_min, ids[i], out[i])
     return out
+
+
+def q4_gather_rows(packed, d, m, ids, out):
+    """out (M, K) = dequantized rows ids of a 4-bit matrix (m: Q4_1's minimums, None for Q4_0): the
+    embedding lookup of a 4-bit table."""
+    return _gather_rows(packed, d, _NO_MIN if m is None else m, m is not None, np.asarray(ids, np.int64), out)

@@ -112,6 +112,43 @@ def _lanes(idx):
     return ir.Constant(ir.VectorType(_I32, len(idx)), idx)
 
 
+def _scaled_add(builder, acc, ints, scale):
+    """acc (an <8 x float> slot) += float(ints <8 x i32>) * scale (one float, broadcast): a block's
+    exact integer dot scaled once by its two block scales."""
+    vf = ir.VectorType(ir.FloatType(), 8)
+    dv = builder.insert_element(ir.Constant(vf, ir.Undefined), scale, ir.Constant(_I32, 0))
+    dv = builder.shuffle_vector(dv, dv, _lanes([0] * 8))
+    f = builder.sitofp(ints, vf)
+    builder.store(builder.fadd(builder.load(acc), builder.fmul(f, dv, flags=_CONTRACT), flags=_CONTRACT), acc)
+
+
+def _block_pairs(builder, nb, block, before_pair=None):
+    """block(b, which) for b < nb, two blocks an iteration into alternating accumulators (which =
+    0, 1: two dependency chains hide the add latency), the odd last block into accumulator 0."""
+    i64 = ir.IntType(64)
+    pairs = builder.sdiv(nb, ir.Constant(i64, 2))
+    with cgutils.for_range(builder, pairs) as loop:
+        b0 = builder.mul(loop.index, ir.Constant(i64, 2))
+        if before_pair is not None:
+            before_pair(b0)
+        block(b0, 0)
+        block(builder.add(b0, ir.Constant(i64, 1)), 1)
+    with builder.if_then(builder.icmp_signed("!=", builder.mul(pairs, ir.Constant(i64, 2)), nb)):
+        block(builder.sub(nb, ir.Constant(i64, 1)), 0)
+
+
+def _row_sums(builder, acc):
+    """Each row's two accumulators added, then its 8 lanes in a fixed order: one float per row."""
+    sums = []
+    for a0, a1 in acc:
+        v = builder.fadd(builder.load(a0), builder.load(a1))
+        t = builder.extract_element(v, ir.Constant(_I32, 0))
+        for i in range(1, 8):
+            t = builder.fadd(t, builder.extract_element(v, ir.Constant(_I32, i)))
+        sums.append(t)
+    return sums
+
+
 def make_q8_dot(simd, rows):
     """A numba intrinsic q8_dot(q, qo, sq, sqo, x, xo, sx, sxo, nb) -> tuple of `rows` float32:
     for r < rows, the sum over blocks b < nb of (int dot of q[qo + r*32*nb + 32b : +32] and
@@ -147,37 +184,21 @@ def make_q8_dot(simd, rows):
                 dx = builder.load(builder.gep(ptr[6], [builder.add(sxo_, b)]))
                 for r in range(rows):
                     lq = builder.load(builder.bitcast(builder.gep(ptr[0], [builder.add(row_q[r], off)]), v8), align=1)
-                    f = builder.sitofp(_block_pair_sums(builder, lq, lx, simd), vf)
                     d = builder.fmul(builder.load(builder.gep(ptr[2], [builder.add(row_s[r], b)])), dx)
-                    dv = builder.insert_element(ir.Constant(vf, ir.Undefined), d, ir.Constant(_I32, 0))
-                    dv = builder.shuffle_vector(dv, dv, _lanes([0] * 8))
-                    a = acc[r][which]
-                    builder.store(builder.fadd(builder.load(a), builder.fmul(f, dv, flags=_CONTRACT),
-                                               flags=_CONTRACT), a)
+                    _scaled_add(builder, acc[r][which], _block_pair_sums(builder, lq, lx, simd), d)
 
-            pairs = builder.sdiv(nb_, const(2))
             pf = cgutils.get_or_insert_function(builder.module, ir.FunctionType(
                 ir.VoidType(), [ir.PointerType(ir.IntType(8)), _I32, _I32, _I32]), "llvm.prefetch.p0")
-            with cgutils.for_range(builder, pairs) as loop:
-                b0 = builder.mul(loop.index, const(2))
+
+            def prefetch(b0):
                 # one cache line (a block pair) per row, PREFETCH bytes ahead: the hardware prefetcher
                 # alone ramps up too slowly on short rows read as `rows` interleaved streams
                 for r in range(rows):
                     at = builder.add(row_q[r], builder.add(builder.mul(b0, const(BLOCK)), const(PREFETCH)))
                     builder.call(pf, [builder.bitcast(builder.gep(ptr[0], [at]), ir.PointerType(ir.IntType(8))),
                                       ir.Constant(_I32, 0), ir.Constant(_I32, 3), ir.Constant(_I32, 1)])
-                block(b0, 0)
-                block(builder.add(b0, const(1)), 1)
-            with builder.if_then(builder.icmp_signed("!=", builder.mul(pairs, const(2)), nb_)):
-                block(builder.sub(nb_, const(1)), 0)
-            sums = []
-            for r in range(rows):
-                v = builder.fadd(builder.load(acc[r][0]), builder.load(acc[r][1]))
-                t = builder.extract_element(v, ir.Constant(_I32, 0))
-                for i in range(1, 8):
-                    t = builder.fadd(t, builder.extract_element(v, ir.Constant(_I32, i)))
-                sums.append(t)
-            return context.make_tuple(builder, ret, sums)
+            _block_pairs(builder, nb_, block, prefetch)
+            return context.make_tuple(builder, ret, _row_sums(builder, acc))
         return sig, codegen
     return q8_dot
 

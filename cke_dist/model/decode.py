@@ -103,10 +103,7 @@ class Quant:
     def gather_rows(self, ids, out):
         if self.kind == "q8_0":
             return q8_0_gather_rows(self.q, self.d, ids, out)
-        return q4_gather_rows(self.q, self.d, _NO_MIN if self.m is None else self.m, self.m is not None, ids, out)
-
-
-_NO_MIN = np.zeros((1, 1), np.float32)
+        return q4_gather_rows(self.q, self.d, self.m, ids, out)
 
 
 class Linear:
@@ -266,14 +263,7 @@ class InferenceModel:
                 return cls.from_model(load_model(d, tp_group=tp_group, stage=stage), quantize=quantize)
             return cls._from_gguf(d, tp_group, stage)
         cfg_path = d / "config.json"
-        if not d.is_dir():
-            raise FileNotFoundError(f"model directory {d} does not exist")
-        if not cfg_path.is_file():
-            raise FileNotFoundError(f"{cfg_path} is missing: a model directory needs config.json + safetensors")
-        try:
-            raw = json.loads(cfg_path.read_text())
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{cfg_path} is not valid JSON: {e}") from None
+        raw = read_model_config(d)
         qc = raw.get("quantization_config") or {}
         kinds = {v: k for k, v in QUANT_METHODS.items()}
         if qc.get("quant_method") in kinds:
@@ -518,6 +508,28 @@ class InferenceModel:
         """One new token per cache row in `rows`, at each row's next position -> logits (len(rows), V)."""
         rows = np.asarray(rows, dtype=np.int64).reshape(-1)
         return self.forward(ids, rows, cache.lengths[rows], cache)
+
+
+def read_model_config(model_dir) -> dict:
+    """config.json of a float or a quantized directory (checked against its manifest when it has
+    one), or the config a GGUF file's metadata describes."""
+    from .gguf_io import gguf_config, is_gguf
+    from .hf_io import check_file, read_manifest
+    if is_gguf(model_dir):
+        return gguf_config(model_dir)
+    d = Path(model_dir)
+    path = d / "config.json"
+    if not d.is_dir():
+        raise FileNotFoundError(f"model directory {d} does not exist")
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing: a model directory needs config.json + safetensors")
+    manifest = read_manifest(d)
+    if manifest is not None:
+        check_file(path, manifest["files"].get("config.json"))
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON: {e}") from None
 
 
 def _q8_scale_shard(spec, stored, sname, path):

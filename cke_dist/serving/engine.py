@@ -120,7 +120,7 @@ class Engine:
     def build(cls, model_dir, world, tp: int = 1, pp: int = 1, quantize: str | None = None, **kw) -> "Engine":
         """Every rank: its tp shard of its pipeline stage of the model in `model_dir`, read by slice."""
         from ..model import LlamaConfig
-        from ..model.decode import InferenceModel
+        from ..model.decode import InferenceModel, read_model_config
         from ..model.layout import Stage, stage_layers, stage_work
         from ..parallel import ProcessGrid
 
@@ -128,7 +128,7 @@ class Engine:
             raise ValueError(f"--tp {tp} x --pp {pp} = {tp * pp} ranks, but the world has {world.size}: launch "
                              f"with mpiexec -n {tp * pp}")
         grid = ProcessGrid(world, pp=pp, tp=tp)
-        raw = {k: v for k, v in read_hf_config_any(model_dir).items() if k != "quantization_config"}
+        raw = {k: v for k, v in read_model_config(model_dir).items() if k != "quantization_config"}
         cfg = LlamaConfig.from_dict(raw)
         l0, l1 = stage_layers(cfg.num_hidden_layers, pp, None, **stage_work(cfg))[grid.pp_rank]
         stage = Stage(l0, l1, grid.pp_rank == 0, grid.pp_rank == pp - 1)
@@ -389,28 +389,3 @@ class Engine:
                 if r.finish is not None:
                     r.events.put(("done", r.finish))
             self._cv.notify_all()
-
-
-def read_hf_config_any(model_dir) -> dict:
-    """config.json of a float or a Q8_0 directory (its manifest checked when it has one), or the
-    config a GGUF file's metadata describes."""
-    import json
-    from pathlib import Path
-
-    from ..model.gguf_io import gguf_config, is_gguf
-    from ..model.hf_io import check_file, read_manifest
-    if is_gguf(model_dir):
-        return gguf_config(model_dir)
-    d = Path(model_dir)
-    path = d / "config.json"
-    if not d.is_dir():
-        raise FileNotFoundError(f"model directory {d} does not exist")
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing: a model directory needs config.json + safetensors")
-    manifest = read_manifest(d)
-    if manifest is not None:
-        check_file(path, manifest["files"].get("config.json"))
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path} is not valid JSON: {e}") from None
