@@ -42,7 +42,13 @@ def rope_tables(head_dim, theta, positions, llama3=None):
     """positions (T,) ints -> cos, sin of shape (T, head_dim // 2), float32."""
     if head_dim % 2:
         raise ValueError(f"RoPE needs an even head_dim, got {head_dim}")
-    ang = np.asarray(positions).astype(np.float32)[:, None] * rope_inv_freq(head_dim, theta, llama3)[None, :]
+    return rope_cos_sin(positions, rope_inv_freq(head_dim, theta, llama3))
+
+
+def rope_cos_sin(positions, inv_freq):
+    """positions (T,) ints, inv_freq (D/2,) -> cos, sin (T, D/2) float32: the float32 angle, its
+    cosine and sine in float64 rounded once (training and decode share these tables)."""
+    ang = np.asarray(positions).astype(np.float32)[:, None] * inv_freq[None, :]
     ang64 = ang.astype(np.float64)
     return np.cos(ang64).astype(np.float32), np.sin(ang64).astype(np.float32)
 
