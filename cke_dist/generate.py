@@ -233,14 +233,15 @@ def _print_generations(args, tok, engine, Params, TextStream) -> int:
                                       seed=None if args.seed is None else args.seed + i, stop_ids=stop_ids))
             for i, ids in enumerate(prompts)]
     if len(reqs) > 1:
-        for text, req in zip(args.prompt, reqs):
-            body = tok.decode([i for i in req.stream() if i not in stop_ids])
+        for text, ids, req in zip(args.prompt, prompts, reqs):
+            stream = TextStream(tok, context=ids)
+            body = "".join(stream.push(i) for i in req.stream() if i not in stop_ids) + stream.flush()
             for s in args.stop:
                 body = body.split(s)[0] if s else body
             print(f"{text}{body}\n---")
         return 0
     req = reqs[0]
-    out, stream, cut = sys.stdout, TextStream(tok), StopText(args.stop)
+    out, stream, cut = sys.stdout, TextStream(tok, context=prompts[0]), StopText(args.stop)
     out.write(args.prompt[0])
     out.flush()
     for t in req.stream():

@@ -11,7 +11,9 @@ Rules it keeps:
   generation_config.json / config.json (eos_token_id); None when none is named.
 - byte ids past 255 (a padded vocab) decode to U+FFFD.
 - TextStream turns ids into text pieces as they arrive without splitting a
-  multi-byte character: it holds back text that ends in an unfinished one.
+  multi-byte character: it holds back text that ends in an unfinished one. Given
+  the prompt's ids it prints what the new ids add to the prompt's text (a
+  SentencePiece continuation keeps its leading space).
 Tests: tests/test_tokenizer.py.
 """
 from __future__ import annotations
@@ -155,16 +157,21 @@ def load_tokenizer(model_dir) -> ByteTokenizer | HFTokenizer:
 
 
 class TextStream:
-    """Incremental decode: `push(id)` returns the new text that is safe to print now."""
+    """Incremental decode: `push(id)` returns the new text that is safe to print now.
 
-    def __init__(self, tokenizer):
+    `context`: the ids before these (the prompt). The text is what they add to the context's, so a
+    first token "▁Paris" after "is" prints " Paris": SentencePiece decoders strip the space of a
+    sequence's first piece, which is right for a whole text and wrong for a continuation."""
+
+    def __init__(self, tokenizer, context=()):
         self.tok = tokenizer
+        self.context = _context_tail(tokenizer, [int(i) for i in context])
         self.ids: list[int] = []
-        self.emitted = 0          # characters of decode(self.ids) already returned
+        self.emitted = len(tokenizer.decode(self.context)) if self.context else 0   # characters returned
 
     def push(self, token_id: int) -> str:
         self.ids.append(int(token_id))
-        text = self.tok.decode(self.ids)
+        text = self.tok.decode(self.context + self.ids)
         # an unfinished UTF-8 sequence decodes to U+FFFD at the end: wait for its next bytes
         if text.endswith("\ufffd"):
             return ""
@@ -172,6 +179,22 @@ class TextStream:
         return new
 
     def flush(self) -> str:
-        text = self.tok.decode(self.ids)
+        text = self.tok.decode(self.context + self.ids)
         new, self.emitted = text[self.emitted:], len(text)
         return new
+
+
+def _context_tail(tokenizer, context: list[int], keep: int = 8) -> list[int]:
+    """The context a stream decodes with: the last few ids (a whole prompt, decoded again with every
+    token, would cost O(prompt) a token); all of them when that tail starts inside a character
+    (U+FFFD), since a byte-fallback decoder turns a run of byte pieces that is not UTF-8 as a whole
+    into U+FFFDs, so new bytes must see their run from its start; none when the prompt itself ends
+    inside a character (ids given as the prompt): new bytes would complete it within the prompt's
+    text, so the new ids are decoded alone."""
+    tail = context[-keep:]
+    text = tokenizer.decode(tail) if tail else ""
+    if text.endswith("\ufffd"):
+        return []
+    if len(tail) < len(context) and "\ufffd" in text:
+        return context
+    return tail

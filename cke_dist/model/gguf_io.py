@@ -12,10 +12,22 @@ Rules this module keeps:
 - llama.cpp's converter permutes the rows of q and k of the llama architecture for its RoPE
   layout; reading undoes it (qwen2 files are not permuted).
 - The tokenizer is rebuilt from the metadata with the `tokenizers` library the way transformers
-  builds it from the same file (byte-level BPE of `tokenizer.ggml.model = gpt2`, its split regex
-  from `tokenizer.ggml.pre`, control tokens as specials): ids equal transformers' on the same
-  file (tests/test_gguf.py). SentencePiece (`llama`) vocabularies are not rebuilt yet: an error
-  says so.
+  builds it from the same file: byte-level BPE of `tokenizer.ggml.model = gpt2` (its split regex
+  from `tokenizer.ggml.pre`) and SentencePiece BPE of `llama` (Llama 2, Mistral, TinyLlama: merges
+  recovered from the scores, `▁` for spaces, <0xXX> byte pieces), control tokens and the named
+  BOS/EOS/UNK/PAD as specials: ids and decoded text equal transformers' on the same file
+  (tests/test_gguf.py). Two departures, both toward SentencePiece and llama.cpp: a file with
+  `tokenizer.ggml.add_space_prefix = false` gets no leading "▁" (transformers ignores the key),
+  and a character with neither a piece nor byte pieces is <unk> (transformers drops it). Like
+  transformers, and unlike llama.cpp, text that starts with spaces or follows a special token
+  gets no extra "▁" prefixed.
+- RoPE scaling is read as llama.cpp applies it: `rope.scaling.type` linear (also a factor without
+  a type) and Llama 3.x's per-frequency divisors (`rope_freqs.weight`), both mapped to our Llama 3
+  parameters (linear = every frequency past the low cut); yarn and other types, and divisors that
+  no Llama 3 parameters give, are errors. transformers' GGUF loader ignores both (it runs such
+  files unscaled), so there the reference is llama.cpp and transformers' own RoPE on the config.
+  Export writes Llama 3 scaling as llama.cpp's converter does (rope_freqs.weight, plus the
+  original context length), linear as `rope.scaling.type = linear`.
 Tests: tests/test_gguf.py.
 """
 from __future__ import annotations
@@ -92,9 +104,6 @@ def gguf_config(path, reader=None) -> dict:
             raise GGUFError(f"{path}: metadata {arch}.{key} is missing")
         return v
     names = {t.name for t in r.tensors}
-    if "rope_freqs.weight" in names or _field(r, f"{arch}.rope.scaling.type", "none") not in ("none", None):
-        raise GGUFError(f"{path}: RoPE scaling ({_field(r, f'{arch}.rope.scaling.type', 'rope_freqs.weight')}) "
-                        f"is not read from GGUF yet; use the Hugging Face directory of this model")
     heads = int(need("attention.head_count"))
     tokens = _field(r, "tokenizer.ggml.tokens")
     vocab = _field(r, f"{arch}.vocab_size") or (len(tokens) if tokens is not None else None)
@@ -115,11 +124,115 @@ def gguf_config(path, reader=None) -> dict:
     key_len = _field(r, f"{arch}.attention.key_length")
     if key_len is not None and int(key_len) != cfg["hidden_size"] // heads:
         cfg["head_dim"] = int(key_len)
+    scaling = _rope_scaling(path, r, arch, int(key_len or cfg["hidden_size"] // heads), cfg["rope_theta"])
+    if scaling is not None:
+        cfg["rope_scaling"] = {"rope_type": "llama3", **scaling}
     for key, name in (("bos_token_id", "tokenizer.ggml.bos_token_id"), ("eos_token_id", "tokenizer.ggml.eos_token_id")):
         v = _field(r, name)
         if v is not None:
             cfg[key] = int(v)
     return cfg
+
+
+# llama.cpp's converter computes Llama 3 factors with these when the HF config does not say
+_LLAMA3_ORIGINAL_CONTEXT = 8192
+
+
+def _rope_scaling(path, r, arch: str, head_dim: int, theta: float) -> dict | None:
+    """The RoPE scaling llama.cpp applies to this file, as our Llama 3 parameters (None: none).
+
+    llama.cpp divides frequency i by rope_freqs.weight[i] (the llama architecture; its converter
+    writes Llama 3.x scaling so) and all of them by `rope.scaling.factor` when the scaling type is
+    linear -- the type it assumes when the file names none. The divisors are matched to Llama 3
+    parameters (which transformers and our kernels compute): the usual ones (low 1, high 4), or
+    ones solved from the blended band, checked against every divisor. Pure linear scaling is
+    Llama 3 scaling with every wavelength past the low-frequency cut (original context 1, low 1,
+    high 2): each frequency is divided by the factor, as transformers' linear RoPE does.
+    transformers' GGUF reader ignores both (it runs such files unscaled), so llama.cpp is the
+    reference here."""
+    kind = _field(r, f"{arch}.rope.scaling.type", "linear")
+    scale = float(_field(r, f"{arch}.rope.scaling.factor", _field(r, f"{arch}.rope.scale_linear", 0.0)))
+    linear = scale if kind == "linear" and scale not in (0.0, 1.0) else 1.0
+    if kind not in ("none", "linear") and scale not in (0.0, 1.0):
+        raise GGUFError(f"{path}: {arch}.rope.scaling.type = {kind!r} (factor {scale}) is not supported; RoPE "
+                        f"scaling read from GGUF: linear and Llama 3's (rope_freqs.weight)")
+    inv = 1.0 / float(theta) ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
+    freqs = next((t for t in r.tensors if t.name == "rope_freqs.weight"), None)
+    if freqs is None:
+        div = np.full(inv.shape, linear)
+    else:
+        from gguf.quants import dequantize
+        if arch != "llama":
+            raise GGUFError(f"{path}: rope_freqs.weight in a {arch} file: llama.cpp applies it to llama only")
+        div = np.asarray(dequantize(freqs.data, freqs.tensor_type), np.float64).reshape(-1) * linear
+        if div.shape != inv.shape or not (div > 0).all():
+            raise GGUFError(f"{path}: rope_freqs.weight has {div.size} values; head_dim {head_dim} needs "
+                            f"{inv.size} positive RoPE frequency divisors")
+    if np.allclose(div, 1.0, rtol=1e-6, atol=0):
+        return None
+    factor = _f32(div.max())
+    known = _field(r, f"{arch}.rope.scaling.original_context_length")
+    old = int(known) if known is not None else _LLAMA3_ORIGINAL_CONTEXT
+    tries = [dict(factor=factor, low_freq_factor=1.0, high_freq_factor=2.0, original_max_position_embeddings=1)
+             if np.allclose(div, factor, rtol=1e-6, atol=0) else
+             dict(factor=factor, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=old)]
+    tries += _llama3_fits(div, inv, factor, old if known is not None else None)
+    for p in tries:
+        # llama.cpp's converter computes the divisors in float32: within 3e-7 of the exact ones
+        if 0 < p["low_freq_factor"] < p["high_freq_factor"] and np.allclose(llama3_divisors(inv, **p), div,
+                                                                              rtol=1e-6, atol=0):
+            return p
+    raise GGUFError(f"{path}: RoPE frequency divisors {np.round(div, 4).tolist()} (rope_freqs.weight x linear "
+                    f"factor {linear}) are not Llama 3 scaling for any parameters we could find; this RoPE "
+                    f"scaling cannot be represented")
+
+
+def _llama3_fits(div, inv, factor: float, old: int | None) -> list[dict]:
+    """Llama 3 parameters that may give these divisors (the caller checks them). In the blended band
+    1/div = (1-s)/factor + s with s = (old/wavelength - low) / (high - low). With old known that is
+    linear in low and high. Only old/low and old/high matter, so without it low = 1 (as in every
+    Llama 3.x) and s*high - old/wavelength = s - 1 is linear in high and old. A band of one
+    frequency or none leaves a range of equivalent parameters: one inside it is taken."""
+    if factor <= 1:
+        return []
+    band = (div > 1 + 1e-6) & (div < factor * (1 - 1e-6))
+    s = (1 / div[band] - 1 / factor) / (1 - 1 / factor)
+    u = inv / (2 * np.pi)                                   # 1 / wavelength
+    if band.sum() >= 2:
+        # the divisors are float32: the plain numbers a config spells are tried first
+        if old is not None:
+            (low, high), *_ = np.linalg.lstsq(np.stack([1 - s, s], 1), old * u[band], rcond=None)
+            fits = [(float(f"{low:.{d}g}"), float(f"{high:.{d}g}"), old) for d in (3, 4, 6, 12)]
+        else:
+            (high, ctx), *_ = np.linalg.lstsq(np.stack([s, -u[band]], 1), s - 1, rcond=None)
+            fits = [(1.0, float(f"{high:.{d}g}"), c) for c in (int(round(ctx)), float(f"{ctx:.12g}"))
+                    for d in (3, 4, 6, 12)]
+    else:
+        # low = 1: old/wavelength < 1 where scaled whole, > high where untouched, 1 + s (high - 1) in the band
+        u_kept = u[div <= 1 + 1e-6].min(initial=np.inf)
+        u_scaled = u[div >= factor * (1 - 1e-6)].max(initial=0.0)
+        if not band.any():
+            if not (np.isfinite(u_kept) and u_scaled > 0):     # all kept or all scaled: tried before
+                return []
+            ctx = 1 / np.sqrt(u_kept * u_scaled)
+            fits = [(1.0, float(np.sqrt(ctx * u_kept)), float(ctx))]
+        else:                     # old/wavelength = 1 + eps in the band, eps small enough for both cuts
+            ub, sb = u[band][0], s[0]
+            eps = min(ub / u_scaled - 1 if u_scaled > 0 else 1.0, (u_kept / ub - 1) * sb) / 2
+            fits = [(1.0, float(1 + eps / sb), float((1 + eps) / ub))]
+    return [dict(factor=factor, low_freq_factor=lo, high_freq_factor=hi, original_max_position_embeddings=c)
+            for lo, hi, c in fits]
+
+
+def llama3_divisors(inv_freq, factor, low_freq_factor, high_freq_factor, original_max_position_embeddings):
+    """What Llama 3 scaling divides each inverse frequency by (llama.cpp's rope_freqs.weight, as its
+    converter computes it): 1 above the high-frequency cut, `factor` below the low one, blended
+    between."""
+    wavelen = 2 * np.pi / np.asarray(inv_freq, np.float64)
+    old = float(original_max_position_embeddings)
+    smooth = (old / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)
+    return np.where(wavelen < old / high_freq_factor, 1.0,
+                    np.where(wavelen > old / low_freq_factor, factor, 1 / ((1 - smooth) / factor + smooth)))
 
 
 def _f32(v) -> float:
@@ -236,29 +349,46 @@ def gguf_special_tokens(path, reader=None) -> dict[str, str]:
     r = reader or _reader(path)
     tokens = _field(r, "tokenizer.ggml.tokens") or []
     out = {}
-    for key in ("bos", "eos", "unk", "pad"):
-        i = _field(r, f"tokenizer.ggml.{key}_token_id" if key != "pad" else "tokenizer.ggml.padding_token_id")
+    for key, name in (("bos", "bos"), ("eos", "eos"), ("unk", "unknown"), ("pad", "padding")):
+        i = _field(r, f"tokenizer.ggml.{name}_token_id")
         if i is not None and 0 <= int(i) < len(tokens):
             out[f"{key}_token"] = tokens[int(i)]
     return out
 
 
 def gguf_tokenizer(path, reader=None):
-    """An HFTokenizer (cke_dist.tokenizer) rebuilt from the file's tokenizer metadata."""
-    from tokenizers import AddedToken, Regex, Tokenizer, decoders, pre_tokenizers
-    from tokenizers.models import BPE
-
+    """An HFTokenizer (cke_dist.tokenizer) rebuilt from the file's tokenizer metadata: byte-level BPE
+    (`tokenizer.ggml.model = gpt2`) or SentencePiece BPE (`llama`)."""
     from ..tokenizer import HFTokenizer
 
     r = reader or _reader(path)
     kind = _field(r, "tokenizer.ggml.model")
-    if kind != "gpt2":
-        raise GGUFError(f"{path}: tokenizer.ggml.model = {kind!r}; only byte-level BPE ('gpt2': Llama 3, Qwen2, "
-                        f"SmolLM) is rebuilt from GGUF so far")
+    tokens = _field(r, "tokenizer.ggml.tokens")
+    if kind in ("gpt2", "llama") and not tokens:
+        raise GGUFError(f"{path}: tokenizer.ggml.model = {kind!r} but tokenizer.ggml.tokens is missing or empty")
+    if kind == "gpt2":
+        tok = _byte_level_bpe(path, r, list(tokens))
+    elif kind == "llama":
+        tok = _sentencepiece_bpe(path, r, list(tokens))
+    else:
+        raise GGUFError(f"{path}: tokenizer.ggml.model = {kind!r}; rebuilt from GGUF: 'gpt2' (byte-level BPE: "
+                        f"Llama 3, Qwen2, SmolLM) and 'llama' (SentencePiece BPE: Llama 2, Mistral, TinyLlama)")
+    eos = _field(r, "tokenizer.ggml.eos_token_id")
+    eos_ids = [int(eos)] if eos is not None else []
+    eot = _field(r, "tokenizer.ggml.eot_token_id")
+    if eot is not None and int(eot) not in eos_ids:
+        eos_ids.append(int(eot))
+    bos = _field(r, "tokenizer.ggml.bos_token_id")
+    return HFTokenizer.from_tokenizer(tok, eos_ids, None if bos is None else int(bos), source=str(path))
+
+
+def _byte_level_bpe(path, r, tokens: list[str]):
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, pre_tokenizers
+    from tokenizers.models import BPE
+
     pre = _field(r, "tokenizer.ggml.pre", "default")
     if pre in _UNSUPPORTED_SPLITS:
         raise GGUFError(f"{path}: tokenizer.ggml.pre = {pre!r} is not supported")
-    tokens = list(_field(r, "tokenizer.ggml.tokens"))
     types = list(_field(r, "tokenizer.ggml.token_type", []))
     merges = [tuple(m.split(" ")) for m in _field(r, "tokenizer.ggml.merges", [])]
     spelling = _bytes_to_unicode()
@@ -282,13 +412,59 @@ def gguf_tokenizer(path, reader=None):
                             if k == 3 and set(t) <= alphabet])
     tok.add_tokens([AddedToken(t, normalized=False, special=False) for t, k in zip(tokens, types)
                     if k == 4 and t in vocab])
-    eos = _field(r, "tokenizer.ggml.eos_token_id")
-    eos_ids = [int(eos)] if eos is not None else []
-    eot = _field(r, "tokenizer.ggml.eot_token_id")
-    if eot is not None and int(eot) not in eos_ids:
-        eos_ids.append(int(eot))
-    bos = _field(r, "tokenizer.ggml.bos_token_id")
-    return HFTokenizer.from_tokenizer(tok, eos_ids, None if bos is None else int(bos), source=str(path))
+    return tok
+
+
+def _sentencepiece_bpe(path, r, tokens: list[str]):
+    """SentencePiece BPE (Llama 2, Mistral, TinyLlama) as transformers rebuilds it from GGUF: BPE over
+    the pieces with merges recovered from the scores (a GGUF stores none), `▁` for spaces, pieces
+    <0x00>..<0xFF> for characters the vocabulary lacks."""
+    from tokenizers import AddedToken, Tokenizer, decoders, pre_tokenizers
+    from tokenizers.models import BPE
+
+    scores = _field(r, "tokenizer.ggml.scores")
+    if scores is None or len(scores) != len(tokens):
+        raise GGUFError(f"{path}: a SentencePiece vocabulary needs tokenizer.ggml.scores, one per token "
+                        f"({len(tokens)}); got {'none' if scores is None else len(scores)}")
+    types = list(_field(r, "tokenizer.ggml.token_type", []))
+    vocab = {t: i for i, t in enumerate(tokens)}
+    merges = _field(r, "tokenizer.ggml.merges")
+    merges = [tuple(m.split(" ")) for m in merges] if merges else _spm_merges(vocab, dict(zip(tokens, scores)))
+    unk = _field(r, "tokenizer.ggml.unknown_token_id")
+    unk = tokens[int(unk)] if unk is not None and 0 <= int(unk) < len(tokens) else None
+    # a character with neither a piece nor byte pieces becomes <unk>, as in SentencePiece and
+    # llama.cpp (transformers' rebuild drops it from the text instead); with byte pieces, as in every
+    # Llama 2 / Mistral vocabulary, the byte fallback always wins and the two agree
+    tok = Tokenizer(BPE(vocab=vocab, merges=merges, dropout=None, unk_token=unk, fuse_unk=True, byte_fallback=True))
+    # llama.cpp prefixes a space unless the file says not to (tokenizer.ggml.add_space_prefix,
+    # written from tokenizer_config's add_prefix_space); transformers' GGUF reader ignores the key
+    # and always prefixes, so ids differ from it only on a file that sets it false
+    prefix = bool(_field(r, "tokenizer.ggml.add_space_prefix", True))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first" if prefix else "never",
+                                                 split=False)
+    steps = [decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()]
+    tok.decoder = decoders.Sequence(steps + [decoders.Strip(" ", 1, 0)] if prefix else steps)
+    # specials matched whole in text: control tokens (type 3) and the ones the file names
+    named = {_field(r, f"tokenizer.ggml.{k}_token_id") for k in ("bos", "eos", "unknown", "padding")} - {None}
+    special = {i for i, k in enumerate(types) if k == 3} | {int(i) for i in named if 0 <= int(i) < len(tokens)}
+    tok.add_special_tokens([AddedToken(tokens[i], normalized=False, special=True) for i in sorted(special)])
+    tok.add_tokens([AddedToken(t, normalized=False, special=False) for i, (t, k) in enumerate(zip(tokens, types))
+                    if k == 4 and i not in special])
+    return tok
+
+
+def _spm_merges(vocab: dict[str, int], scores: dict[str, float]) -> list[tuple[str, str]]:
+    """The merges a SentencePiece BPE vocabulary implies: every split of a piece into two pieces,
+    ranked by the piece's score (higher first; ties: the longer left piece, then the longer right
+    one, then the order of the pieces) -- exactly transformers' generate_merges order, since with
+    tied scores (bytes, controls) the order decides which pair merges first."""
+    found = []
+    for piece, score in scores.items():
+        pairs = [(piece[:k], piece[k:]) for k in range(1, len(piece)) if piece[:k] in vocab and piece[k:] in vocab]
+        pairs.sort(key=lambda p: (vocab[p[0]], vocab[p[1]]))
+        found += [(a, b, score) for a, b in pairs]
+    found.sort(key=lambda m: (m[2], len(m[0]), len(m[1])), reverse=True)
+    return [(a, b) for a, b, _ in found]
 
 
 def _bytes_to_unicode() -> dict[int, str]:
@@ -333,7 +509,9 @@ def write_gguf(path, config, tensors: dict[str, np.ndarray], kind: str = "f32", 
     """Write a GGUF file of a llama / qwen2 model: config (a LlamaConfig), its full float32 tensors
     under HF names, 2-D weights stored as `kind` (f32, f16, q8_0, q4_0; norms and biases stay f32, as
     llama.cpp stores them), the tokenizer (an HFTokenizer over byte-level BPE, or our byte tokenizer)
-    as GGUF metadata. Written beside the target and renamed, so it is never half there."""
+    as GGUF metadata, Llama 3 RoPE scaling as rope_freqs.weight (llama only: llama.cpp applies it to
+    no other architecture), or as linear scaling where it divides every frequency alike. Written
+    beside the target and renamed, so it is never half there."""
     import gguf
     from gguf.quants import quantize
 
@@ -342,8 +520,16 @@ def write_gguf(path, config, tensors: dict[str, np.ndarray], kind: str = "f32", 
     arch = config.model_type
     if arch not in ARCHITECTURES:
         raise ValueError(f"model_type {arch!r}: GGUF export supports {sorted(ARCHITECTURES)}")
+    divisors = None
     if config.rope_scaling:
-        raise ValueError("RoPE scaling is not written to GGUF yet; export f32 safetensors instead")
+        inv = 1.0 / config.rope_theta ** (np.arange(0, config.head_dim, 2, dtype=np.float64) / config.head_dim)
+        divisors = llama3_divisors(inv, **config.rope_scaling).astype(np.float32)
+        linear = bool(np.all(divisors == divisors[0]))
+        if np.all(divisors == 1):          # parameters that scale no frequency of this head_dim
+            divisors = None
+        if arch != "llama" and not linear:
+            raise ValueError(f"Llama 3 RoPE scaling in a {arch} model: llama.cpp applies per-frequency RoPE "
+                             f"factors (rope_freqs.weight) to the llama architecture only")
     path = Path(path)
     tmp = path.with_name(f".tmp-{path.name}")
     w = gguf.GGUFWriter(str(tmp), arch)
@@ -358,6 +544,14 @@ def write_gguf(path, config, tensors: dict[str, np.ndarray], kind: str = "f32", 
     w.add_value_length(config.head_dim)
     w.add_rope_dimension_count(config.head_dim)
     w.add_rope_freq_base(config.rope_theta)
+    if divisors is not None and linear:
+        # every frequency divided alike: llama.cpp's (and every reader's) linear scaling
+        w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        w.add_rope_scaling_factor(float(divisors[0]))
+    elif divisors is not None:
+        # as llama.cpp's converter writes Llama 3.x; the original context lets our reader give back
+        # the config's own parameters, not just equivalent ones
+        w.add_rope_scaling_orig_ctx_len(int(config.rope_scaling["original_max_position_embeddings"]))
     w.add_layer_norm_rms_eps(config.rms_norm_eps)
     w.add_vocab_size(config.vocab_size)
     w.add_file_type(_FILE_TYPE[kind])
@@ -367,6 +561,8 @@ def write_gguf(path, config, tensors: dict[str, np.ndarray], kind: str = "f32", 
         w.add_chat_template(chat_template)
     qtype = {"f32": gguf.GGMLQuantizationType.F32, "f16": gguf.GGMLQuantizationType.F16,
              "q8_0": gguf.GGMLQuantizationType.Q8_0, "q4_0": gguf.GGMLQuantizationType.Q4_0}[kind]
+    if divisors is not None and not linear:
+        w.add_tensor("rope_freqs.weight", divisors)
     for name, t in tensors.items():
         if name == LM_HEAD and config.tie_word_embeddings:
             continue

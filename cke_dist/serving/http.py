@@ -217,7 +217,7 @@ class Generation:
             raise _unavailable(str(e)) from None
         except ValueError as e:
             raise ApiError(400, str(e)) from None
-        self.text = TextStream(server.tokenizer)
+        self.text = TextStream(server.tokenizer, context=ids)   # a continuation keeps its leading space
         self.cut = StopText(s.stop)
         self.completion_tokens = 0
         self.finish: str | None = None
