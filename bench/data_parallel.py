@@ -20,6 +20,8 @@ import sys
 import time
 from pathlib import Path
 
+from cke_kernels import training_pool_env
+
 REPO = Path(__file__).resolve().parents[1]
 THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS")
 FULL = dict(hidden=512, layers=8, heads=8, kv_heads=4, intermediate=1408, vocab=8192, batch=8, seq=256,
@@ -148,7 +150,7 @@ def launch_worker(script, worker_args, ranks, threads, timeout, what):
         mpiexec = Path(sys.executable).with_name("mpiexec")
         cmd = [str(mpiexec) if mpiexec.exists() else "mpiexec", "-n", str(ranks), *cmd]
     env = dict(os.environ, **{v: str(threads) for v in THREAD_VARS})
-    env.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")  # see bench/train_step.py
+    training_pool_env(env)  # what `cke-dist train` sets (see cke_kernels)
     res = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
     lines = [x for x in res.stdout.splitlines() if x.startswith("RESULT ")]
     if res.returncode != 0 or not lines:

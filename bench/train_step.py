@@ -43,10 +43,13 @@ args = parse()
 for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
     os.environ[var] = str(args.threads)
 os.environ["NUMBA_NUM_THREADS"] = str(max(args.threads, int(os.environ.get("NUMBA_NUM_THREADS", "1"))))
-# numpy's OpenBLAS workers spin for 2^28 cycles after each GEMM; with 2 threads that spinning
-# steals the core from the numba kernel that follows. 2^4 cycles: they sleep at once (the wake-up
-# costs microseconds, a GEMM here milliseconds). Affects OpenBLAS only, not torch's MKL/OpenMP.
-os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")
+# what `cke-dist train` sets: OpenBLAS's and libgomp's workers block as soon as their call ends,
+# so neither pool spins on the core the other needs next (cke_kernels' docstring). torch shares
+# numba's libgomp in this process (the first one loaded serves both), so its OpenMP threads get
+# the same wait policy.
+from cke_kernels import training_pool_env  # noqa: E402  (numpy-free: safe before numpy loads)
+
+training_pool_env()
 
 import numpy as np  # noqa: E402
 

@@ -27,6 +27,9 @@ def main(argv=None) -> int:
         prog="cke-dist", description="Distributed CPU training and inference for Llama-family models.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     chosen = argv[0] if argv and argv[0] in COMMANDS else None
+    if chosen == "train":   # before numpy and numba start their thread pools (see cke_kernels)
+        from cke_kernels import training_pool_env
+        training_pool_env()
     for name, (module, help_) in COMMANDS.items():
         p = sub.add_parser(name, help=help_, description=help_)
         if name == chosen:

@@ -17,4 +17,29 @@ buffers; each backward says whether it writes or ADDS. Tests: tests/test_kernels
     expf          a float32 exp numba can vectorize
     threads       one thread setting for BLAS and numba
     q8_0, decode_attention   inference kernels (see their docstrings)
+
+Training runs OpenBLAS GEMMs and numba (OpenMP) kernels in turn on the same cores; each pool
+must let go of the cores as soon as its call ends, or its spinning workers steal a core from the
+other pool's next call (a 2-thread GEMM right after a numba kernel ran 36 ms instead of 26.5 ms
+here). `TRAINING_POOL_ENV` says so; it must be in the environment before numpy loads OpenBLAS
+and before the first numba parallel kernel loads libgomp: `cke-dist train` sets it first thing,
+scripts call `training_pool_env()` before importing numpy (values already set are kept).
 """
+import os
+
+TRAINING_POOL_ENV = {
+    # OpenBLAS workers spin for 2^28 cycles after a GEMM by default; 2^4: they sleep at once
+    # (waking them costs microseconds, a training GEMM takes milliseconds)
+    "OPENBLAS_THREAD_TIMEOUT": "4",
+    # libgomp (numba's OpenMP layer) workers spin ~300k iterations after each parallel region;
+    # passive: they block at once (a launch then costs ~10 us instead of ~1.5 us)
+    "OMP_WAIT_POLICY": "PASSIVE",
+}
+
+
+def training_pool_env(env=None):
+    """Put TRAINING_POOL_ENV's defaults into `env` (os.environ by default), keeping set values."""
+    env = os.environ if env is None else env
+    for k, v in TRAINING_POOL_ENV.items():
+        env.setdefault(k, v)
+    return env
