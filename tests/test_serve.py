@@ -163,7 +163,7 @@ def ref(model_dir):
     im, tok = InferenceModel.from_dir(model_dir), load_tokenizer(model_dir)
     eos = tok.eos_token_ids
     rng = np.random.default_rng(0)
-    cands = [rng.integers(2, 300, n).tolist() for n in rng.integers(3, 12, 40)]
+    cands = [rng.integers(2, 300, n).tolist() for n in rng.integers(3, 12, 80)]
     outs = [generate(im, p, LONG, temperature=0, stop_ids=eos) for p in cands]
     never_eos = [p for p, o in zip(cands, outs) if len(o) == LONG and eos[0] not in o]
     early_eos = [p for p, o in zip(cands, outs) if len(o) <= 40 and o[-1] == eos[0]]

@@ -12,7 +12,9 @@ Rules it keeps:
   GEMMs), a decode step is one row per live sequence (numba GEMVs, so a step
   runs on one thread pool: see cke_kernels/decode_matvec.py). Rows of one call must have
   increasing positions within a sequence, and every earlier position of that
-  sequence must already be in the cache.
+  sequence must already be in the cache. Where every linear is a GEMV (few rows), a
+  layer is one compiled call (cke_kernels.decode_layer: the same kernels without Python
+  between them), two around the tensor-parallel allreduces.
 - the same ops as training: CORE's rmsnorm / swiglu / residual / embedding
   kernels and `linear_forward`; RoPE angles from CORE's `rope_inv_freq`.
   q/k/v and gate/up are one product each, on the Model's adjacent views.
@@ -35,21 +37,23 @@ from pathlib import Path
 
 import numpy as np
 
-from cke_kernels.decode_attention import cached_attention, rope_positions
+from cke_kernels.decode_attention import cached_attention, rope_rows
+from cke_kernels.decode_layer import attention_block, decode_layer, mlp_block
 from cke_kernels.embedding import embedding_forward
 from cke_kernels.linear import linear_forward
 from cke_kernels.decode_matvec import F32_MATVEC_MAX_ROWS, f32_matvec
 from cke_kernels.q4 import dequantize_q4, q4_gather_rows, q4_matmul, quantize_q4
-from cke_kernels.q8_0 import dequantize_q8_0, q8_0_gather_rows, q8_0_matmul, quantize_q8_0
+from cke_kernels.q8_0 import MATVEC_MAX_ROWS, dequantize_q8_0, q8_0_gather_rows, q8_0_matmul, quantize_q8_0
 from cke_kernels.residual import residual_forward
 from cke_kernels.rmsnorm import rmsnorm_forward
-from cke_kernels.rope import rope_inv_freq
+from cke_kernels.rope import rope_cos_sin, rope_inv_freq
 from cke_kernels.swiglu import swiglu_forward
 
 from .layout import EMBED, LM_HEAD, NORM, attention_heads, head_name, layer_names, param_specs, split_range
 from .llama import gather_vocab
 
 F32 = np.float32
+_NONE1, _NONE2 = np.zeros(0, F32), np.zeros((0, 0), F32)    # "no bias" / "no scales" for compiled layers
 Q8_METHOD = "cke_q8_0"      # config.json "quantization_config.quant_method" of a Q8_0 directory
 Q8_SCALE_SUFFIX = "_scale"  # "<name>.weight" int8 values + "<name>.weight_scale" float16 block scales
 Q4_MIN_SUFFIX = "_min"      # Q4_1: "<name>.weight_min" float16 block minimums
@@ -100,6 +104,11 @@ class Quant:
             return q8_0_matmul(self.q, self.d, x, out)
         return q4_matmul(self.q, self.d, self.m, x, out)
 
+    @property
+    def parts(self) -> tuple:
+        """(q, d, m) as cke_kernels.decode_layer's gemv takes them (m empty: no minimums)."""
+        return self.q, self.d, _NONE2 if self.m is None else self.m
+
     def gather_rows(self, ids, out):
         if self.kind == "q8_0":
             return q8_0_gather_rows(self.q, self.d, ids, out)
@@ -125,6 +134,16 @@ class Linear:
             return self
         w = self.weight if self.quant is None else self.quant.dequantized()
         return Linear(bias=self.bias, quant=Quant.of(w, kind))
+
+    @property
+    def parts(self) -> tuple:
+        """(weight or quantized values, block scales, minimums) for cke_kernels.decode_layer."""
+        return (self.weight, _NONE2, _NONE2) if self.quant is None else self.quant.parts
+
+    @property
+    def gemv_rows(self) -> int:
+        """Up to this many activation rows the product is a GEMV (decode), above it a GEMM."""
+        return F32_MATVEC_MAX_ROWS if self.quant is None else MATVEC_MAX_ROWS
 
     def __call__(self, x, out):
         if self.quant is None:
@@ -239,6 +258,10 @@ class InferenceModel:
         down = self.layers[0]["down"].quant if self.layers else None
         self.quantize = None if down is None else down.kind
         self._ws: dict[int, dict] = {}
+        self._compiled = None          # (GEMV rows limit, per layer the arrays for compiled code)
+        # the query heads' KV head on this rank (a tp rank whose heads cut GQA groups: per segment)
+        self.kv_head = np.concatenate([k0 + (np.arange(q1 - q0) * (k1 - k0)) // (q1 - q0)
+                                       for q0, q1, k0, k1 in self.heads.segments()]).astype(np.int64)
 
     # ---- construction ---------------------------------------------------------------------------
 
@@ -356,7 +379,7 @@ class InferenceModel:
             q.embed_q = q.lm_head.quant                  # one table serves both
         else:
             q.embed_q = Quant.of(self.embed if self.embed is not None else self.embed_q.dequantized(), kind)
-        q.quantize, q._ws = kind, {}
+        q.quantize, q._ws, q._compiled = kind, {}, None
         return q
 
     # ---- sizes ----------------------------------------------------------------------------------
@@ -386,6 +409,8 @@ class InferenceModel:
             e = np.empty
             ws = dict(x=e((M, C), F32), x2=e((M, C), F32), xn=e((M, C), F32), rstd=e((M,), F32),
                       qkv=e((M, l0["qkv"].out_features), F32), att=e((M, self.heads.n_q, D), F32),
+                      q=e((M, self.heads.n_q, D), F32), k=e((M, self.heads.n_kv, D), F32),
+                      v=e((M, self.heads.n_kv, D), F32),
                       tmp=e((M, C), F32), gu=e((M, l0["gate_up"].out_features), F32),
                       h=e((M, l0["gate_up"].out_features // 2), F32))
             if M <= 16:   # decode shapes recur every step; prefill shapes are one-offs
@@ -446,25 +471,27 @@ class InferenceModel:
     def _layers(self, x, seq, pos, cache, ws):
         M = x.shape[0]
         D, H, KV = self.head_dim, self.heads.n_q, self.heads.n_kv
+        cos, sin = rope_cos_sin(pos, self.inv_freq)       # once a forward, for every layer
+        if self._compiled is None:
+            # up to `rows` rows every linear is a GEMV: the compiled-layer path
+            rows = min((lin.gemv_rows for L in self.layers for lin in L.values() if isinstance(lin, Linear)),
+                       default=0)
+            self._compiled = (rows, [self._compiled_args(L) for L in self.layers])
+        if M <= self._compiled[0]:
+            return self._decode_layers(x, seq, pos, cache, ws, cos, sin)
         x2, xn = ws["x2"], ws["xn"]
-        segs = self.heads.segments()
         for li, L in enumerate(self.layers):
             rmsnorm_forward(x, L["ln1"], self.eps, xn, ws["rstd"])
             qkv = L["qkv"](xn, ws["qkv"])
-            q = qkv[:, :H * D].reshape(M, H, D)
-            k = qkv[:, H * D:(H + KV) * D].reshape(M, KV, D)
-            v = qkv[:, (H + KV) * D:].reshape(M, KV, D)
-            rope_positions(q, pos, self.inv_freq)
-            rope_positions(k, pos, self.inv_freq)
+            q, k, v = ws["q"], ws["k"], ws["v"]
+            q[...] = qkv[:, :H * D].reshape(M, H, D)
+            k[...] = qkv[:, H * D:(H + KV) * D].reshape(M, KV, D)
+            v[...] = qkv[:, (H + KV) * D:].reshape(M, KV, D)
+            rope_rows(q, cos, sin)
+            rope_rows(k, cos, sin)
             cache.k[li][seq, :, pos, :] = k
             cache.v[li][seq, :, pos, :] = v
-            att = ws["att"]
-            if len(segs) == 1:
-                cached_attention(q, cache.k[li], cache.v[li], seq, pos, att)
-            else:   # GQA groups cut by the tp split: one call per KV head of this rank
-                for q0, q1, k0, k1 in segs:
-                    att[:, q0:q1] = cached_attention(np.ascontiguousarray(q[:, q0:q1]), cache.k[li][:, k0:k1],
-                                                     cache.v[li][:, k0:k1], seq, pos, np.empty((M, q1 - q0, D), F32))
+            att = cached_attention(q, cache.k[li], cache.v[li], seq, pos, self.kv_head, ws["att"])
             self._allreduce(L["o"](att.reshape(M, H * D), ws["tmp"]))
             if L["o_bias"] is not None:
                 ws["tmp"] += L["o_bias"]
@@ -473,6 +500,30 @@ class InferenceModel:
             swiglu_forward(L["gate_up"](xn, ws["gu"]), ws["h"])
             self._allreduce(L["down"](ws["h"], ws["tmp"]))
             residual_forward(x2, ws["tmp"], x)
+
+    def _decode_layers(self, x, seq, pos, cache, ws, cos, sin):
+        """The GEMV shapes (decode): each layer one compiled call (cke_kernels.decode_layer), or
+        two around the allreduces of tensor parallelism; the same kernels as _layers' op-by-op path."""
+        w = ws
+        scratch = (w["xn"], w["rstd"], w["qkv"], w["q"], w["k"], w["v"], w["att"])
+        for li, (ln1, qkv, bqkv, o, o_bias, ln2, gu, down) in enumerate(self._compiled[1]):
+            if self.tp_size == 1:
+                decode_layer(x, ln1, self.eps, *qkv, bqkv, *o, o_bias, ln2, *gu, *down, cos, sin, seq, pos,
+                             cache.k, cache.v, li, self.kv_head, w["x2"], *scratch, w["tmp"], w["gu"], w["h"])
+                continue
+            attention_block(x, ln1, self.eps, *qkv, bqkv, *o, cos, sin, seq, pos, cache.k, cache.v, li,
+                            self.kv_head, *scratch, w["tmp"])
+            self._allreduce(w["tmp"])
+            mlp_block(x, w["tmp"], o_bias, ln2, self.eps, *gu, *down, w["x2"], w["xn"], w["rstd"], w["gu"],
+                      w["h"], w["tmp"])
+            self._allreduce(w["tmp"])
+            residual_forward(w["x2"], w["tmp"], x)
+
+    @staticmethod
+    def _compiled_args(L) -> tuple:
+        none = lambda b: _NONE1 if b is None else b        # noqa: E731
+        return (L["ln1"], L["qkv"].parts, none(L["qkv"].bias), L["o"].parts, none(L["o_bias"]), L["ln2"],
+                L["gate_up"].parts, L["down"].parts)
 
     def _embed(self, ids, x):
         """Vocab-parallel lookup: rows of this rank's vocabulary shard, zeros elsewhere, summed over tp."""
