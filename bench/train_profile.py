@@ -74,19 +74,6 @@ def _shape(x):
     return "x".join(str(s) for s in x.shape)
 
 
-class _TimedNumpy:
-    """numpy with matmul timed, for attention's module-level `np`."""
-
-    def __init__(self, label):
-        self._label = label
-        self.matmul = timed(lambda a, b, out=None: f"attn matmul {label()} {_shape(a)}@{_shape(b)}", np.matmul,
-                            lambda a, b, out=None: 2.0 * np.prod(out.shape) * a.shape[-1])
-
-    def __getattr__(self, k):
-        return getattr(np, k)
-
-
-_phase = ["fwd"]
 
 
 def install():
@@ -105,19 +92,9 @@ def install():
     lin_np = _TimedNumpyLinear()
     linear.np = lin_np
     llama.linear_backward = linear.linear_backward
-    for name in ("causal_softmax_forward", "causal_softmax_backward"):
-        setattr(attention, name, timed(lambda *a, _n=name, **k: _n, getattr(attention, name)))
-    attention.np = _TimedNumpy(lambda: _phase[0])
-    real_fwd, real_bwd = attention.attention_forward, attention.attention_backward
-
-    def af(*a, **k):
-        _phase[0] = "fwd"
-        return real_fwd(*a, **k)
-
-    def ab(*a, **k):
-        _phase[0] = "bwd"
-        return real_bwd(*a, **k)
-    llama.attention_forward, llama.attention_backward = af, ab
+    # attention as two ops: it splits its batch over threads, and these timers are not thread-safe
+    llama.attention_forward = timed(lambda *a, **k: "attention fwd (GEMMs + softmax)", attention.attention_forward)
+    llama.attention_backward = timed(lambda *a, **k: "attention bwd (GEMMs + softmax)", attention.attention_backward)
 
 
 class _TimedNumpyLinear:

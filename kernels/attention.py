@@ -7,6 +7,9 @@ n_head / n_kv query heads of one key/value head broadcast over one K/V head, so
 GQA needs no copies of K and V; dK/dV sum the G heads with one add per head.
 numba does the causal softmax (row t of a block sees keys 0..t) and its
 backward, in place.
+With several threads the batch is split between them (cke_kernels.threads.
+split_rows): each thread runs its sequences' GEMMs and softmax on one core,
+since these GEMMs are too small to split well over BLAS threads.
 
 Rules: `att` (B, n_head, T, T) keeps the probabilities for backward; entries
 above the diagonal are exactly 0 (the softmax writes them; the GEMMs never read
@@ -20,6 +23,7 @@ import numpy as np
 from numba import njit, prange
 
 from .expf import FAST, expf, rowmax
+from .threads import split_rows
 
 BLOCK = 64   # query/key block: GEMMs of 64 x 64 x (<= T) still run near BLAS speed, and T=256 skips 3/8 of the work
 
@@ -77,6 +81,12 @@ def _blocks(T, block):
 
 def attention_forward(q, k, v, scale, att, out, block=BLOCK):
     """q (B, H, T, D), k, v (B, KV, T, D) -> att (B, H, T, T) probabilities, out (B, H, T, D)."""
+    _blocks(q.shape[2], block)   # a bad block size raises here, not in a worker thread
+    split_rows(q.shape[0], lambda b0, b1: _forward(q[b0:b1], k[b0:b1], v[b0:b1], scale, att[b0:b1],
+                                                   out[b0:b1], block))
+
+
+def _forward(q, k, v, scale, att, out, block):
     B, H, T, D = q.shape
     KV = k.shape[1]
     q5, a5, o5 = _split_heads(q, KV), _split_heads(att, KV), _split_heads(out, KV)
@@ -105,6 +115,13 @@ def _grad_kv(p5, g5, dst, blocks):
 
 def attention_backward(dout, q, k, v, att, scale, dq, dk, dv, datt, block=BLOCK):
     """dout (B, H, T, D) -> dq (B, H, T, D), dk, dv (B, KV, T, D); datt (B, H, T, T) is scratch."""
+    _blocks(q.shape[2], block)
+    split_rows(q.shape[0], lambda b0, b1: _backward(dout[b0:b1], q[b0:b1], k[b0:b1], v[b0:b1], att[b0:b1],
+                                                    scale, dq[b0:b1], dk[b0:b1], dv[b0:b1], datt[b0:b1],
+                                                    block))
+
+
+def _backward(dout, q, k, v, att, scale, dq, dk, dv, datt, block):
     B, H, T, D = q.shape
     KV = k.shape[1]
     a5, da5, g5 = _split_heads(att, KV), _split_heads(datt, KV), _split_heads(dout, KV)

@@ -4,10 +4,14 @@ Rules: `set_num_threads(n)` is the only place the project changes thread counts;
 numba can not go above the NUMBA_NUM_THREADS it started with, so asking for more
 is an error that says how to start the process instead of a silent cap.
 """
+from concurrent.futures import ThreadPoolExecutor
+
 import numba
-from threadpoolctl import threadpool_limits
+from threadpoolctl import ThreadpoolController, threadpool_limits
 
 _blas_limit = None  # kept alive: threadpoolctl restores the old limit when it is collected
+_blas_libs = None   # threadpoolctl's controllers of the BLAS libraries loaded (found once)
+_pool = None        # worker threads for split_rows, grown on demand
 
 
 def set_num_threads(n: int) -> int:
@@ -28,3 +32,43 @@ def set_num_threads(n: int) -> int:
 
 def get_num_threads() -> int:
     return numba.get_num_threads()
+
+
+def split_rows(n: int, fn) -> None:
+    """fn(lo, hi) over [0, n) in get_num_threads() contiguous parts run side by side, BLAS and numba
+    at one thread inside each part.
+
+    For work made of many small GEMMs (attention's per-head blocks): a 64 x 64 x T GEMM split over
+    two BLAS threads pays a wake-up and a join per call and ran slower at 2 threads than at 1 here;
+    a part per thread keeps each GEMM on one core. Each output is computed by one thread in the same
+    order whatever the thread count. fn must release the GIL for its heavy work (numpy GEMMs and
+    nogil numba kernels do)."""
+    global _pool, _blas_libs
+    parts = min(get_num_threads(), n)
+    if parts <= 1:
+        fn(0, n)
+        return
+    if _blas_libs is None:
+        _blas_libs = ThreadpoolController().select(user_api="blas").lib_controllers
+    if _pool is None or _pool._max_workers < parts - 1:
+        _pool = ThreadPoolExecutor(parts - 1, thread_name_prefix="cke-split")
+    saved = [lib.num_threads for lib in _blas_libs]
+    for lib in _blas_libs:
+        lib.set_num_threads(1)
+    try:
+        jobs = [_pool.submit(_one_thread, fn, i * n // parts, (i + 1) * n // parts) for i in range(1, parts)]
+        _one_thread(fn, 0, n // parts)
+        for job in jobs:
+            job.result()
+    finally:
+        for lib, t in zip(_blas_libs, saved):
+            lib.set_num_threads(t)
+
+
+def _one_thread(fn, lo, hi):
+    before = numba.get_num_threads()   # numba's count is per calling thread
+    numba.set_num_threads(1)
+    try:
+        fn(lo, hi)
+    finally:
+        numba.set_num_threads(before)

@@ -151,6 +151,40 @@ def test_attention(H, KV, block):
     close(dv, tv.grad)
 
 
+_ATTENTION_THREADS = """
+import numpy as np
+from cke_kernels import attention
+from cke_kernels.threads import set_num_threads
+set_num_threads(3)
+rng = np.random.default_rng(7)
+B, H, KV, T, D = 5, 4, 2, 70, 8
+q, k, v, dout = (rng.standard_normal(s, dtype=np.float32) for s in
+                 [(B, H, T, D), (B, KV, T, D), (B, KV, T, D), (B, H, T, D)])
+att, datt = np.empty((B, H, T, T), np.float32), np.empty((B, H, T, T), np.float32)
+out, dq, dk, dv = np.empty_like(q), np.empty_like(q), np.empty_like(k), np.empty_like(v)
+attention.attention_forward(q, k, v, 0.3, att, out)
+attention.attention_backward(dout, q, k, v, att, 0.3, dq, dk, dv, datt)
+np.savez({out!r}, att=att, out=out, dq=dq, dk=dk, dv=dv)
+"""
+
+
+def test_attention_threads_split_the_batch_exactly(tmp_path):
+    """3 threads over 5 sequences (uneven parts) give the 1-thread results bit for bit."""
+    import os
+    import subprocess
+    import sys
+    path = tmp_path / "three.npz"
+    env = dict(os.environ, NUMBA_NUM_THREADS="3", OMP_NUM_THREADS="3", OPENBLAS_NUM_THREADS="3")
+    r = subprocess.run([sys.executable, "-c", _ATTENTION_THREADS.format(out=str(path))], env=env,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    one = tmp_path / "one.npz"
+    exec(_ATTENTION_THREADS.replace("set_num_threads(3)", "set_num_threads(1)").format(out=str(one)), {})
+    a, b = np.load(path), np.load(one)
+    for name in ("att", "out", "dq", "dk", "dv"):
+        np.testing.assert_array_equal(a[name], b[name], err_msg=name)
+
+
 def test_swiglu():
     N, I = 11, 10
     gu = randn(N, 2 * I, scale=3.0)
