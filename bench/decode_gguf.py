@@ -28,6 +28,7 @@ def parse():
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--llama-1b", action="store_true", help="also the Llama-3.2-1B shape as Q4_0 and Q8_0")
     p.add_argument("--smoke", action="store_true", help="a tiny model, 1 thread, a few tokens")
+    p.add_argument("--keep", metavar="DIR", help="export the --llama-1b files into DIR and reuse them next time")
     a = p.parse_args()
     if a.smoke:
         a.threads, a.new_tokens, a.prompt_len = "1", 6, 4
@@ -105,6 +106,8 @@ def llama_cpp_decode(path: Path, threads: int, prompt: list[int], n: int) -> flo
 def main():
     from cke_dist.model.gguf_io import gguf_config
     tmp = tempfile.TemporaryDirectory(prefix="cke-gguf-bench-")
+    out_dir = Path(args.keep) if args.keep else Path(tmp.name)
+    out_dir.mkdir(parents=True, exist_ok=True)
     files = []
     if args.smoke:
         tiny = dict(vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
@@ -117,7 +120,7 @@ def main():
                          num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=2048,
                          rope_theta=500000.0, rms_norm_eps=1e-5, tie_word_embeddings=True)
             for kind in ("q4_0", "q8_0"):
-                files.append((f"Llama-3.2-1B shape {kind.upper()}", exported(one_b, kind, Path(tmp.name))))
+                files.append((f"Llama-3.2-1B shape {kind.upper()}", exported(one_b, kind, out_dir)))
     try:
         import llama_cpp
         peer = f"llama.cpp {llama_cpp.__version__} (llama-cpp-python)"
