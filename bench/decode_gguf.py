@@ -8,6 +8,8 @@ llama.cpp (llama-cpp-python) on the same file, tokens/s at batch 1, greedy, in o
 
 Per file and thread count: a --prompt-len prefill, then the median time of one decode step (the
 forward of one token: our InferenceModel.decode, llama.cpp's Llama.eval) over --new-tokens steps.
+Each (file, thread count) runs in its own process whose pools have exactly that many threads: a
+worker spinning idle beside a 1-thread decode slowed ours by a quarter (see cke_kernels).
 llama.cpp is used when `llama_cpp` imports (`CMAKE_ARGS=-DGGML_NATIVE=ON pip install
 llama-cpp-python`, ~25 min to build here); otherwise the table says so. Targets (issue 13):
 SmolLM2 >= 1.0x llama.cpp at 1 and 2 threads; the 1B shape >= 0.9x at Q4_0 and Q8_0.
@@ -29,6 +31,7 @@ def parse():
     p.add_argument("--llama-1b", action="store_true", help="also the Llama-3.2-1B shape as Q4_0 and Q8_0")
     p.add_argument("--smoke", action="store_true", help="a tiny model, 1 thread, a few tokens")
     p.add_argument("--keep", metavar="DIR", help="export the --llama-1b files into DIR and reuse them next time")
+    p.add_argument("--one", metavar="NAME", help=argparse.SUPPRESS)    # child: one row for --model, --threads
     a = p.parse_args()
     if a.smoke:
         a.threads, a.new_tokens, a.prompt_len = "1", 6, 4
@@ -104,7 +107,6 @@ def llama_cpp_decode(path: Path, threads: int, prompt: list[int], n: int) -> flo
 
 
 def main():
-    from cke_dist.model.gguf_io import gguf_config
     tmp = tempfile.TemporaryDirectory(prefix="cke-gguf-bench-")
     out_dir = Path(args.keep) if args.keep else Path(tmp.name)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -114,7 +116,8 @@ def main():
                     num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, rms_norm_eps=1e-5)
         files.append(("tiny Q4_0 (ours)", exported(tiny, "q4_0", Path(tmp.name))))
     else:
-        files.append(("SmolLM2-135M Q4_1", Path(args.model) if args.model else smollm2()))
+        files.append((Path(args.model).name[:28] if args.model else "SmolLM2-135M Q4_1",
+                      Path(args.model) if args.model else smollm2()))
         if args.llama_1b:
             one_b = dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
                          num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=2048,
@@ -131,18 +134,29 @@ def main():
     set_num_threads(1)
     print(f"machine, 1 thread: read bandwidth {read_bandwidth(np.ones(2**27, np.float32)) / 1e9:.1f} GB/s", flush=True)
     print(f"{'model':<28} {'threads':>7} {'ours tok/s':>10} {'llama.cpp':>10} {'ours/llama.cpp':>15}", flush=True)
+    import subprocess
     for name, path in files:
-        vocab = gguf_config(path)["vocab_size"]
-        prompt = np.random.default_rng(0).integers(0, vocab, args.prompt_len).tolist()
         for t in THREADS:
-            s_ours = ours(path, t, prompt, args.new_tokens)
-            s_peer = llama_cpp_decode(path, t, prompt, args.new_tokens)
-            peer_col = f"{1 / s_peer:10.1f}" if s_peer else f"{'-':>10}"
-            ratio = f"{s_peer / s_ours:14.2f}x" if s_peer else f"{'-':>15}"
-            print(f"{name:<28} {t:7d} {1 / s_ours:10.1f} {peer_col} {ratio}", flush=True)
+            res = subprocess.run([sys.executable, __file__, "--one", name, "--model", str(path), "--threads", str(t),
+                                  "--prompt-len", str(args.prompt_len), "--new-tokens", str(args.new_tokens)])
+            if res.returncode:
+                return res.returncode
     tmp.cleanup()
     return 0
 
 
+def one_row():
+    from cke_dist.model.gguf_io import gguf_config
+    (t,) = THREADS
+    path = Path(args.model)
+    prompt = np.random.default_rng(0).integers(0, gguf_config(path)["vocab_size"], args.prompt_len).tolist()
+    s_ours = ours(path, t, prompt, args.new_tokens)
+    s_peer = llama_cpp_decode(path, t, prompt, args.new_tokens)
+    peer_col = f"{1 / s_peer:10.1f}" if s_peer else f"{'-':>10}"
+    ratio = f"{s_peer / s_ours:14.2f}x" if s_peer else f"{'-':>15}"
+    print(f"{args.one:<28} {t:7d} {1 / s_ours:10.1f} {peer_col} {ratio}", flush=True)
+    return 0
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(one_row() if args.one else main())

@@ -30,6 +30,10 @@ def main(argv=None) -> int:
     if chosen == "train":   # before numpy and numba start their thread pools (see cke_kernels)
         from cke_kernels import training_pool_env
         training_pool_env()
+    threads = _option(argv, "--threads")
+    if chosen in ("generate", "serve") and threads and threads.isdigit() and int(threads) > 0:
+        from cke_kernels import decode_pool_env
+        decode_pool_env(int(threads))
     for name, (module, help_) in COMMANDS.items():
         p = sub.add_parser(name, help=help_, description=help_)
         if name == chosen:
@@ -41,6 +45,16 @@ def main(argv=None) -> int:
         parser.print_help()
         return 2
     return int(args._run(args) or 0)
+
+
+def _option(argv, name):
+    """The value given to `name` (`name V` or `name=V`), read before argparse: pools start at import."""
+    for i, a in enumerate(argv):
+        if a == name and i + 1 < len(argv):
+            return argv[i + 1]
+        if a.startswith(name + "="):
+            return a.split("=", 1)[1]
+    return None
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ buffers; each backward says whether it writes or ADDS. Tests: tests/test_kernels
     optim         AdamW / SGD updates, grad sum of squares, scaling
     expf          a float32 exp numba can vectorize
     threads       one thread setting for BLAS and numba
-    q8_0, decode_attention   inference kernels (see their docstrings)
+    q8_0, q4, decode_matvec, decode_attention, decode_layer   inference kernels (see their docstrings)
 
 Training runs OpenBLAS GEMMs and numba (OpenMP) kernels in turn on the same cores; each pool
 must let go of the cores as soon as its call ends, or its spinning workers steal a core from the
@@ -24,8 +24,38 @@ other pool's next call (a 2-thread GEMM right after a numba kernel ran 36 ms ins
 here). `TRAINING_POOL_ENV` says so; it must be in the environment before numpy loads OpenBLAS
 and before the first numba parallel kernel loads libgomp: `cke-dist train` sets it first thing,
 scripts call `training_pool_env()` before importing numpy (values already set are kept).
+
+Decode is the opposite: a token opens hundreds of parallel regions of microseconds each, so the
+workers must keep spinning between them (passive waits made SmolLM2 at 2 threads 4x slower), and
+no worker may spin beside a decode that uses fewer threads than the pool has: a 2-thread pool
+asked for 1 thread decoded the Llama-3.2-1B shape at 21 tok/s instead of 28. `decode_pool_env(n)`
+sizes the pool to the threads asked for; `cke-dist generate/serve --threads N` set it first thing.
+
+Compiled kernels are cached (numba `cache=True`) in one directory per version of this package's
+kernel sources (a hash of them), unless NUMBA_CACHE_DIR is set: numba invalidates a cached
+function only when its own file changes, so a cached caller (decode_layer) kept running the old
+code of a callee edited in another file (q8_0), silently; 1.5x slower in the case that found it.
 """
+import hashlib
 import os
+import sys
+from pathlib import Path
+
+
+def _cache_dir() -> str:
+    here = Path(__file__).parent
+    h = hashlib.sha256()
+    for f in sorted(here.glob("*.py")):
+        h.update(f.name.encode() + b"\0" + f.read_bytes())
+    root = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "cke-dist" / "numba"
+    return str(root / h.hexdigest()[:16])
+
+
+if not os.environ.get("NUMBA_CACHE_DIR"):
+    os.environ["NUMBA_CACHE_DIR"] = _cache_dir()
+    if "numba" in sys.modules:      # numba read its config already: tell it too
+        import numba.core.config
+        numba.core.config.CACHE_DIR = os.environ["NUMBA_CACHE_DIR"]
 
 TRAINING_POOL_ENV = {
     # OpenBLAS workers spin for 2^28 cycles after a GEMM by default; 2^4: they sleep at once
@@ -42,4 +72,12 @@ def training_pool_env(env=None):
     env = os.environ if env is None else env
     for k, v in TRAINING_POOL_ENV.items():
         env.setdefault(k, v)
+    return env
+
+
+def decode_pool_env(threads: int, env=None):
+    """Start numba's (and BLAS's) pools with exactly `threads` workers, unless already set."""
+    env = os.environ if env is None else env
+    for k in ("NUMBA_NUM_THREADS", "OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+        env.setdefault(k, str(threads))
     return env

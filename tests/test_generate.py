@@ -335,3 +335,20 @@ def test_f32_matvec_matches_numpy(n, k, m):
     x = rng.standard_normal((m, k)).astype(np.float32)
     out = f32_matvec(w, x, np.empty((m, n), np.float32))
     np.testing.assert_allclose(out, x.astype(np.float64) @ w.T.astype(np.float64), rtol=1e-5, atol=1e-5)
+
+
+def test_generate_threads_sizes_the_pools_before_numba_starts():
+    """`cke-dist generate --threads 1` starts numba with one worker (an idle worker spinning beside
+    a 1-thread decode slows it); a NUMBA_NUM_THREADS the user set is kept."""
+    import os
+    import subprocess
+    import sys
+    code = ("from cke_dist.cli import main\n"
+            "try:\n    main(['generate', '--threads', '1', '--help'])\nexcept SystemExit:\n    pass\n"
+            "import numba\nprint('pool', numba.config.NUMBA_NUM_THREADS)\n")
+    env = {k: v for k, v in os.environ.items() if k not in ("NUMBA_NUM_THREADS", "OMP_NUM_THREADS")}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert out.stdout.strip().splitlines()[-1] == "pool 1", out.stdout[-2000:] + out.stderr[-2000:]
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         env=dict(env, NUMBA_NUM_THREADS="2"))
+    assert out.stdout.strip().splitlines()[-1] == "pool 2", out.stdout[-2000:] + out.stderr[-2000:]

@@ -169,20 +169,24 @@ np.savez({out!r}, att=att, out=out, dq=dq, dk=dk, dv=dv)
 
 
 def test_attention_threads_split_the_batch_exactly(tmp_path):
-    """3 threads over 5 sequences (uneven parts) give the 1-thread results bit for bit."""
+    """3 threads over 5 sequences (uneven parts) give the 1-thread results bit for bit.
+
+    Both run in fresh processes after a warm-up one that fills numba's cache: a freshly compiled
+    causal_softmax_forward and the one loaded from the cache differ in the last bit of ~1% of the
+    probabilities (found here, cause not known), which is not what this test is about."""
     import os
     import subprocess
     import sys
-    path = tmp_path / "three.npz"
-    env = dict(os.environ, NUMBA_NUM_THREADS="3", OMP_NUM_THREADS="3", OPENBLAS_NUM_THREADS="3")
-    r = subprocess.run([sys.executable, "-c", _ATTENTION_THREADS.format(out=str(path))], env=env,
-                       capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr
-    one = tmp_path / "one.npz"
-    exec(_ATTENTION_THREADS.replace("set_num_threads(3)", "set_num_threads(1)").format(out=str(one)), {})
-    a, b = np.load(path), np.load(one)
+    got = {}
+    for name, n in (("warm-up", 1), ("three", 3), ("one", 1)):
+        path = tmp_path / f"{name}.npz"
+        env = dict(os.environ, NUMBA_NUM_THREADS=str(n), OMP_NUM_THREADS=str(n), OPENBLAS_NUM_THREADS=str(n))
+        code = _ATTENTION_THREADS.replace("set_num_threads(3)", f"set_num_threads({n})").format(out=str(path))
+        r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr
+        got[name] = np.load(path)
     for name in ("att", "out", "dq", "dk", "dv"):
-        np.testing.assert_array_equal(a[name], b[name], err_msg=name)
+        np.testing.assert_array_equal(got["three"][name], got["one"][name], err_msg=name)
 
 
 def test_swiglu():
