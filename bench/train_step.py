@@ -3,6 +3,7 @@ LlamaForCausalLM in torch eager mode, same weights, same thread count, in one ru
 
     python bench/train_step.py --threads 1
     python bench/train_step.py --threads 2
+    python bench/train_step.py --threads 1,2     # each count in its own process, then our scaling
 
 Also prints the model FLOP/s (6 * params * tokens / time) of each against a numpy
 float32 matmul peak measured in the same run (the best of the GEMM shapes this
@@ -18,7 +19,8 @@ import time
 
 def parse():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--threads", default=None, help="a count, or several (1,2): one process each, then a summary "
+                                                   "(default 1; --smoke: 1,2)")
     p.add_argument("--repeats", type=int, default=5, help="timed steps per implementation (median reported)")
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--batch", type=int, default=8)
@@ -32,6 +34,8 @@ def parse():
     p.add_argument("--no-torch", action="store_true", help="time ours only")
     p.add_argument("--smoke", action="store_true", help="a tiny model, one step each: checks that it runs")
     a = p.parse_args()
+    if a.threads is None:
+        a.threads = "1,2" if a.smoke else "1"
     if a.smoke:
         a.repeats, a.warmup, a.batch, a.seq, a.layers, a.hidden = 1, 1, 2, 32, 1, 64
         a.intermediate, a.heads, a.kv_heads, a.vocab = 128, 4, 2, 256
@@ -39,6 +43,43 @@ def parse():
 
 
 args = parse()
+
+
+def sweep(counts):
+    """Each thread count in its own process (pools are sized at start), then ours/torch and our
+    tokens/s against our first count's."""
+    import re
+    import subprocess
+    rows = []
+    for t in counts:
+        argv, skip = [], False       # ours, minus every --threads, plus this one count (never a sweep)
+        for a in sys.argv[1:]:
+            if skip or a.startswith("--threads="):
+                skip = False
+                continue
+            skip = a == "--threads"
+            if not skip:
+                argv.append(a)
+        out = subprocess.run([sys.executable, __file__, *argv, "--threads", str(t)], capture_output=True,
+                             text=True, timeout=3600)
+        print(out.stdout, end="", flush=True)
+        if out.returncode:
+            print(out.stderr, file=sys.stderr)
+            return out.returncode
+        tps = {name: float(v) for name, v in re.findall(r"^(cke-dist|torch eager)\S*(?: \S+)*?\s+[\d.]+\s+(\d+)",
+                                                         out.stdout, re.M)}
+        rows.append((t, tps.get("cke-dist"), tps.get("torch eager")))
+    print("\n| threads | ours tok/s | torch tok/s | ours/torch | ours vs our first count |")
+    print("|---|---|---|---|---|")
+    for t, ours, torch in rows:
+        peer = f"{torch:.0f} | {ours / torch:.2f}" if torch else "- | -"
+        print(f"| {t} | {ours:.0f} | {peer} | {ours / rows[0][1]:.2f}x |")
+    return 0
+
+
+if "," in args.threads:
+    sys.exit(sweep([int(t) for t in args.threads.split(",")]))
+args.threads = int(args.threads)
 # thread counts must be fixed before numpy / numba / torch start their pools
 for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
     os.environ[var] = str(args.threads)

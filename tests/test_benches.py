@@ -9,7 +9,7 @@ import pytest
 from mpirun import REPO, THREAD_VARS, run_mpi
 
 ONE_PROCESS = {
-    "train_step.py": "ratio ours/torch tokens/s",
+    "train_step.py": "| threads | ours tok/s | torch tok/s | ours/torch | ours vs our first count |",
     "decode.py": "| threads | read GB/s",
     "data_parallel.py": "ours/torch at dp=2",
     "tensor_parallel.py": "tp=2 / torch eager at 2 threads",

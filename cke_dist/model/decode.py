@@ -504,20 +504,19 @@ class InferenceModel:
     def _decode_layers(self, x, seq, pos, cache, ws, cos, sin):
         """The GEMV shapes (decode): each layer one compiled call (cke_kernels.decode_layer), or
         two around the allreduces of tensor parallelism; the same kernels as _layers' op-by-op path."""
-        w = ws
-        scratch = (w["xn"], w["rstd"], w["qkv"], w["q"], w["k"], w["v"], w["att"])
+        scratch = (ws["xn"], ws["rstd"], ws["qkv"], ws["q"], ws["k"], ws["v"], ws["att"])
         for li, (ln1, qkv, bqkv, o, o_bias, ln2, gu, down) in enumerate(self._compiled[1]):
             if self.tp_size == 1:
                 decode_layer(x, ln1, self.eps, *qkv, bqkv, *o, o_bias, ln2, *gu, *down, cos, sin, seq, pos,
-                             cache.k, cache.v, li, self.kv_head, w["x2"], *scratch, w["tmp"], w["gu"], w["h"])
+                             cache.k, cache.v, li, self.kv_head, ws["x2"], *scratch, ws["tmp"], ws["gu"], ws["h"])
                 continue
             attention_block(x, ln1, self.eps, *qkv, bqkv, *o, cos, sin, seq, pos, cache.k, cache.v, li,
-                            self.kv_head, *scratch, w["tmp"])
-            self._allreduce(w["tmp"])
-            mlp_block(x, w["tmp"], o_bias, ln2, self.eps, *gu, *down, w["x2"], w["xn"], w["rstd"], w["gu"],
-                      w["h"], w["tmp"])
-            self._allreduce(w["tmp"])
-            residual_forward(w["x2"], w["tmp"], x)
+                            self.kv_head, *scratch, ws["tmp"])
+            self._allreduce(ws["tmp"])
+            mlp_block(x, ws["tmp"], o_bias, ln2, self.eps, *gu, *down, ws["x2"], ws["xn"], ws["rstd"], ws["gu"],
+                      ws["h"], ws["tmp"])
+            self._allreduce(ws["tmp"])
+            residual_forward(ws["x2"], ws["tmp"], x)
 
     @staticmethod
     def _compiled_args(L) -> tuple:
