@@ -51,6 +51,30 @@ def _cache_dir() -> str:
     return str(root / h.hexdigest()[:16])
 
 
+def serialize_cache_writes():
+    """Hold a file lock while numba adds an entry to a cache index. Its save reads the index, picks
+    the first free data-file number and writes both, unlocked: two processes compiling different
+    signatures of one function at once (MPI ranks, a server beside its test) both pick file 1, and
+    the index can end up naming the other signature's code, which segfaults when a later process
+    loads it (seen three times, once in CI; a persistent crash until the cache was cleared).
+    Called by the kernel modules every process imports (rmsnorm, q8_0), not here: importing numba
+    here would load numpy's OpenBLAS before the pool settings above are in the environment."""
+    import fcntl
+
+    from numba.core import caching
+    cls = getattr(caching, "IndexDataCacheFile", None)
+    if cls is None or getattr(cls.save, "cke_locked", False):
+        return
+    save = cls.save
+
+    def locked_save(self, key, data):
+        with open(self._index_path + ".lock", "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)       # released when the file closes
+            return save(self, key, data)
+    locked_save.cke_locked = True
+    cls.save = locked_save
+
+
 if not os.environ.get("NUMBA_CACHE_DIR"):
     os.environ["NUMBA_CACHE_DIR"] = _cache_dir()
     if "numba" in sys.modules:      # numba read its config already: tell it too

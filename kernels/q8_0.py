@@ -42,6 +42,10 @@ from numba import config, njit, prange, types
 from numba.core import cgutils, errors
 from numba.extending import intrinsic
 
+from . import serialize_cache_writes
+
+serialize_cache_writes()
+
 BLOCK = 32
 # up to this many activation rows the integer path is faster than dequantizing a tile for BLAS
 # (measured on a 3072 x 576 weight at 1 thread: Q4_1 863 vs 1204 us at 16 rows, even at 32)

@@ -8,6 +8,10 @@ deterministic. Tests: tests/test_kernels.py::test_rmsnorm.
 import numpy as np
 from numba import njit, prange
 
+from . import serialize_cache_writes
+
+serialize_cache_writes()
+
 _CHUNKS = 16
 
 
