@@ -16,7 +16,7 @@ buffers; each backward says whether it writes or ADDS. Tests: tests/test_kernels
     optim         AdamW / SGD updates, grad sum of squares, scaling
     expf          a float32 exp numba can vectorize
     threads       one thread setting for BLAS and numba
-    q8_0, q4, decode_matvec, decode_attention, decode_layer   inference kernels (see their docstrings)
+    q8_0, q4, decode_matvec, decode_attention   inference kernels (see their docstrings)
 
 Training runs OpenBLAS GEMMs and numba (OpenMP) kernels in turn on the same cores; each pool
 must let go of the cores as soon as its call ends, or its spinning workers steal a core from the
@@ -33,7 +33,7 @@ sizes the pool to the threads asked for; `cke-dist generate/serve --threads N` s
 
 Compiled kernels are cached (numba `cache=True`) in one directory per version of this package's
 kernel sources (a hash of them), unless NUMBA_CACHE_DIR is set: numba invalidates a cached
-function only when its own file changes, so a cached caller (decode_layer) kept running the old
+function only when its own file changes, so a cached caller kept running the old
 code of a callee edited in another file (q8_0), silently; 1.5x slower in the case that found it.
 """
 import hashlib

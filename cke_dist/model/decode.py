@@ -12,9 +12,7 @@ Rules it keeps:
   GEMMs), a decode step is one row per live sequence (numba GEMVs, so a step
   runs on one thread pool: see cke_kernels/decode_matvec.py). Rows of one call must have
   increasing positions within a sequence, and every earlier position of that
-  sequence must already be in the cache. Where every linear is a GEMV (few rows), a
-  layer is one compiled call (cke_kernels.decode_layer: the same kernels without Python
-  between them), two around the tensor-parallel allreduces.
+  sequence must already be in the cache.
 - the same ops as training: CORE's rmsnorm / swiglu / residual / embedding
   kernels and `linear_forward`; RoPE angles from CORE's `rope_inv_freq`.
   q/k/v and gate/up are one product each, on the Model's adjacent views.
@@ -38,12 +36,11 @@ from pathlib import Path
 import numpy as np
 
 from cke_kernels.decode_attention import cached_attention, rope_rows
-from cke_kernels.decode_layer import attention_block, decode_layer, mlp_block
 from cke_kernels.embedding import embedding_forward
 from cke_kernels.linear import linear_forward
 from cke_kernels.decode_matvec import F32_MATVEC_MAX_ROWS, f32_matvec
 from cke_kernels.q4 import dequantize_q4, q4_gather_rows, q4_matmul, quantize_q4
-from cke_kernels.q8_0 import MATVEC_MAX_ROWS, dequantize_q8_0, q8_0_gather_rows, q8_0_matmul, quantize_q8_0
+from cke_kernels.q8_0 import dequantize_q8_0, q8_0_gather_rows, q8_0_matmul, quantize_q8_0
 from cke_kernels.residual import residual_forward
 from cke_kernels.rmsnorm import rmsnorm_forward
 from cke_kernels.rope import rope_cos_sin, rope_inv_freq
@@ -53,7 +50,6 @@ from .layout import EMBED, LM_HEAD, NORM, attention_heads, head_name, layer_name
 from .llama import gather_vocab
 
 F32 = np.float32
-_NONE1, _NONE2 = np.zeros(0, F32), np.zeros((0, 0), F32)    # "no bias" / "no scales" for compiled layers
 Q8_METHOD = "cke_q8_0"      # config.json "quantization_config.quant_method" of a Q8_0 directory
 Q8_SCALE_SUFFIX = "_scale"  # "<name>.weight" int8 values + "<name>.weight_scale" float16 block scales
 Q4_MIN_SUFFIX = "_min"      # Q4_1: "<name>.weight_min" float16 block minimums
@@ -104,11 +100,6 @@ class Quant:
             return q8_0_matmul(self.q, self.d, x, out)
         return q4_matmul(self.q, self.d, self.m, x, out)
 
-    @property
-    def parts(self) -> tuple:
-        """(q, d, m) as cke_kernels.decode_layer's gemv takes them (m empty: no minimums)."""
-        return self.q, self.d, _NONE2 if self.m is None else self.m
-
     def gather_rows(self, ids, out):
         if self.kind == "q8_0":
             return q8_0_gather_rows(self.q, self.d, ids, out)
@@ -134,16 +125,6 @@ class Linear:
             return self
         w = self.weight if self.quant is None else self.quant.dequantized()
         return Linear(bias=self.bias, quant=Quant.of(w, kind))
-
-    @property
-    def parts(self) -> tuple:
-        """(weight or quantized values, block scales, minimums) for cke_kernels.decode_layer."""
-        return (self.weight, _NONE2, _NONE2) if self.quant is None else self.quant.parts
-
-    @property
-    def gemv_rows(self) -> int:
-        """Up to this many activation rows the product is a GEMV (decode), above it a GEMM."""
-        return F32_MATVEC_MAX_ROWS if self.quant is None else MATVEC_MAX_ROWS
 
     def __call__(self, x, out):
         if self.quant is None:
@@ -258,7 +239,6 @@ class InferenceModel:
         down = self.layers[0]["down"].quant if self.layers else None
         self.quantize = None if down is None else down.kind
         self._ws: dict[int, dict] = {}
-        self._compiled = None          # (GEMV rows limit, per layer the arrays for compiled code)
         # the query heads' KV head on this rank (a tp rank whose heads cut GQA groups: per segment)
         self.kv_head = np.concatenate([k0 + (np.arange(q1 - q0) * (k1 - k0)) // (q1 - q0)
                                        for q0, q1, k0, k1 in self.heads.segments()]).astype(np.int64)
@@ -379,7 +359,7 @@ class InferenceModel:
             q.embed_q = q.lm_head.quant                  # one table serves both
         else:
             q.embed_q = Quant.of(self.embed if self.embed is not None else self.embed_q.dequantized(), kind)
-        q.quantize, q._ws, q._compiled = kind, {}, None
+        q.quantize, q._ws = kind, {}
         return q
 
     # ---- sizes ----------------------------------------------------------------------------------
@@ -472,13 +452,6 @@ class InferenceModel:
         M = x.shape[0]
         D, H, KV = self.head_dim, self.heads.n_q, self.heads.n_kv
         cos, sin = rope_cos_sin(pos, self.inv_freq)       # once a forward, for every layer
-        if self._compiled is None:
-            # up to `rows` rows every linear is a GEMV: the compiled-layer path
-            rows = min((lin.gemv_rows for L in self.layers for lin in L.values() if isinstance(lin, Linear)),
-                       default=0)
-            self._compiled = (rows, [self._compiled_args(L) for L in self.layers])
-        if M <= self._compiled[0]:
-            return self._decode_layers(x, seq, pos, cache, ws, cos, sin)
         x2, xn = ws["x2"], ws["xn"]
         for li, L in enumerate(self.layers):
             rmsnorm_forward(x, L["ln1"], self.eps, xn, ws["rstd"])
@@ -500,29 +473,6 @@ class InferenceModel:
             swiglu_forward(L["gate_up"](xn, ws["gu"]), ws["h"])
             self._allreduce(L["down"](ws["h"], ws["tmp"]))
             residual_forward(x2, ws["tmp"], x)
-
-    def _decode_layers(self, x, seq, pos, cache, ws, cos, sin):
-        """The GEMV shapes (decode): each layer one compiled call (cke_kernels.decode_layer), or
-        two around the allreduces of tensor parallelism; the same kernels as _layers' op-by-op path."""
-        scratch = (ws["xn"], ws["rstd"], ws["qkv"], ws["q"], ws["k"], ws["v"], ws["att"])
-        for li, (ln1, qkv, bqkv, o, o_bias, ln2, gu, down) in enumerate(self._compiled[1]):
-            if self.tp_size == 1:
-                decode_layer(x, ln1, self.eps, *qkv, bqkv, *o, o_bias, ln2, *gu, *down, cos, sin, seq, pos,
-                             cache.k, cache.v, li, self.kv_head, ws["x2"], *scratch, ws["tmp"], ws["gu"], ws["h"])
-                continue
-            attention_block(x, ln1, self.eps, *qkv, bqkv, *o, cos, sin, seq, pos, cache.k, cache.v, li,
-                            self.kv_head, *scratch, ws["tmp"])
-            self._allreduce(ws["tmp"])
-            mlp_block(x, ws["tmp"], o_bias, ln2, self.eps, *gu, *down, ws["x2"], ws["xn"], ws["rstd"], ws["gu"],
-                      ws["h"], ws["tmp"])
-            self._allreduce(ws["tmp"])
-            residual_forward(ws["x2"], ws["tmp"], x)
-
-    @staticmethod
-    def _compiled_args(L) -> tuple:
-        none = lambda b: _NONE1 if b is None else b        # noqa: E731
-        return (L["ln1"], L["qkv"].parts, none(L["qkv"].bias), L["o"].parts, none(L["o_bias"]), L["ln2"],
-                L["gate_up"].parts, L["down"].parts)
 
     def _embed(self, ids, x):
         """Vocab-parallel lookup: rows of this rank's vocabulary shard, zeros elsewhere, summed over tp."""
