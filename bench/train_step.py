@@ -12,9 +12,11 @@ noise; we report medians over --repeats. The ratio is ours / torch in tokens/s. 
 best GEMM time seen between the steps.
 """
 import argparse
-import os
 import sys
 import time
+
+from common import (SHAPE_KEYS, TRAIN_TINY, add_shape_args, describe, gemm_shapes, llama_config, matmul_peak,
+                    random_batch, training_threads)
 
 
 def parse():
@@ -23,22 +25,15 @@ def parse():
                                                    "(default 1; --smoke: 1,2)")
     p.add_argument("--repeats", type=int, default=5, help="timed steps per implementation (median reported)")
     p.add_argument("--warmup", type=int, default=1)
-    p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--seq", type=int, default=256)
-    p.add_argument("--layers", type=int, default=8)
-    p.add_argument("--hidden", type=int, default=512)
-    p.add_argument("--intermediate", type=int, default=1408)
-    p.add_argument("--heads", type=int, default=8)
-    p.add_argument("--kv-heads", type=int, default=4)
-    p.add_argument("--vocab", type=int, default=8192)
+    add_shape_args(p)   # the ~32M config by default
     p.add_argument("--no-torch", action="store_true", help="time ours only")
     p.add_argument("--smoke", action="store_true", help="a tiny model, one step each: checks that it runs")
     a = p.parse_args()
     if a.threads is None:
         a.threads = "1,2" if a.smoke else "1"
     if a.smoke:
-        a.repeats, a.warmup, a.batch, a.seq, a.layers, a.hidden = 1, 1, 2, 32, 1, 64
-        a.intermediate, a.heads, a.kv_heads, a.vocab = 128, 4, 2, 256
+        a.repeats, a.warmup = 1, 1
+        vars(a).update({k: TRAIN_TINY[k] for k in SHAPE_KEYS})
     return a
 
 
@@ -80,43 +75,24 @@ def sweep(counts):
 if "," in args.threads:
     sys.exit(sweep([int(t) for t in args.threads.split(",")]))
 args.threads = int(args.threads)
-# thread counts must be fixed before numpy / numba / torch start their pools
-for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
-    os.environ[var] = str(args.threads)
-os.environ["NUMBA_NUM_THREADS"] = str(max(args.threads, int(os.environ.get("NUMBA_NUM_THREADS", "1"))))
-# what `cke-dist train` sets: OpenBLAS's and libgomp's workers block as soon as their call ends,
-# so neither pool spins on the core the other needs next (cke_kernels' docstring). torch shares
-# numba's libgomp in this process (the first one loaded serves both), so its OpenMP threads get
-# the same wait policy.
-from cke_kernels import training_pool_env  # noqa: E402  (numpy-free: safe before numpy loads)
-
-training_pool_env()
+# thread counts must be fixed before numpy / numba / torch start their pools; and the pool wait
+# policies `cke-dist train` sets
+training_threads(args.threads)
 
 import numpy as np  # noqa: E402
 
-from cke_dist.model import LlamaConfig, Model  # noqa: E402
+from cke_dist.model import Model  # noqa: E402
 from cke_dist.optim import AdamW  # noqa: E402
 from cke_kernels.threads import set_num_threads  # noqa: E402
-from machine import matmul_peak  # noqa: E402
-
-
-def model_matmul_peak(cfg, n_tokens):
-    """The numpy matmul peak over the forward GEMM shapes this model runs."""
-    C, I, V = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size
-    return matmul_peak([(n_tokens, C, 2 * I), (n_tokens, I, C), (n_tokens, C, V)])
 
 
 def main():
     set_num_threads(args.threads)
-    cfg = LlamaConfig(vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.intermediate,
-                      num_hidden_layers=args.layers, num_attention_heads=args.heads,
-                      num_key_value_heads=args.kv_heads, max_position_embeddings=max(2048, args.seq))
+    s = vars(args)
+    cfg = llama_config(s)
     model = Model.from_config(cfg, seed=0)
-    B, T = args.batch, args.seq
-    tokens = B * T
-    rng = np.random.default_rng(0)
-    tok = rng.integers(0, cfg.vocab_size, (B, T + 1))
-    x, y = tok[:, :-1].copy(), tok[:, 1:].copy()
+    tokens = args.batch * args.seq
+    x, y = random_batch(s, 0)
     flops_per_step = 6.0 * model.num_params * tokens
 
     opt = AdamW(model, lr=1e-4, weight_decay=0.1)
@@ -149,10 +125,8 @@ def main():
             topt.step()
             return loss.item()
 
-    print(f"train step bench: {model.num_params / 1e6:.1f}M params ({cfg.num_hidden_layers} layers, hidden "
-          f"{cfg.hidden_size}, heads {cfg.num_attention_heads}/{cfg.num_key_value_heads} kv, intermediate "
-          f"{cfg.intermediate_size}, vocab {cfg.vocab_size}), batch {B} x seq {T}, threads {args.threads}, "
-          f"{args.repeats} repeats (median)", flush=True)
+    print(f"train step bench: {describe(s, model.num_params)}, threads {args.threads}, {args.repeats} repeats "
+          f"(median)", flush=True)
     first = {}
     for _ in range(args.warmup):
         first["ours"] = ours_step()
@@ -164,7 +138,7 @@ def main():
     times = {"ours": [], "torch": []}
     peak = 0.0
     for _ in range(args.repeats):
-        peak = max(peak, model_matmul_peak(cfg, tokens))  # sampled between steps: the same noise as the steps
+        peak = max(peak, matmul_peak(gemm_shapes(s)))  # sampled between steps: the same noise as the steps
         t0 = time.perf_counter()
         ours_step()
         times["ours"].append(time.perf_counter() - t0)

@@ -12,7 +12,7 @@ import json
 import resource
 import sys
 
-from data_parallel import FULL, SMALL, launch_worker, llama_config, micro_batch_of
+from common import launch_worker, llama_config, random_batch, report, train_shape
 
 
 def worker(s, zero):
@@ -26,7 +26,7 @@ def worker(s, zero):
     z = Zero1(model, grid.dp_group) if zero else None
     opt = AdamW(z.shard if z else model, lr=1e-4)
     buckets = GradBuckets(model.grads, None if z else grid.dp_group)
-    train_step(model, opt, grid, [micro_batch_of(s, grid.dp_rank)], 1e-4, 1.0, buckets, zero=z)
+    train_step(model, opt, grid, [random_batch(s, [grid.dp_rank, 0])], 1e-4, 1.0, buckets, zero=z)
     state = sum(v.nbytes for v in opt.state_dict().values() if hasattr(v, "nbytes"))
     return grid.world.rank, {"dp": grid.dp, "params": model.params.nbytes, "state": state,
                              "rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
@@ -41,9 +41,9 @@ def main(argv=None):
     if args.worker is not None:
         rank, r = worker(json.loads(args.shape), args.worker)
         if rank == 0:
-            print("RESULT " + json.dumps(r), flush=True)
+            report(r)
         return 0
-    s = dict(SMALL if args.small else FULL)
+    s = train_shape(args.small)
     print(f"ZeRO-1 memory bench: hidden {s['hidden']}, {s['layers']} layers, vocab {s['vocab']}, AdamW, "
           f"batch {s['batch']} x {s['seq']} per rank, 2 ranks (dp=2), rank 0 after one step")
     print(f"{'setting':<10} {'params MiB':>11} {'optimizer state MiB':>20} {'peak RSS MiB':>13}")

@@ -5,7 +5,9 @@ thread before numpy is imported, or they fight over the cores.
 """
 import os
 
-for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS"):
+from cke_kernels import THREAD_VARS  # loads neither numpy nor numba
+
+for var in THREAD_VARS:
     os.environ.setdefault(var, "1")
 
 

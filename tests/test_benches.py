@@ -6,7 +6,8 @@ import sys
 
 import pytest
 
-from mpirun import REPO, THREAD_VARS, run_mpi
+from cke_kernels import THREAD_VARS
+from mpirun import REPO, run_mpi
 
 ONE_PROCESS = {
     "train_step.py": "| threads | ours tok/s | torch tok/s | ours/torch | ours vs our first count |",

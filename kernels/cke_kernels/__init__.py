@@ -81,6 +81,11 @@ if not os.environ.get("NUMBA_CACHE_DIR"):
         import numba.core.config
         numba.core.config.CACHE_DIR = os.environ["NUMBA_CACHE_DIR"]
 
+# The environment variables that size the thread pools (OpenMP, OpenBLAS, MKL, numba), read once when
+# each library loads: the project's one list of them (benches, tests, `cke-dist info`, decode_pool_env).
+# Here, not in threads.py, so it is importable before numpy: threads.py loads numba.
+THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS")
+
 TRAINING_POOL_ENV = {
     # OpenBLAS workers spin for 2^28 cycles after a GEMM by default; 2^4: they sleep at once
     # (waking them costs microseconds, a training GEMM takes milliseconds)
@@ -102,6 +107,6 @@ def training_pool_env(env=None):
 def decode_pool_env(threads: int, env=None):
     """Start numba's (and BLAS's) pools with exactly `threads` workers, unless already set."""
     env = os.environ if env is None else env
-    for k in ("NUMBA_NUM_THREADS", "OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+    for k in THREAD_VARS:
         env.setdefault(k, str(threads))
     return env

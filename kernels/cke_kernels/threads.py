@@ -2,7 +2,9 @@
 
 Rules: `set_num_threads(n)` is the only place the project changes thread counts;
 numba can not go above the NUMBA_NUM_THREADS it started with, so asking for more
-is an error that says how to start the process instead of a silent cap.
+is an error that says how to start the process instead of a silent cap. The environment variables
+that size the pools at start are `cke_kernels.THREAD_VARS` (in the package init: importing this
+module loads numba and numpy, too late to set them).
 """
 from concurrent.futures import ThreadPoolExecutor
 
