@@ -71,7 +71,7 @@ def micro_batch_of(s, rank):
 def worker_ours(s, bucket_mb, overlap=True):
     from cke_dist.comm import init
     from cke_dist.model import Model
-    from cke_dist.optim import AdamW
+    from cke_dist.train.optim import AdamW
     from cke_dist.parallel import GradBuckets, ProcessGrid, train_step, sync_params
 
     grid = ProcessGrid(init())

@@ -45,7 +45,8 @@ for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA
 
 import numpy as np  # noqa: E402
 
-from cke_dist.model.decode import InferenceModel  # noqa: E402
+
+from cke_dist.model.load import load_inference_model
 from cke_kernels.threads import set_num_threads  # noqa: E402
 from machine import read_bandwidth  # noqa: E402
 
@@ -66,7 +67,7 @@ def smollm2() -> Path:
 
 def exported(shape: dict, kind: str, d: Path) -> Path:
     from cke_dist.model import LlamaConfig, Model
-    from cke_dist.model.gguf_io import write_gguf
+    from cke_dist.formats.gguf import write_gguf
     path = d / f"llama-{shape['hidden_size']}-{kind}.gguf"
     if not path.is_file():
         print(f"exporting a random {shape['hidden_size']}-hidden model as {kind} to {path} ...", flush=True)
@@ -77,7 +78,7 @@ def exported(shape: dict, kind: str, d: Path) -> Path:
 
 def ours(path: Path, threads: int, prompt: list[int], n: int) -> float:
     set_num_threads(threads)
-    im = InferenceModel.from_dir(path)
+    im = load_inference_model(path)
     cache = im.new_cache(1, len(prompt) + n + 1)
     tok = int(np.argmax(im.prefill(cache, 0, prompt)))
     times = []
@@ -146,7 +147,7 @@ def main():
 
 
 def one_row():
-    from cke_dist.model.gguf_io import gguf_config
+    from cke_dist.formats.gguf import gguf_config
     (t,) = THREADS
     path = Path(args.model)
     prompt = np.random.default_rng(0).integers(0, gguf_config(path)["vocab_size"], args.prompt_len).tolist()

@@ -47,7 +47,7 @@ def worker(s, kind):
 
     from cke_dist.comm import init
     from cke_dist.model import Model
-    from cke_dist.optim import AdamW
+    from cke_dist.train.optim import AdamW
     from cke_dist.parallel import GradBuckets, ParallelGrads, ProcessGrid, grid_stage, train_step
 
     world = init()

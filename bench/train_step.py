@@ -95,7 +95,7 @@ training_pool_env()
 import numpy as np  # noqa: E402
 
 from cke_dist.model import LlamaConfig, Model  # noqa: E402
-from cke_dist.optim import AdamW  # noqa: E402
+from cke_dist.train.optim import AdamW  # noqa: E402
 from cke_kernels.threads import set_num_threads  # noqa: E402
 from machine import matmul_peak  # noqa: E402
 

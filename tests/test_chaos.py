@@ -181,7 +181,7 @@ def assert_failed_cleanly(job, t_fault, deadline, survivors, culprits, what):
 
 def assert_resumes(tmp_path):
     """The newest checkpoint verifies (a save cut short never shows as one) and a plain process resumes it."""
-    from cke_dist.checkpoint import find_checkpoint, verify_checkpoint
+    from cke_dist.formats.checkpoint import find_checkpoint, verify_checkpoint
 
     ckpt = find_checkpoint(tmp_path / "run")
     verify_checkpoint(ckpt)

@@ -136,17 +136,18 @@ def models(request, tmp_path_factory):
     pytest.importorskip("transformers")
     from test_generate import make_hf_checkpoint
 
-    from cke_dist.model.decode import InferenceModel
+
+    from cke_dist.model.load import load_inference_model
     d = tmp_path_factory.mktemp(request.param)
     # wider than the parity models: Q8_0 error averages out over more terms, as in real models
     make_hf_checkpoint(d, request.param, hidden_size=256, intermediate_size=512, num_attention_heads=8,
                        num_key_value_heads=2, initializer_range=0.05)
-    f32 = InferenceModel.from_dir(d)
-    return d, f32, f32.to_q8_0()
+    f32 = load_inference_model(d)
+    return d, f32, f32.to_quantized("q8_0")
 
 
 def test_q8_0_logits_close_to_float32(models):
-    from cke_dist.generate import generate
+    from cke_dist.serving.generate import generate
     _, f32, q8 = models
     ids = np.random.default_rng(3).integers(0, 300, 8).tolist()
     seq = ids + generate(f32, ids, 56, temperature=0)        # the float32 model's own greedy text
@@ -170,15 +171,15 @@ def test_q8_0_logits_close_to_float32(models):
 
 def test_quantize_job_writes_a_dir_that_generates_the_same(models, tmp_path):
     from cke_dist.cli import main as cli_main
-    from cke_dist.generate import generate
-    from cke_dist.model.decode import InferenceModel
+    from cke_dist.serving.generate import generate
+    from cke_dist.model.load import load_inference_model
     d, _, q8 = models
     (d / "cke_tokenizer.json").write_text('{"type": "bytes"}')
     out = tmp_path / "q8"
     assert cli_main(["quantize", "--model", str(d), "--out", str(out)]) == 0
     assert (out / "cke_tokenizer.json").is_file()
     assert (out / "model.safetensors").stat().st_size < 0.35 * (d / "model.safetensors").stat().st_size
-    loaded = InferenceModel.from_dir(out)
+    loaded = load_inference_model(out)
     assert loaded.quantize == "q8_0"
     ids = [1, 2, 3, 4, 5]
     a = loaded.prefill(loaded.new_cache(1, 5), 0, ids, all_logits=True)
@@ -203,16 +204,18 @@ def test_quantize_job_writes_a_dir_that_generates_the_same(models, tmp_path):
 def test_q8_0_dir_with_bad_tensor_is_named(models, tmp_path):
     from safetensors.numpy import load_file, save_file
 
-    from cke_dist.model.decode import InferenceModel, save_q8_dir
+    from cke_dist.model.inference import save_quantized
+
+    from cke_dist.model.load import load_inference_model
     _, _, q8 = models
-    save_q8_dir(q8, tmp_path)
+    save_quantized(q8, tmp_path)
     t = load_file(str(tmp_path / "model.safetensors"))
     name = "model.layers.0.mlp.down_proj.weight"
     t[name + "_scale"] = t[name + "_scale"][:, :-1]
     save_file(t, str(tmp_path / "model.safetensors"))
     with pytest.raises(ValueError, match=name):
-        InferenceModel.from_dir(tmp_path)
+        load_inference_model(tmp_path)
     t[name] = t[name].astype(np.float32)
     save_file(t, str(tmp_path / "model.safetensors"))
     with pytest.raises(ValueError, match=f"{name} should be Q8_0"):
-        InferenceModel.from_dir(tmp_path)
+        load_inference_model(tmp_path)

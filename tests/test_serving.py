@@ -2,9 +2,9 @@
 import numpy as np
 import pytest
 
-from cke_dist.generate import generate, generate_batch
+from cke_dist.serving.generate import generate, generate_batch
 from cke_dist.model import LlamaConfig, Model
-from cke_dist.model.decode import InferenceModel
+from cke_dist.model.inference import InferenceModel
 from cke_dist.serving import Engine, EngineError, Params
 from mpirun import REPO, run_pytest_mpi
 

@@ -2,7 +2,7 @@
 
     cfg = gguf_config("model.gguf")                 # an HF config dict (llama or qwen2)
     src = GGUFTensors("model.gguf", cfg)            # .read(hf_name, index): float32, as load_model reads
-    tok = gguf_tokenizer("model.gguf")              # cke_dist.tokenizer.HFTokenizer built from metadata
+    tok = gguf_tokenizer("model.gguf")              # cke_dist.formats.tokenizer.HFTokenizer built from metadata
 
 Rules this module keeps:
 - The file is read with the `gguf` package (llama.cpp's own reader) and dequantized by it, so a
@@ -37,10 +37,11 @@ from pathlib import Path
 
 import numpy as np
 
-from .layout import EMBED, LM_HEAD, NORM
+from cke_dist.formats.architectures import ARCHITECTURES, EMBED, LM_HEAD, NORM
+from cke_dist.formats.hf import fsync_path
+from cke_dist.formats.quant import Quant
 
 SUPPORTED_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q5_K", "Q6_K")
-ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
 # HF role of each per-layer GGUF tensor (blk.N.<key>.weight / .bias)
 _LAYER = {"attn_norm": "input_layernorm", "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj",
           "attn_v": "self_attn.v_proj", "attn_output": "self_attn.o_proj", "ffn_norm": "post_attention_layernorm",
@@ -297,7 +298,6 @@ class GGUFTensors:
         have); float types as float32."""
         from gguf.quants import dequantize
 
-        from .decode import Quant
         t = self._tensors[name]
         kind = t.tensor_type.name
         full = self.shape(name)
@@ -357,10 +357,9 @@ def gguf_special_tokens(path, reader=None) -> dict[str, str]:
 
 
 def gguf_tokenizer(path, reader=None):
-    """An HFTokenizer (cke_dist.tokenizer) rebuilt from the file's tokenizer metadata: byte-level BPE
-    (`tokenizer.ggml.model = gpt2`) or SentencePiece BPE (`llama`)."""
-    from ..tokenizer import HFTokenizer
-
+    """(a `tokenizers.Tokenizer`, its end-of-sequence ids, its BOS id or None) rebuilt from the file's
+    tokenizer metadata: byte-level BPE (`tokenizer.ggml.model = gpt2`) or SentencePiece BPE (`llama`).
+    cke_dist.formats.tokenizer.load_tokenizer wraps it as an HFTokenizer."""
     r = reader or _reader(path)
     kind = _field(r, "tokenizer.ggml.model")
     tokens = _field(r, "tokenizer.ggml.tokens")
@@ -379,7 +378,7 @@ def gguf_tokenizer(path, reader=None):
     if eot is not None and int(eot) not in eos_ids:
         eos_ids.append(int(eot))
     bos = _field(r, "tokenizer.ggml.bos_token_id")
-    return HFTokenizer.from_tokenizer(tok, eos_ids, None if bos is None else int(bos), source=str(path))
+    return tok, eos_ids, None if bos is None else int(bos)
 
 
 def _byte_level_bpe(path, r, tokens: list[str]):
@@ -581,7 +580,6 @@ def write_gguf(path, config, tensors: dict[str, np.ndarray], kind: str = "f32", 
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
-    from .hf_io import fsync_path
     fsync_path(tmp)
     tmp.rename(path)
     return path
