@@ -31,9 +31,8 @@ for _v in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_
     os.environ.setdefault(_v, "1")
 
 import numpy as np  # noqa: E402
-from mpi4py import MPI  # noqa: E402
-
 from gloo_peer import setup_gloo  # noqa: E402  (bench/ is sys.path[0] when run as a script)
+from mpi4py import MPI  # noqa: E402
 
 SIZES = "4K,64K,1M,16M,64M"
 UNITS = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}

@@ -71,8 +71,8 @@ def micro_batch_of(s, rank):
 def worker_ours(s, bucket_mb, overlap=True):
     from cke_dist.comm import init
     from cke_dist.model import Model
+    from cke_dist.parallel import GradBuckets, ProcessGrid, sync_params, train_step
     from cke_dist.train.optim import AdamW
-    from cke_dist.parallel import GradBuckets, ProcessGrid, train_step, sync_params
 
     grid = ProcessGrid(init())
     model = Model.from_config(llama_config(s), seed=0)
@@ -92,11 +92,10 @@ def worker_ours(s, bucket_mb, overlap=True):
 
 
 def worker_torch(s, bucket_mb):
+    from gloo_peer import setup_gloo
     from mpi4py import MPI
     from torch.nn.parallel import DistributedDataParallel as DDP
     from transformers import AutoConfig, AutoModelForCausalLM
-
-    from gloo_peer import setup_gloo
 
     comm = MPI.COMM_WORLD
     torch, dist = setup_gloo(comm)

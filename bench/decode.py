@@ -49,12 +49,12 @@ for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA
     os.environ[var] = str(max(THREADS))
 
 import numpy as np  # noqa: E402
+from cke_kernels.threads import set_num_threads  # noqa: E402
+from machine import read_bandwidth as bandwidth  # noqa: E402
 
 from cke_dist.model import LlamaConfig, Model  # noqa: E402
 from cke_dist.model.inference import InferenceModel  # noqa: E402
 from cke_dist.serving.sampling import Sampler  # noqa: E402
-from cke_kernels.threads import set_num_threads  # noqa: E402
-from machine import read_bandwidth as bandwidth  # noqa: E402
 
 LLAMA_1B = dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
                 num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=2048,

@@ -44,11 +44,10 @@ for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA
     os.environ[var] = str(max(THREADS))
 
 import numpy as np  # noqa: E402
-
-
-from cke_dist.model.load import load_inference_model
 from cke_kernels.threads import set_num_threads  # noqa: E402
 from machine import read_bandwidth  # noqa: E402
+
+from cke_dist.model.load import load_inference_model
 
 
 def smollm2() -> Path:
@@ -66,8 +65,8 @@ def smollm2() -> Path:
 
 
 def exported(shape: dict, kind: str, d: Path) -> Path:
+    from cke_dist.formats.gguf_write import write_gguf
     from cke_dist.model import LlamaConfig, Model
-    from cke_dist.formats.gguf import write_gguf
     path = d / f"llama-{shape['hidden_size']}-{kind}.gguf"
     if not path.is_file():
         print(f"exporting a random {shape['hidden_size']}-hidden model as {kind} to {path} ...", flush=True)

@@ -51,9 +51,8 @@ def matmul_peak(shapes, repeats=3):
 
 def machine_line(s) -> str:
     """Read bandwidth and numpy matmul peak at 1 thread over a bench shape's GEMMs (s: FULL/SMALL dict)."""
-    from threadpoolctl import threadpool_limits
-
     from cke_kernels.threads import set_num_threads
+    from threadpoolctl import threadpool_limits
 
     set_num_threads(1)
     with threadpool_limits(1):

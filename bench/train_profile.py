@@ -38,14 +38,14 @@ from cke_kernels import training_pool_env  # noqa: E402
 
 training_pool_env()
 
-import numpy as np  # noqa: E402
-
-import cke_dist.model.llama as llama  # noqa: E402
 import cke_kernels.attention as attention  # noqa: E402
 import cke_kernels.linear as linear  # noqa: E402
+import numpy as np  # noqa: E402
+from cke_kernels.threads import set_num_threads  # noqa: E402
+
+import cke_dist.model.llama as llama  # noqa: E402
 from cke_dist.model import LlamaConfig, Model  # noqa: E402
 from cke_dist.train.optim import AdamW  # noqa: E402
-from cke_kernels.threads import set_num_threads  # noqa: E402
 
 acc = defaultdict(float)     # name -> seconds in the current step
 flops = defaultdict(float)   # name -> flops per step (GEMMs)

@@ -93,11 +93,11 @@ from cke_kernels import training_pool_env  # noqa: E402  (numpy-free: safe befor
 training_pool_env()
 
 import numpy as np  # noqa: E402
+from cke_kernels.threads import set_num_threads  # noqa: E402
+from machine import matmul_peak  # noqa: E402
 
 from cke_dist.model import LlamaConfig, Model  # noqa: E402
 from cke_dist.train.optim import AdamW  # noqa: E402
-from cke_kernels.threads import set_num_threads  # noqa: E402
-from machine import matmul_peak  # noqa: E402
 
 
 def model_matmul_peak(cfg, n_tokens):

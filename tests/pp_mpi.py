@@ -28,8 +28,8 @@ def sampler():
 def reference(cfg, steps=STEPS, accum=ACCUM):
     """One process: the whole global batch, K micro-batches at 1/K, clip, AdamW."""
     from cke_dist.model import Model
-    from cke_dist.train.optim import AdamW
     from cke_dist.parallel.step import clip_grad_norm
+    from cke_dist.train.optim import AdamW
 
     model = Model.from_config(cfg, seed=0, init_std=0.1)
     opt = AdamW(model, lr=LR, weight_decay=0.1)
@@ -45,8 +45,8 @@ def reference(cfg, steps=STEPS, accum=ACCUM):
 
 def train(cfg, grid, schedule_kind, steps=STEPS, accum=ACCUM, pp_layers=None):
     from cke_dist.model import Model
-    from cke_dist.train.optim import AdamW
     from cke_dist.parallel import GradBuckets, ParallelGrads, grid_stage, sync_params, train_step
+    from cke_dist.train.optim import AdamW
 
     model = Model.from_config(cfg, seed=0, init_std=0.1, tp_group=grid.tp_group,
                               stage=grid_stage(grid, cfg, pp_layers))

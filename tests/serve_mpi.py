@@ -26,7 +26,8 @@ def model_dir(world, tmp_path_factory):
     from tp_mpi import shared_dir
 
     from cke_dist.model import LlamaConfig, Model
-    from cke_dist.model.inference import InferenceModel, save_quantized
+    from cke_dist.model.inference import InferenceModel
+    from cke_dist.model.load import save_quantized
     d = shared_dir(world, tmp_path_factory)
     if world.rank == 0:
         model = Model.from_config(LlamaConfig.from_dict(CFG), seed=3, init_std=0.2)
@@ -60,8 +61,8 @@ def run_engine(world, path, tp, pp, params, max_batch=4):
 
 
 def test_greedy_and_seeded_sampling_equal_one_process(world, model_dir):
-    from cke_dist.serving.generate import generate, generate_batch
     from cke_dist.model.load import load_inference_model
+    from cke_dist.serving.generate import generate, generate_batch
     one = load_inference_model(model_dir / "f32")          # the whole model, no communication
     greedy = generate_batch(one, prompts(), N_NEW, temperature=0)
     sampled = [generate(one, p, N_NEW, temperature=0.9, top_p=0.95, seed=10 + i) for i, p in enumerate(prompts())]
@@ -81,8 +82,8 @@ def test_quantized_shards_equal_one_process(world, model_dir, kind):
     """Q8_0 and Q4_1 directories, each rank reading its slices of the blocks. One request at a time
     (a quantized forward of more than 24 rows takes the dequantize + GEMM path, so batching it with
     others may change its rounding: see the README's known limits)."""
-    from cke_dist.serving.generate import generate
     from cke_dist.model.load import load_inference_model
+    from cke_dist.serving.generate import generate
     one = load_inference_model(model_dir / kind)
     want = [generate(one, p, N_NEW, temperature=0) for p in prompts()]
     for tp, pp in layouts(world.size):

@@ -5,7 +5,6 @@ import subprocess
 import sys
 
 import pytest
-
 from mpirun import REPO, THREAD_VARS, run_mpi
 
 ONE_PROCESS = {

@@ -30,10 +30,10 @@ import time
 from pathlib import Path
 
 import pytest
-
-from cke_dist.comm import tcp
 from mpirun import REPO, THREAD_VARS
 from vcluster import VirtualCluster, unavailable
+
+from cke_dist.comm import tcp
 
 MARGIN = 10.0          # seconds past the deadline for the abort to reach every rank on 2 shared cores
 SEED = int(os.environ.get("CKE_CHAOS_SEED", "20261202"))

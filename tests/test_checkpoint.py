@@ -4,8 +4,15 @@ import json
 import numpy as np
 import pytest
 
-from cke_dist.formats.checkpoint import (CheckpointError, Shard, find_checkpoint, list_checkpoints, load_checkpoint,
-                                 save_checkpoint, verify_checkpoint)
+from cke_dist.formats.checkpoint import (
+    CheckpointError,
+    Shard,
+    find_checkpoint,
+    list_checkpoints,
+    load_checkpoint,
+    save_checkpoint,
+    verify_checkpoint,
+)
 from cke_dist.formats.hf import HFFormatError
 from cke_dist.model import LlamaConfig, Model, load_model
 from cke_dist.train.optim import AdamW

@@ -12,7 +12,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from mpirun import REPO, THREAD_VARS, mpiexec, run_mpi, run_pytest_mpi
 
 
@@ -47,9 +46,9 @@ def test_train_step_on_one_process_is_the_plain_step():
     """A size-1 world: train_step with K micro-batches equals zero_grad + K x (1/K) + clip + step, bitwise."""
     from cke_dist.comm import init
     from cke_dist.model import LlamaConfig, Model
-    from cke_dist.train.optim import AdamW
+    from cke_dist.parallel import GradBuckets, ProcessGrid, sync_params, train_step
     from cke_dist.parallel.step import clip_grad_norm
-    from cke_dist.parallel import GradBuckets, ProcessGrid, train_step, sync_params
+    from cke_dist.train.optim import AdamW
 
     cfg = LlamaConfig.from_dict(dict(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=16))

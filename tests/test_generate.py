@@ -13,13 +13,14 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from cke_dist.cli import main as cli_main                     # noqa: E402
-from cke_dist.serving.generate import generate, generate_batch, stream_ids  # noqa: E402
-from cke_dist.model import load_model                          # noqa: E402
-from cke_dist.model.inference import InferenceModel               # noqa: E402
+from test_tokenizer import make_tokenizer_dir  # noqa: E402
+
+from cke_dist.cli import main as cli_main  # noqa: E402
+from cke_dist.formats.tokenizer import load_tokenizer  # noqa: E402
+from cke_dist.model import load_model  # noqa: E402
+from cke_dist.model.inference import InferenceModel  # noqa: E402
 from cke_dist.model.load import load_inference_model
-from cke_dist.formats.tokenizer import load_tokenizer                  # noqa: E402
-from test_tokenizer import make_tokenizer_dir                  # noqa: E402
+from cke_dist.serving.generate import generate, generate_batch, stream_ids  # noqa: E402
 
 VOCAB = 300          # the tiny BPE tokenizer's size, so the CLI test can use it
 N_NEW = 40
@@ -307,8 +308,7 @@ def test_tp_mpi_q8_0_directory_loads_its_shards(tmp_path):
     tensors, so o/down outputs were summed tp times over). Equals one-process Q8_0."""
     from cke_dist.comm import init
     from cke_dist.model import LlamaConfig, Model
-    from cke_dist.model.inference import save_quantized
-    from cke_dist.model.load import load_inference_model
+    from cke_dist.model.load import load_inference_model, save_quantized
     world = init(transport="tcp")
     cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)

@@ -13,8 +13,9 @@ gguf = pytest.importorskip("gguf")
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
+from cke_dist.formats.gguf import GGUFError
+from cke_dist.formats.gguf_write import write_gguf  # noqa: E402
 from cke_dist.model import LlamaConfig, Model, load_model  # noqa: E402
-from cke_dist.formats.gguf import GGUFError, write_gguf  # noqa: E402
 from cke_dist.model.layout import LM_HEAD  # noqa: E402
 
 T = gguf.GGMLQuantizationType
@@ -141,8 +142,8 @@ def test_export_command_and_generate_from_the_gguf(tmp_path):
     """cke-dist export CKPT OUT.gguf --format gguf --type q8_0, then cke-dist generate --model OUT.gguf:
     the text equals generate on the same dequantized weights."""
     from cke_dist.formats.checkpoint import Shard, save_checkpoint
-    from cke_dist.serving.generate import generate
     from cke_dist.formats.tokenizer import ByteTokenizer
+    from cke_dist.serving.generate import generate
 
     model = Model.from_config(LlamaConfig.from_dict(dict(SMALL, vocab_size=256)), seed=3, init_std=0.2)
     ckpt = save_checkpoint(tmp_path / "ckpts", 1, model.config, Shard(0, 1, model.specs, model.params), {},
@@ -205,8 +206,8 @@ def test_smollm2_tokenizer_ids_equal_transformers(smollm2):
 
 
 def test_smollm2_greedy_text_and_logits_equal_transformers(smollm2):
-    from cke_dist.serving.generate import generate
     from cke_dist.formats.tokenizer import load_tokenizer
+    from cke_dist.serving.generate import generate
     tok = load_tokenizer(smollm2)
     ids = tok.encode("The capital of France is")
     ours = load_model(smollm2)
@@ -224,9 +225,9 @@ def test_smollm2_greedy_text_and_logits_equal_transformers(smollm2):
 def test_smollm2_stays_4bit_and_close_to_its_float32(smollm2):
     """Inference on the GGUF keeps its Q4_1 and Q8_0 blocks (about 106 MiB read per token, not 540);
     its logits stay close to the dequantized float32 model's and the first token is the same."""
+    from cke_dist.formats.tokenizer import load_tokenizer
     from cke_dist.model.inference import InferenceModel
     from cke_dist.model.load import load_inference_model
-    from cke_dist.formats.tokenizer import load_tokenizer
     tok = load_tokenizer(smollm2)
     ids = tok.encode("The capital of France is")
     native = load_inference_model(smollm2)
@@ -349,8 +350,8 @@ def test_sentencepiece_tokenizer_ids_and_text_equal_transformers(spm_file):
     transformers' tokenizer loaded from the same file; where transformers follows SentencePiece (no
     leading space, no special tokens in the text) the ids are SentencePiece's own."""
     from cke_dist.formats.gguf import gguf_special_tokens
-    from cke_dist.serving.chat import load_chat_template
     from cke_dist.formats.tokenizer import TextStream, load_tokenizer
+    from cke_dist.serving.chat import load_chat_template
     sp, path = spm_file
     ours = load_tokenizer(path)
     ref = transformers.AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
@@ -415,8 +416,8 @@ def test_generate_prints_the_sentencepiece_text(tmp_path):
     """cke-dist generate on a GGUF with a SentencePiece vocabulary: the printed text is the prompt and
     the continuation as transformers decodes prompt + new ids, its leading "▁" kept as a space
     (decoding the new ids alone would strip it)."""
-    from cke_dist.serving.generate import generate
     from cke_dist.formats.tokenizer import load_tokenizer
+    from cke_dist.serving.generate import generate
     sp = _train_spm()
     model = Model.from_config(LlamaConfig.from_dict(dict(SMALL, vocab_size=sp.vocab_size(), tie_word_embeddings=False)),
                               seed=4, init_std=0.3)

@@ -5,9 +5,9 @@ import json
 
 import numpy as np
 import pytest
+import reference as R
 import torch
 
-import reference as R
 from cke_dist.model import LlamaConfig, Model, load_model
 from cke_dist.train.optim import SGD, AdamW
 

@@ -22,19 +22,19 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from mpirun import REPO, THREAD_VARS, mpiexec
 
 openai = pytest.importorskip("openai")
 pytest.importorskip("jinja2")
 pytest.importorskip("tokenizers")
 
-from cke_dist.serving.generate import generate  # noqa: E402
+from test_tokenizer import make_tokenizer_dir  # noqa: E402
+
+from cke_dist.formats.tokenizer import load_tokenizer  # noqa: E402
 from cke_dist.model import LlamaConfig, Model  # noqa: E402
 from cke_dist.model.load import load_inference_model
 from cke_dist.serving.chat import ChatTemplateError, load_chat_template  # noqa: E402
-from cke_dist.formats.tokenizer import load_tokenizer  # noqa: E402
-from test_tokenizer import make_tokenizer_dir  # noqa: E402
+from cke_dist.serving.generate import generate  # noqa: E402
 
 CTX = 512
 CFG = dict(vocab_size=320, hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,

@@ -11,10 +11,10 @@ import pytest
 
 from cke_dist import cli
 from cke_dist.formats.checkpoint import find_checkpoint
-from cke_dist.train.config import load_config
 from cke_dist.model import load_model
-from cke_dist.train.schedule import lr_at
+from cke_dist.train.config import load_config
 from cke_dist.train.loop import resolve_config, train
+from cke_dist.train.schedule import lr_at
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -227,8 +227,9 @@ def test_a_checkpoint_slower_than_the_comm_deadline_does_not_abort_the_job(tmp_p
     than a 2 s comm deadline; the other rank waits in a barrier with the checkpoint's own deadline
     instead of timing out in the next step. Given that same 2 s as train.checkpoint_timeout, the job
     fails in that barrier: the write really is slower than the deadline."""
-    from cke_dist.formats.checkpoint import verify_checkpoint
     from mpirun import run_mpi
+
+    from cke_dist.formats.checkpoint import verify_checkpoint
     corpus = tmp_path / "c.txt"
     corpus.write_bytes(b"abcdefgh ijklmnop\n" * 2000)
 

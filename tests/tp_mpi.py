@@ -124,9 +124,9 @@ def test_replicas_are_summed_where_kv_heads_are_shared(world):
 @pytest.mark.parametrize("name", ["llama-gqa-untied", "qwen2-tied-bias", "llama-kv1-obias", "llama-straddle"])
 def test_ten_adamw_steps_with_clipping_match_one_process(world, name):
     from cke_dist.comm import init
-    from cke_dist.train.optim import AdamW
-    from cke_dist.parallel.step import clip_grad_norm
     from cke_dist.parallel import GradBuckets, ProcessGrid, train_step
+    from cke_dist.parallel.step import clip_grad_norm
+    from cke_dist.train.optim import AdamW
 
     cfg = config(name)
     grid = ProcessGrid(init(), tp=world.size)
@@ -241,11 +241,11 @@ def test_tp_allreduce_completes_while_dp_buckets_are_pending(world):
 
 def test_dp2_tp2_matches_one_process_and_is_bitwise_repeatable(world):
     from cke_dist.comm import init
-    from cke_dist.train.data import TRAIN, BatchSampler
     from cke_dist.model import Model
-    from cke_dist.train.optim import AdamW
-    from cke_dist.parallel.step import clip_grad_norm
     from cke_dist.parallel import GradBuckets, ProcessGrid, sync_params, train_step
+    from cke_dist.parallel.step import clip_grad_norm
+    from cke_dist.train.data import TRAIN, BatchSampler
+    from cke_dist.train.optim import AdamW
 
     if world.size != 4:
         pytest.skip("needs dp=2 x tp=2")

@@ -21,7 +21,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from cke_dist.formats.gguf import gguf_tokenizer, is_gguf
+from cke_dist.formats.gguf import is_gguf
+from cke_dist.formats.gguf_tokenizer import gguf_tokenizer
 
 BYTES_FILE = "cke_tokenizer.json"
 HF_FILE = "tokenizer.json"

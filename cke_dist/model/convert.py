@@ -12,7 +12,7 @@ from pathlib import Path
 
 from cke_dist.formats.architectures import TOKENIZER_FILES
 from cke_dist.formats.checkpoint import find_checkpoint
-from cke_dist.formats.gguf import write_gguf
+from cke_dist.formats.gguf_write import write_gguf
 from cke_dist.formats.hf import fsync_path, write_hf_dir
 from cke_dist.formats.tokenizer import load_tokenizer
 from cke_dist.model.load import load_inference_model, load_model, save_quantized
