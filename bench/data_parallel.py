@@ -43,8 +43,8 @@ def batches(s, rank, n):
 def worker_ours(s, bucket_mb, overlap=True):
     from cke_dist.comm import init
     from cke_dist.model import Model
-    from cke_dist.optim import AdamW
-    from cke_dist.parallel import GradBuckets, ProcessGrid, train_step, sync_params
+    from cke_dist.parallel import GradBuckets, ProcessGrid, sync_params, train_step
+    from cke_dist.train.optim import AdamW
 
     grid = ProcessGrid(init())
     model = Model.from_config(llama_config(s), seed=0)

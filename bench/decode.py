@@ -50,8 +50,8 @@ thread_env(max(THREADS))   # pools are sized at import: the largest count, then 
 import numpy as np  # noqa: E402
 
 from cke_dist.model import LlamaConfig, Model  # noqa: E402
-from cke_dist.model.decode import InferenceModel  # noqa: E402
-from cke_dist.sampling import Sampler  # noqa: E402
+from cke_dist.model.inference import InferenceModel  # noqa: E402
+from cke_dist.serving.sampling import Sampler  # noqa: E402
 from cke_kernels.threads import set_num_threads  # noqa: E402
 
 SMALL = dict(LLAMA_1B, vocab_size=32000, hidden_size=512, intermediate_size=2048, num_hidden_layers=4,
@@ -154,7 +154,7 @@ def main():
     t0 = time.perf_counter()
     model = Model.from_config(cfg, seed=0)
     f32 = InferenceModel.from_model(model)
-    q8 = f32.to_q8_0()
+    q8 = f32.to_quantized("q8_0")
     print(f"model: {'small' if args.small else 'Llama-3.2-1B shape'}, {model.num_params / 1e9:.3f} B params, "
           f"random weights (built + quantized in {time.perf_counter() - t0:.0f} s); batch 1, prompt "
           f"{args.prompt_len}, {args.new_tokens} new tokens, greedy", flush=True)

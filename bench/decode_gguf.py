@@ -46,13 +46,14 @@ thread_env(max(THREADS))
 
 import numpy as np  # noqa: E402
 
-from cke_dist.model.decode import InferenceModel  # noqa: E402
+
+from cke_dist.model.load import load_inference_model
 from cke_kernels.threads import set_num_threads  # noqa: E402
 
 
 def exported(shape: dict, kind: str, d: Path) -> Path:
     from cke_dist.model import LlamaConfig, Model
-    from cke_dist.model.gguf_io import write_gguf
+    from cke_dist.formats.gguf_write import write_gguf
     path = d / f"llama-{shape['hidden_size']}-{kind}.gguf"
     if not path.is_file():
         print(f"exporting a random {shape['hidden_size']}-hidden model as {kind} to {path} ...", flush=True)
@@ -63,7 +64,7 @@ def exported(shape: dict, kind: str, d: Path) -> Path:
 
 def ours(path: Path, threads: int, prompt: list[int], n: int) -> float:
     set_num_threads(threads)
-    im = InferenceModel.from_dir(path)
+    im = load_inference_model(path)
     cache = im.new_cache(1, len(prompt) + n + 1)
     tok = int(np.argmax(im.prefill(cache, 0, prompt)))
     times = []
@@ -125,7 +126,7 @@ def main():
 
 
 def one_row():
-    from cke_dist.model.gguf_io import gguf_config
+    from cke_dist.formats.gguf import gguf_config
     (t,) = THREADS
     path = Path(args.model)
     prompt = np.random.default_rng(0).integers(0, gguf_config(path)["vocab_size"], args.prompt_len).tolist()

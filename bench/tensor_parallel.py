@@ -39,11 +39,12 @@ def batches(s, n):
 
 
 def worker_ours(s, threads):
+    from cke_kernels.threads import set_num_threads
+
     from cke_dist.comm import init
     from cke_dist.model import Model
-    from cke_dist.optim import AdamW
-    from cke_dist.parallel import GradBuckets, ProcessGrid, ParallelGrads, train_step
-    from cke_kernels.threads import set_num_threads
+    from cke_dist.parallel import GradBuckets, ParallelGrads, ProcessGrid, train_step
+    from cke_dist.train.optim import AdamW
 
     set_num_threads(threads)
     world = init()

@@ -34,7 +34,7 @@ import cke_dist.model.llama as llama  # noqa: E402
 import cke_kernels.attention as attention  # noqa: E402
 import cke_kernels.linear as linear  # noqa: E402
 from cke_dist.model import Model  # noqa: E402
-from cke_dist.optim import AdamW  # noqa: E402
+from cke_dist.train.optim import AdamW  # noqa: E402
 from cke_kernels.threads import set_num_threads  # noqa: E402
 
 acc = defaultdict(float)     # name -> seconds in the current step

@@ -82,7 +82,7 @@ training_threads(args.threads)
 import numpy as np  # noqa: E402
 
 from cke_dist.model import Model  # noqa: E402
-from cke_dist.optim import AdamW  # noqa: E402
+from cke_dist.train.optim import AdamW  # noqa: E402
 from cke_kernels.threads import set_num_threads  # noqa: E402
 
 

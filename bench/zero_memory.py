@@ -18,8 +18,8 @@ from common import launch_worker, llama_config, random_batch, report, train_shap
 def worker(s, zero):
     from cke_dist.comm import init
     from cke_dist.model import Model
-    from cke_dist.optim import AdamW
     from cke_dist.parallel import GradBuckets, ProcessGrid, Zero1, train_step
+    from cke_dist.train.optim import AdamW
 
     grid = ProcessGrid(init(quiet=True))
     model = Model.from_config(llama_config(s), seed=0)

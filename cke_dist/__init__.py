@@ -10,8 +10,8 @@ only when the names that need them are first used):
     cd.AdamW(model, lr=3e-4).step()
     model.save("out_dir")
 
-Generation lives in its module (`from cke_dist.generate import generate`): the
-package attribute `cke_dist.generate` is that module, as Python's import sets it.
+Generation lives in its module (`from cke_dist.serving.generate import generate`): the
+package attribute `cke_dist.serving.generate` is that module, as Python's import sets it.
 """
 import importlib
 
@@ -24,10 +24,10 @@ _EXPORTS = {
     "LlamaConfig": "cke_dist.model",
     "Model": "cke_dist.model",
     "load_model": "cke_dist.model",
-    "AdamW": "cke_dist.optim",
-    "SGD": "cke_dist.optim",
-    "clip_grad_norm": "cke_dist.optim",
-    "load_tokenizer": "cke_dist.tokenizer",
+    "AdamW": "cke_dist.train.optim",
+    "SGD": "cke_dist.train.optim",
+    "clip_grad_norm": "cke_dist.parallel.step",
+    "load_tokenizer": "cke_dist.formats.tokenizer",
     "ProcessGrid": "cke_dist.parallel.grid",
 }
 

@@ -14,9 +14,9 @@ import time
 from pathlib import Path
 
 import numpy as np
+from comm_collectives_mpi import check, make, reference
 
 from cke_dist.comm import CommError, init
-from comm_collectives_mpi import check, make, reference
 
 
 def wait_for(path: Path, limit=120.0):

@@ -31,7 +31,7 @@ def grid(world):
 
 @pytest.fixture(scope="module")
 def sampler():
-    from cke_dist.data import TRAIN, BatchSampler
+    from cke_dist.train.data import TRAIN, BatchSampler
 
     tokens = np.random.default_rng(123).integers(0, CFG["vocab_size"], 4000)
     return BatchSampler(tokens, ROWS, SEQ, seed=7, split=TRAIN)
@@ -44,14 +44,14 @@ def new_model(cfg=CFG, seed=0):
 
 
 def adamw(model):
-    from cke_dist.optim import AdamW
+    from cke_dist.train.optim import AdamW
 
     return AdamW(model, lr=LR, betas=(0.9, 0.95), weight_decay=0.1)
 
 
 def train_dp(grid, sampler, accum, bucket_mb=0.02, steps=STEPS, seed=0):
     """`steps` AdamW steps of train_step on this rank's rows; returns (model, per-step losses, buckets)."""
-    from cke_dist.parallel import GradBuckets, train_step, sync_params
+    from cke_dist.parallel import GradBuckets, sync_params, train_step
 
     model = new_model(seed=seed + grid.dp_rank)  # different on purpose: sync_params must fix it
     sync_params(model, grid)
@@ -69,7 +69,7 @@ def train_dp(grid, sampler, accum, bucket_mb=0.02, steps=STEPS, seed=0):
 
 def train_single(sampler, steps=STEPS, seed=0):
     """The reference: one process, the whole global batch at once, plain forward_backward."""
-    from cke_dist.optim import clip_grad_norm
+    from cke_dist.parallel.step import clip_grad_norm
 
     model = new_model(seed=seed)
     opt = adamw(model)
@@ -125,7 +125,7 @@ def test_same_layout_twice_is_bitwise_identical(grid, sampler):
 def test_buckets_launch_during_backward(grid, sampler):
     """Overlap is real: most buckets start before backward reports its last slice; the no-overlap
     baseline (every bucket after backward) fails the same check, so the check can fail."""
-    from cke_dist.parallel import GradBuckets, train_step, sync_params
+    from cke_dist.parallel import GradBuckets, sync_params, train_step
 
     cfg = dict(CFG, num_hidden_layers=6, hidden_size=64, intermediate_size=192)
     model = new_model(cfg)
@@ -151,7 +151,7 @@ def test_buckets_launch_during_backward(grid, sampler):
 
 
 def test_accumulation_launches_only_on_last_micro_batch(grid, sampler):
-    from cke_dist.parallel import GradBuckets, train_step, sync_params
+    from cke_dist.parallel import GradBuckets, sync_params, train_step
 
     model = new_model()
     sync_params(model, grid)
@@ -196,7 +196,7 @@ def test_mismatched_model_configs_are_an_error_not_a_hang(world, grid):
 
 
 def test_nonfinite_loss_stops_every_rank_before_the_update(grid, sampler):
-    from cke_dist.parallel import GradBuckets, train_step, sync_params
+    from cke_dist.parallel import GradBuckets, sync_params, train_step
 
     model = new_model()
     sync_params(model, grid)
@@ -232,8 +232,8 @@ def test_grid_groups_on_four_ranks(world):
 def test_zero1_matches_one_process_with_a_dp_th_of_the_optimizer_state(grid, sampler, reference):
     """parallel.zero = 1: gradients reduce-scattered, each rank updating its slice with 1/dp of the
     AdamW moments, parameters allgathered: equal to one process (and to zero = 0) within rounding."""
-    from cke_dist.optim import AdamW
     from cke_dist.parallel import GradBuckets, ParallelGrads, Zero1, sync_params, train_step
+    from cke_dist.train.optim import AdamW
 
     model = new_model(seed=grid.dp_rank)
     sync_params(model, grid)
@@ -263,7 +263,7 @@ def test_zero1_matches_one_process_with_a_dp_th_of_the_optimizer_state(grid, sam
 
 def reference_opt_state(sampler):
     """The one-process AdamW moments after STEPS steps (the reference run's optimizer)."""
-    from cke_dist.optim import clip_grad_norm
+    from cke_dist.parallel.step import clip_grad_norm
 
     model = new_model()
     opt = adamw(model)
@@ -277,8 +277,8 @@ def reference_opt_state(sampler):
 
 def test_zero1_pads_a_buffer_dp_does_not_divide(grid, sampler):
     """An odd parameter count: the slices are padded for the collectives; still equal to plain dp."""
-    from cke_dist.optim import AdamW
     from cke_dist.parallel import GradBuckets, Zero1, sync_params, train_step
+    from cke_dist.train.optim import AdamW
 
     cfg = dict(CFG, hidden_size=33, head_dim=10, num_attention_heads=3, num_key_value_heads=1, intermediate_size=60)
     runs = []

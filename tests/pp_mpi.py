@@ -20,7 +20,7 @@ def world():
 
 
 def sampler():
-    from cke_dist.data import TRAIN, BatchSampler
+    from cke_dist.train.data import TRAIN, BatchSampler
 
     return BatchSampler(np.random.default_rng(3).integers(0, BASE["vocab_size"], 5000), ROWS, SEQ, seed=4, split=TRAIN)
 
@@ -28,7 +28,8 @@ def sampler():
 def reference(cfg, steps=STEPS, accum=ACCUM):
     """One process: the whole global batch, K micro-batches at 1/K, clip, AdamW."""
     from cke_dist.model import Model
-    from cke_dist.optim import AdamW, clip_grad_norm
+    from cke_dist.parallel.step import clip_grad_norm
+    from cke_dist.train.optim import AdamW
 
     model = Model.from_config(cfg, seed=0, init_std=0.1)
     opt = AdamW(model, lr=LR, weight_decay=0.1)
@@ -44,8 +45,8 @@ def reference(cfg, steps=STEPS, accum=ACCUM):
 
 def train(cfg, grid, schedule_kind, steps=STEPS, accum=ACCUM, pp_layers=None):
     from cke_dist.model import Model
-    from cke_dist.optim import AdamW
     from cke_dist.parallel import GradBuckets, ParallelGrads, grid_stage, sync_params, train_step
+    from cke_dist.train.optim import AdamW
 
     model = Model.from_config(cfg, seed=0, init_std=0.1, tp_group=grid.tp_group,
                               stage=grid_stage(grid, cfg, pp_layers))

@@ -26,13 +26,14 @@ def model_dir(world, tmp_path_factory):
     from tp_mpi import shared_dir
 
     from cke_dist.model import LlamaConfig, Model
-    from cke_dist.model.decode import InferenceModel, save_q8_dir
+    from cke_dist.model.inference import InferenceModel
+    from cke_dist.model.load import save_quantized
     d = shared_dir(world, tmp_path_factory)
     if world.rank == 0:
         model = Model.from_config(LlamaConfig.from_dict(CFG), seed=3, init_std=0.2)
         model.save(d / "f32")
-        save_q8_dir(InferenceModel.from_model(model, quantize="q8_0"), d / "q8")
-        save_q8_dir(InferenceModel.from_model(model, quantize="q4_1"), d / "q4")
+        save_quantized(InferenceModel.from_model(model, quantize="q8_0"), d / "q8")
+        save_quantized(InferenceModel.from_model(model, quantize="q4_1"), d / "q4")
     world.barrier()
     return d
 
@@ -60,9 +61,9 @@ def run_engine(world, path, tp, pp, params, max_batch=4):
 
 
 def test_greedy_and_seeded_sampling_equal_one_process(world, model_dir):
-    from cke_dist.generate import generate, generate_batch
-    from cke_dist.model.decode import InferenceModel
-    one = InferenceModel.from_dir(model_dir / "f32")          # the whole model, no communication
+    from cke_dist.model.load import load_inference_model
+    from cke_dist.serving.generate import generate, generate_batch
+    one = load_inference_model(model_dir / "f32")          # the whole model, no communication
     greedy = generate_batch(one, prompts(), N_NEW, temperature=0)
     sampled = [generate(one, p, N_NEW, temperature=0.9, top_p=0.95, seed=10 + i) for i, p in enumerate(prompts())]
     for tp, pp in layouts(world.size):
@@ -81,9 +82,9 @@ def test_quantized_shards_equal_one_process(world, model_dir, kind):
     """Q8_0 and Q4_1 directories, each rank reading its slices of the blocks. One request at a time
     (a quantized forward of more than 24 rows takes the dequantize + GEMM path, so batching it with
     others may change its rounding: see the README's known limits)."""
-    from cke_dist.generate import generate
-    from cke_dist.model.decode import InferenceModel
-    one = InferenceModel.from_dir(model_dir / kind)
+    from cke_dist.model.load import load_inference_model
+    from cke_dist.serving.generate import generate
+    one = load_inference_model(model_dir / kind)
     want = [generate(one, p, N_NEW, temperature=0) for p in prompts()]
     for tp, pp in layouts(world.size):
         engine = Engine.build(model_dir / kind, world, tp=tp, pp=pp, max_batch=1)
@@ -97,8 +98,8 @@ def test_quantized_shards_equal_one_process(world, model_dir, kind):
 
 
 def test_each_rank_holds_only_its_part(world, model_dir):
-    from cke_dist.model.decode import InferenceModel
-    whole = InferenceModel.from_dir(model_dir / "f32").weight_bytes_per_token()
+    from cke_dist.model.load import load_inference_model
+    whole = load_inference_model(model_dir / "f32").weight_bytes_per_token()
     tp, pp = 2, world.size // 2
     engine = Engine.build(model_dir / "f32", world, tp=tp, pp=pp)
     mine = engine.im.weight_bytes_per_token()

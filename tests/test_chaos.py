@@ -30,10 +30,10 @@ import time
 from pathlib import Path
 
 import pytest
-
-from cke_dist.comm import tcp
 from mpirun import REPO, THREAD_VARS
 from vcluster import VirtualCluster, unavailable
+
+from cke_dist.comm import tcp
 
 MARGIN = 10.0          # seconds past the deadline for the abort to reach every rank on 2 shared cores
 SEED = int(os.environ.get("CKE_CHAOS_SEED", "20261202"))
@@ -181,7 +181,7 @@ def assert_failed_cleanly(job, t_fault, deadline, survivors, culprits, what):
 
 def assert_resumes(tmp_path):
     """The newest checkpoint verifies (a save cut short never shows as one) and a plain process resumes it."""
-    from cke_dist.checkpoint import find_checkpoint, verify_checkpoint
+    from cke_dist.formats.checkpoint import find_checkpoint, verify_checkpoint
 
     ckpt = find_checkpoint(tmp_path / "run")
     verify_checkpoint(ckpt)

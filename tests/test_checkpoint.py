@@ -4,11 +4,18 @@ import json
 import numpy as np
 import pytest
 
-from cke_dist.checkpoint import (CheckpointError, Shard, find_checkpoint, list_checkpoints, load_checkpoint,
-                                 save_checkpoint, verify_checkpoint)
-from cke_dist.model.hf_io import HFFormatError
+from cke_dist.formats.checkpoint import (
+    CheckpointError,
+    Shard,
+    find_checkpoint,
+    list_checkpoints,
+    load_checkpoint,
+    save_checkpoint,
+    verify_checkpoint,
+)
+from cke_dist.formats.hf import HFFormatError
 from cke_dist.model import LlamaConfig, Model, load_model
-from cke_dist.optim import AdamW
+from cke_dist.train.optim import AdamW
 
 CFG = dict(vocab_size=256, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
            num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=True)
@@ -114,7 +121,7 @@ def test_every_loader_of_a_checkpoint_verifies_its_manifest(tmp_path):
     """One flipped byte in model.safetensors: --resume refused it, but load_model and generate's
     InferenceModel.from_dir loaded it silently; now each names the file."""
     from cke_dist.model import load_model
-    from cke_dist.model.decode import InferenceModel
+    from cke_dist.model.inference import InferenceModel
     path, model, _ = _save(tmp_path / "ckpts")
     np.testing.assert_array_equal(load_model(path).params, model.params)   # intact: loads
     f = path / "model.safetensors"

@@ -5,7 +5,6 @@ One mpiexec launch per rank count runs every collective, op, dtype and length,
 so plain `pytest -q` covers the multi-rank suite in seconds.
 """
 import pytest
-
 from mpirun import REPO, run_mpi, run_pytest_mpi
 
 

@@ -3,7 +3,7 @@ from pathlib import Path
 
 import pytest
 
-from cke_dist.config import ConfigError, TrainConfig, load_config, to_toml
+from cke_dist.train.config import ConfigError, TrainConfig, load_config, to_toml
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 

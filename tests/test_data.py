@@ -4,7 +4,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cke_dist.data import TRAIN, VAL, BatchSampler, DataError, load_tokens, open_corpus, rows_for_rank
+from cke_dist.train.data import TRAIN, VAL, BatchSampler, DataError, load_tokens, open_corpus, rows_for_rank
 
 SHAKESPEARE = Path(__file__).resolve().parents[1] / "examples" / "data" / "tinyshakespeare.txt"
 

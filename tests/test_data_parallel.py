@@ -12,7 +12,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from mpirun import REPO, THREAD_VARS, mpiexec, run_mpi, run_pytest_mpi
 
 
@@ -47,8 +46,9 @@ def test_train_step_on_one_process_is_the_plain_step():
     """A size-1 world: train_step with K micro-batches equals zero_grad + K x (1/K) + clip + step, bitwise."""
     from cke_dist.comm import init
     from cke_dist.model import LlamaConfig, Model
-    from cke_dist.optim import AdamW, clip_grad_norm
-    from cke_dist.parallel import GradBuckets, ProcessGrid, train_step, sync_params
+    from cke_dist.parallel import GradBuckets, ProcessGrid, sync_params, train_step
+    from cke_dist.parallel.step import clip_grad_norm
+    from cke_dist.train.optim import AdamW
 
     cfg = LlamaConfig.from_dict(dict(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=16))
@@ -96,7 +96,7 @@ def _train_args(out, corpus, *sets, resume=None):
 
 
 def _final_params(out):
-    from cke_dist.checkpoint import find_checkpoint
+    from cke_dist.formats.checkpoint import find_checkpoint
     from cke_dist.model import load_model
 
     ckpt = find_checkpoint(out)
@@ -136,7 +136,7 @@ def _rank_pid(tag: str, rank: int) -> int | None:
 
 
 def test_train_job_rank_killed_then_resumed_on_2_and_1_ranks(tmp_path):
-    from cke_dist.checkpoint import find_checkpoint, verify_checkpoint
+    from cke_dist.formats.checkpoint import find_checkpoint, verify_checkpoint
 
     corpus = tmp_path / "corpus.txt"
     text = np.random.default_rng(0).choice(list(b"abcdefgh ijklmnop\n"), 20_000).astype(np.uint8)

@@ -4,7 +4,6 @@ import subprocess
 import sys
 
 import numpy as np
-
 from jobs import run_job
 from mpirun import REPO
 

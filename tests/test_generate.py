@@ -13,12 +13,14 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from cke_dist.cli import main as cli_main                     # noqa: E402
-from cke_dist.generate import generate, generate_batch, stream_ids  # noqa: E402
-from cke_dist.model import load_model                          # noqa: E402
-from cke_dist.model.decode import InferenceModel               # noqa: E402
-from cke_dist.tokenizer import load_tokenizer                  # noqa: E402
-from test_tokenizer import make_tokenizer_dir                  # noqa: E402
+from test_tokenizer import make_tokenizer_dir  # noqa: E402
+
+from cke_dist.cli import main as cli_main  # noqa: E402
+from cke_dist.formats.tokenizer import load_tokenizer  # noqa: E402
+from cke_dist.model import load_model  # noqa: E402
+from cke_dist.model.inference import InferenceModel  # noqa: E402
+from cke_dist.model.load import load_inference_model
+from cke_dist.serving.generate import generate, generate_batch, stream_ids  # noqa: E402
 
 VOCAB = 300          # the tiny BPE tokenizer's size, so the CLI test can use it
 N_NEW = 40
@@ -69,7 +71,7 @@ def prompt(n=11, seed=1):
 
 def test_prefill_logits_match_transformers(ckpt):
     d, hf = ckpt
-    im = InferenceModel.from_dir(d)
+    im = load_inference_model(d)
     ids = prompt()
     ours = im.prefill(im.new_cache(1, len(ids)), 0, ids, all_logits=True)
     with torch.no_grad():
@@ -113,7 +115,7 @@ def test_kv_cache_decode_equals_full_recompute(ckpt):
 
 def test_batch_of_different_lengths_matches_single(ckpt):
     d, _ = ckpt
-    im = InferenceModel.from_dir(d)
+    im = load_inference_model(d)
     prompts = [prompt(3, 5), prompt(12, 6), prompt(7, 7)]
     for kw in (dict(temperature=0), dict(temperature=0.8, top_k=50, seed=11)):
         batch = generate_batch(im, prompts, 12, **kw)
@@ -123,7 +125,7 @@ def test_batch_of_different_lengths_matches_single(ckpt):
 
 def test_seeded_sampling_reproducible(ckpt):
     d, _ = ckpt
-    im = InferenceModel.from_dir(d)
+    im = load_inference_model(d)
     a = generate(im, prompt(), 20, temperature=1.0, top_p=0.95, seed=3)
     b = generate(im, prompt(), 20, temperature=1.0, top_p=0.95, seed=3)
     c = generate(im, prompt(), 20, temperature=1.0, top_p=0.95, seed=4)
@@ -132,7 +134,7 @@ def test_seeded_sampling_reproducible(ckpt):
 
 def test_stop_ids_end_generation(ckpt):
     d, _ = ckpt
-    im = InferenceModel.from_dir(d)
+    im = load_inference_model(d)
     free = generate(im, prompt(), 20, temperature=0)
     stop = free[5]
     first = free.index(stop)
@@ -146,7 +148,7 @@ def test_stop_ids_end_generation(ckpt):
 
 def test_context_overflow_stops_with_reason(tmp_path):
     make_hf_checkpoint(tmp_path, "llama", max_pos=24)
-    im = InferenceModel.from_dir(tmp_path)
+    im = load_inference_model(tmp_path)
     gen = stream_ids(im, prompt(20), 10, temperature=0)
     with pytest.warns(UserWarning, match="context of 24"):
         out = []
@@ -172,7 +174,7 @@ def test_cli_streams_the_greedy_text(tmp_path, capsys):
     make_tokenizer_dir(tmp_path)
     tok = load_tokenizer(tmp_path)
     text = "the quick brown fox"
-    expect = generate(InferenceModel.from_dir(tmp_path), tok.encode(text), 16, temperature=0,
+    expect = generate(load_inference_model(tmp_path), tok.encode(text), 16, temperature=0,
                       stop_ids=tok.eos_token_ids)
     expect = [i for i in expect if i not in tok.eos_token_ids]
     rc = cli_main(["generate", "--model", str(tmp_path), "--prompt", text, "--max-new-tokens", "16",
@@ -216,24 +218,24 @@ def test_bad_model_dirs_are_named(tmp_path):
     d = tmp_path / "m"
     make_hf_checkpoint(d, "llama")
     with pytest.raises(FileNotFoundError, match="does not exist"):
-        InferenceModel.from_dir(tmp_path / "nope")
+        load_inference_model(tmp_path / "nope")
     empty = tmp_path / "empty"
     empty.mkdir()
     with pytest.raises(FileNotFoundError, match="config.json"):
-        InferenceModel.from_dir(empty)
+        load_inference_model(empty)
     # weights missing
     now = tmp_path / "noweights"
     now.mkdir()
     (now / "config.json").write_text((d / "config.json").read_text())
     with pytest.raises(FileNotFoundError, match="safetensors"):
-        InferenceModel.from_dir(now)
+        load_inference_model(now)
     # unsupported architecture
     cfg = json.loads((d / "config.json").read_text())
     bad = tmp_path / "arch"
     bad.mkdir()
     (bad / "config.json").write_text(json.dumps({**cfg, "architectures": ["MistralForCausalLM"]}))
     with pytest.raises(ValueError, match="MistralForCausalLM"):
-        InferenceModel.from_dir(bad)
+        load_inference_model(bad)
     # a tensor of the wrong shape
     from safetensors.numpy import load_file, save_file
     shp = tmp_path / "shape"
@@ -243,7 +245,7 @@ def test_bad_model_dirs_are_named(tmp_path):
     t["model.layers.1.mlp.up_proj.weight"] = t["model.layers.1.mlp.up_proj.weight"][:-1]
     save_file(t, str(shp / "model.safetensors"), metadata={"format": "pt"})
     with pytest.raises(ValueError, match=r"model.layers.1.mlp.up_proj.weight.*\(127, 64\)"):
-        InferenceModel.from_dir(shp)
+        load_inference_model(shp)
     # no tokenizer: the CLI says which files it looked for
     with pytest.raises(FileNotFoundError, match="tokenizer.json"):
         cli_main(["generate", "--model", str(d), "--prompt", "hi"])
@@ -251,7 +253,7 @@ def test_bad_model_dirs_are_named(tmp_path):
 
 def test_bad_generation_arguments(tmp_path):
     make_hf_checkpoint(tmp_path, "llama")
-    im = InferenceModel.from_dir(tmp_path)
+    im = load_inference_model(tmp_path)
     with pytest.raises(ValueError, match="empty"):
         generate(im, [], 3)
     with pytest.raises(ValueError, match=f"token id {VOCAB}"):
@@ -306,13 +308,13 @@ def test_tp_mpi_q8_0_directory_loads_its_shards(tmp_path):
     tensors, so o/down outputs were summed tp times over). Equals one-process Q8_0."""
     from cke_dist.comm import init
     from cke_dist.model import LlamaConfig, Model
-    from cke_dist.model.decode import save_q8_dir
+    from cke_dist.model.load import load_inference_model, save_quantized
     world = init(transport="tcp")
     cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
     model = Model.from_config(cfg, seed=0, init_std=0.2)
-    save_q8_dir(InferenceModel.from_model(model, quantize="q8_0"), tmp_path / "q8")   # each rank its own copy
-    one, tp = InferenceModel.from_dir(tmp_path / "q8"), InferenceModel.from_dir(tmp_path / "q8", tp_group=world)
+    save_quantized(InferenceModel.from_model(model, quantize="q8_0"), tmp_path / "q8")   # each rank its own copy
+    one, tp = load_inference_model(tmp_path / "q8"), load_inference_model(tmp_path / "q8", tp_group=world)
     assert tp.quantize == "q8_0" and tp.layers[0]["down"].in_features == 128 // world.size
     ids = prompt(9)
     a, b = one.prefill(one.new_cache(1, 16), 0, ids), tp.prefill(tp.new_cache(1, 16), 0, ids)

@@ -13,8 +13,9 @@ gguf = pytest.importorskip("gguf")
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
+from cke_dist.formats.gguf import GGUFError
+from cke_dist.formats.gguf_write import write_gguf  # noqa: E402
 from cke_dist.model import LlamaConfig, Model, load_model  # noqa: E402
-from cke_dist.model.gguf_io import GGUFError, write_gguf  # noqa: E402
 from cke_dist.model.layout import LM_HEAD  # noqa: E402
 
 T = gguf.GGMLQuantizationType
@@ -140,9 +141,9 @@ def test_an_unsupported_type_or_architecture_is_named(tmp_path):
 def test_export_command_and_generate_from_the_gguf(tmp_path):
     """cke-dist export CKPT OUT.gguf --format gguf --type q8_0, then cke-dist generate --model OUT.gguf:
     the text equals generate on the same dequantized weights."""
-    from cke_dist.checkpoint import Shard, save_checkpoint
-    from cke_dist.generate import generate
-    from cke_dist.tokenizer import ByteTokenizer
+    from cke_dist.formats.checkpoint import Shard, save_checkpoint
+    from cke_dist.formats.tokenizer import ByteTokenizer
+    from cke_dist.serving.generate import generate
 
     model = Model.from_config(LlamaConfig.from_dict(dict(SMALL, vocab_size=256)), seed=3, init_std=0.2)
     ckpt = save_checkpoint(tmp_path / "ckpts", 1, model.config, Shard(0, 1, model.specs, model.params), {},
@@ -195,7 +196,7 @@ TEXTS = ["The capital of France is", "  leading spaces and trailing  ", "digits 
 
 
 def test_smollm2_tokenizer_ids_equal_transformers(smollm2):
-    from cke_dist.tokenizer import load_tokenizer
+    from cke_dist.formats.tokenizer import load_tokenizer
     ours = load_tokenizer(smollm2)
     ref = transformers.AutoTokenizer.from_pretrained(smollm2.parent, gguf_file=smollm2.name)
     for text in TEXTS:
@@ -205,8 +206,8 @@ def test_smollm2_tokenizer_ids_equal_transformers(smollm2):
 
 
 def test_smollm2_greedy_text_and_logits_equal_transformers(smollm2):
-    from cke_dist.generate import generate
-    from cke_dist.tokenizer import load_tokenizer
+    from cke_dist.formats.tokenizer import load_tokenizer
+    from cke_dist.serving.generate import generate
     tok = load_tokenizer(smollm2)
     ids = tok.encode("The capital of France is")
     ours = load_model(smollm2)
@@ -224,11 +225,12 @@ def test_smollm2_greedy_text_and_logits_equal_transformers(smollm2):
 def test_smollm2_stays_4bit_and_close_to_its_float32(smollm2):
     """Inference on the GGUF keeps its Q4_1 and Q8_0 blocks (about 106 MiB read per token, not 540);
     its logits stay close to the dequantized float32 model's and the first token is the same."""
-    from cke_dist.model.decode import InferenceModel
-    from cke_dist.tokenizer import load_tokenizer
+    from cke_dist.formats.tokenizer import load_tokenizer
+    from cke_dist.model.inference import InferenceModel
+    from cke_dist.model.load import load_inference_model
     tok = load_tokenizer(smollm2)
     ids = tok.encode("The capital of France is")
-    native = InferenceModel.from_dir(smollm2)
+    native = load_inference_model(smollm2)
     f32 = InferenceModel.from_model(load_model(smollm2))
     assert native.quantize == "q4_1" and native.embed_q.kind == "q8_0"
     assert native.weight_bytes_per_token() < 0.25 * f32.weight_bytes_per_token()
@@ -252,7 +254,7 @@ def test_llama_cpp_runs_our_export(tmp_path):
     """Where llama-cpp-python is installed (not in CI: it builds llama.cpp for ~25 minutes), llama.cpp
     loads our f32 export, byte tokenizer included, and its logits are ours."""
     llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed")
-    from cke_dist.tokenizer import ByteTokenizer
+    from cke_dist.formats.tokenizer import ByteTokenizer
     model = Model.from_config(LlamaConfig.from_dict(dict(SMALL, vocab_size=256)), seed=2, init_std=0.2)
     path = write_gguf(tmp_path / "m.gguf", model.config, dict(model.named_params), "f32", ByteTokenizer())
     llm = llama_cpp.Llama(model_path=str(path), n_ctx=32, verbose=False, logits_all=True)
@@ -347,9 +349,9 @@ def test_sentencepiece_tokenizer_ids_and_text_equal_transformers(spm_file):
     """Ids, decoded text, BOS/EOS, special tokens and the chat template of a SentencePiece GGUF equal
     transformers' tokenizer loaded from the same file; where transformers follows SentencePiece (no
     leading space, no special tokens in the text) the ids are SentencePiece's own."""
-    from cke_dist.model.gguf_io import gguf_special_tokens
+    from cke_dist.formats.gguf import gguf_special_tokens
+    from cke_dist.formats.tokenizer import TextStream, load_tokenizer
     from cke_dist.serving.chat import load_chat_template
-    from cke_dist.tokenizer import TextStream, load_tokenizer
     sp, path = spm_file
     ours = load_tokenizer(path)
     ref = transformers.AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
@@ -389,7 +391,7 @@ def test_sentencepiece_without_space_prefix_or_byte_pieces_follows_sentencepiece
     """Where transformers' GGUF reader departs from the file, ours follows SentencePiece (and llama.cpp
     where installed): tokenizer.ggml.add_space_prefix = false prefixes no "▁" (transformers ignores
     the key), and a character with neither a piece nor byte pieces is <unk> (transformers drops it)."""
-    from cke_dist.tokenizer import load_tokenizer
+    from cke_dist.formats.tokenizer import load_tokenizer
     texts = ["Hello world", "ROMEO: But soft", "a\nb  c", "digits 123"]
     sp = _train_spm(dummy_prefix=False)
     path = _spm_gguf(tmp_path / "noprefix.gguf", sp, add_space_prefix=False)
@@ -414,8 +416,8 @@ def test_generate_prints_the_sentencepiece_text(tmp_path):
     """cke-dist generate on a GGUF with a SentencePiece vocabulary: the printed text is the prompt and
     the continuation as transformers decodes prompt + new ids, its leading "▁" kept as a space
     (decoding the new ids alone would strip it)."""
-    from cke_dist.generate import generate
-    from cke_dist.tokenizer import load_tokenizer
+    from cke_dist.formats.tokenizer import load_tokenizer
+    from cke_dist.serving.generate import generate
     sp = _train_spm()
     model = Model.from_config(LlamaConfig.from_dict(dict(SMALL, vocab_size=sp.vocab_size(), tie_word_embeddings=False)),
                               seed=4, init_std=0.3)
@@ -483,7 +485,7 @@ def test_llama3_rope_scaling_round_trips(tmp_path, rope):
     as the same config and logits, which are transformers' for that config; without the original
     context length (llama.cpp's converter does not write it) the parameters are solved from the
     divisors, and the logits stay the same up to rounding."""
-    from cke_dist.model.gguf_io import gguf_config
+    from cke_dist.formats.gguf import gguf_config
     model = Model.from_config(LlamaConfig.from_dict(dict(ROPE_SMALL, rope_scaling={"rope_type": "llama3", **rope})),
                               seed=0, init_std=0.2)
     path = write_gguf(tmp_path / "rope.gguf", model.config, dict(model.named_params), "f32")
@@ -507,7 +509,7 @@ def test_linear_rope_scaling_reads_as_llama_cpp_applies_it(tmp_path):
     """rope.scaling.type = linear (or a factor with no type, which llama.cpp takes as linear) divides
     every frequency by the factor: our logits equal transformers' linear RoPE on the same weights;
     type none ignores the factor; our export writes it back as linear."""
-    from cke_dist.model.gguf_io import gguf_config
+    from cke_dist.formats.gguf import gguf_config
     model = Model.from_config(LlamaConfig.from_dict(ROPE_SMALL), seed=1, init_std=0.2)
     plain = write_gguf(tmp_path / "plain.gguf", model.config, dict(model.named_params), "f32")
     x = tokens(256, 48)
@@ -528,7 +530,7 @@ def test_linear_rope_scaling_reads_as_llama_cpp_applies_it(tmp_path):
 
 
 def test_rope_scaling_we_cannot_represent_is_refused(tmp_path):
-    from cke_dist.model.gguf_io import gguf_config
+    from cke_dist.formats.gguf import gguf_config
     model = Model.from_config(LlamaConfig.from_dict(ROPE_SMALL), seed=1, init_std=0.2)
     plain = write_gguf(tmp_path / "plain.gguf", model.config, dict(model.named_params), "f32")
     yarn = _rewrite(plain, tmp_path / "yarn.gguf", add=lambda w: (w.add_rope_scaling_type(gguf.RopeScalingType.YARN),
@@ -552,7 +554,7 @@ def test_llama_cpp_runs_our_rope_scaled_export(tmp_path):
     """Where llama-cpp-python is installed: llama.cpp applies our rope_freqs.weight (and linear
     scaling) as we do (float32 KV cache, so only the arithmetic's rounding is left)."""
     llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed")
-    from cke_dist.tokenizer import ByteTokenizer
+    from cke_dist.formats.tokenizer import ByteTokenizer
     ids = tokens(256, 40)[0].tolist()
     for i, rope in enumerate([dict(factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
                                    original_max_position_embeddings=16),

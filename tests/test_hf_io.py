@@ -8,7 +8,7 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from cke_dist.model.hf_io import HFFormatError, read_hf_dir, read_safetensors, write_hf_dir  # noqa: E402
+from cke_dist.formats.hf import HFFormatError, read_hf_dir, read_safetensors, write_hf_dir  # noqa: E402
 
 
 def _tiny_hf_model(tie=False, dtype=None):

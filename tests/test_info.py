@@ -6,10 +6,10 @@ import subprocess
 import sys
 
 import pytest
-
-from cke_dist.comm import rdma
 from mpirun import REPO
 from test_select import run_two_hosts
+
+from cke_dist.comm import rdma
 
 INFO = [sys.executable, "-m", "cke_dist.cli", "info"]
 PROBE = rdma.probe()

@@ -3,7 +3,6 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-
 from cke_kernels import attention, crossentropy, embedding, linear, optim, residual, rmsnorm, rope, swiglu
 from cke_kernels.threads import set_num_threads
 
@@ -285,9 +284,8 @@ def test_set_num_threads_rejects_more_than_numba_has():
 
 
 def test_expf():
-    from numba import njit
-
     from cke_kernels.expf import FAST, expf
+    from numba import njit
 
     @njit(fastmath=FAST)
     def vexp(a, out):

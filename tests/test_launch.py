@@ -1,4 +1,4 @@
-"""launch/mpirun_cmd.py: cluster configs become mpiexec command lines that really run, and sbatch scripts.
+"""`cke-dist launch` (cke_dist/cli/launch.py): cluster configs become mpiexec command lines that really run, and sbatch scripts.
 
 The sbatch scripts run on a real Slurm in tests/test_slurm.py; here only their text is checked.
 """
@@ -8,11 +8,11 @@ import sys
 
 from mpirun import REPO
 
-SCRIPT = REPO / "launch" / "mpirun_cmd.py"
+LAUNCH = [sys.executable, "-m", "cke_dist.cli", "launch"]
 
 
 def _run(*args, timeout=60):
-    return subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True, timeout=timeout)
+    return subprocess.run([*LAUNCH, *args], capture_output=True, text=True, timeout=timeout)
 
 
 def test_two_host_config_makes_the_hydra_command():
@@ -123,11 +123,19 @@ def test_bad_slurm_tables_are_named(tmp_path):
         assert res.returncode != 0 and message in res.stderr, (text, res.stderr)
 
 
-def test_readme_shows_the_script_slurm_toml_makes():
-    readme = (REPO / "README.md").read_text()
-    prompt = "$ python launch/mpirun_cmd.py cluster-configs/slurm.toml --slurm -- cke-dist train\n"
-    assert prompt in readme
-    shown = readme.split(prompt, 1)[1].split("```", 1)[0]
+def test_docs_show_the_script_slurm_toml_makes():
+    doc = (REPO / "docs" / "slurm.md").read_text()
+    prompt = "$ cke-dist launch cluster-configs/slurm.toml --slurm -- cke-dist train\n"
+    assert prompt in doc
+    shown = doc.split(prompt, 1)[1].split("```", 1)[0]
+    res = subprocess.run([*LAUNCH, "cluster-configs/slurm.toml", "--slurm", "--", "cke-dist", "train"], cwd=REPO,
+                         capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0 and res.stdout == shown, res.stdout + res.stderr
+
+
+def test_the_old_script_path_still_runs():
     res = subprocess.run([sys.executable, "launch/mpirun_cmd.py", "cluster-configs/slurm.toml", "--slurm", "--",
                           "cke-dist", "train"], cwd=REPO, capture_output=True, text=True, timeout=60)
-    assert res.returncode == 0 and res.stdout == shown, res.stdout + res.stderr
+    new = subprocess.run([*LAUNCH, "cluster-configs/slurm.toml", "--slurm", "--", "cke-dist", "train"], cwd=REPO,
+                         capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0 and res.stdout == new.stdout and "#SBATCH" in res.stdout, res.stderr

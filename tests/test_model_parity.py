@@ -5,11 +5,11 @@ import json
 
 import numpy as np
 import pytest
+import reference as R
 import torch
 
-import reference as R
 from cke_dist.model import LlamaConfig, Model, load_model
-from cke_dist.optim import SGD, AdamW
+from cke_dist.train.optim import SGD, AdamW
 
 RTOL, ATOL = 1e-4, 1e-5
 
@@ -327,7 +327,7 @@ sys.path.insert(0, {tests!r})
 from cke_kernels.threads import set_num_threads
 set_num_threads(2)
 from test_model_parity import make, batch
-from cke_dist.optim import AdamW
+from cke_dist.train.optim import AdamW
 model = make("llama-gqa")
 x, y = batch(model.config, B=4, T=33)
 model.zero_grad()

@@ -1,10 +1,11 @@
-"""cke_dist.optim against torch.optim on a real model's flat buffers; state round trips; clipping."""
+"""cke_dist.train.optim against torch.optim on a real model's flat buffers; state round trips; clipping."""
 import numpy as np
 import pytest
 import torch
 
 from cke_dist.model import LlamaConfig, Model
-from cke_dist.optim import SGD, AdamW, clip_grad_norm, grad_norm
+from cke_dist.parallel.step import clip_grad_norm, grad_norm
+from cke_dist.train.optim import SGD, AdamW
 
 CFG = LlamaConfig(vocab_size=50, hidden_size=16, intermediate_size=24, num_hidden_layers=1,
                   num_attention_heads=2, num_key_value_heads=1)

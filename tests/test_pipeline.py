@@ -2,7 +2,6 @@
 and the stage split in one process."""
 import numpy as np
 import pytest
-
 from mpirun import REPO, run_pytest_mpi
 
 

@@ -14,7 +14,7 @@ def png_size(path):
 
 
 def test_plot_of_two_runs(tmp_path, corpus):
-    from cke_dist.plot import read_metrics
+    from cke_dist.cli.plot import read_metrics
 
     for name in ("a", "b"):
         lr = '3e-3' if name == 'a' else '1e-3'

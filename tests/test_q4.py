@@ -2,7 +2,6 @@
 numpy reference of the same math, and a 4-bit model's text close to float32's."""
 import numpy as np
 import pytest
-
 from cke_kernels.q4 import dequantize_q4, q4_gather_rows, q4_matmul, quantize_q4
 
 KINDS = ["q4_0", "q4_1"]
@@ -69,17 +68,17 @@ def test_a_4bit_directory_generates_what_the_in_memory_model_does(tmp_path, kind
     model (in memory 5 bits a weight for Q4_0, 6 for Q4_1: float32 block scales), and stays close
     to float32."""
     from cke_dist.cli import main as cli_main
-    from cke_dist.generate import generate
     from cke_dist.model import LlamaConfig, Model
-    from cke_dist.model.decode import InferenceModel
+    from cke_dist.model.load import load_inference_model
+    from cke_dist.serving.generate import generate
 
     cfg = dict(vocab_size=256, hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
                num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=False)
     Model.from_config(LlamaConfig.from_dict(cfg), seed=0, init_std=0.05).save(tmp_path / "f32")
     assert cli_main(["quantize", "--model", str(tmp_path / "f32"), "--out", str(tmp_path / kind),
                      "--format", kind]) == 0
-    f32 = InferenceModel.from_dir(tmp_path / "f32")
-    q = InferenceModel.from_dir(tmp_path / kind)
+    f32 = load_inference_model(tmp_path / "f32")
+    q = load_inference_model(tmp_path / kind)
     assert q.quantize == kind
     assert q.weight_bytes_per_token() < (0.16 if kind == "q4_0" else 0.19) * f32.weight_bytes_per_token()
     same = f32.to_quantized(kind)

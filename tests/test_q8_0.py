@@ -1,9 +1,16 @@
 """Q8_0: format round trip bound, the kernels against numpy, model logits vs float32, the quantize job."""
 import numpy as np
 import pytest
-
-from cke_kernels.q8_0 import (MATVEC_MAX_ROWS, dequantize_q8_0, make_q8_dot, q8_0_gather_rows, q8_0_matmul,
-                              q8_0_matvec, quantize_q8_0, quantize_rows)
+from cke_kernels.q8_0 import (
+    MATVEC_MAX_ROWS,
+    dequantize_q8_0,
+    make_q8_dot,
+    q8_0_gather_rows,
+    q8_0_matmul,
+    q8_0_matvec,
+    quantize_q8_0,
+    quantize_rows,
+)
 
 rng = np.random.default_rng(0)
 
@@ -87,9 +94,9 @@ def test_every_integer_dot_codegen_is_exact_and_identical():
     """Each instruction-set variant of the block dot (the host's kernel uses one; the others are
     compiled here where the CPU has them) against the exact integer reference, odd block counts
     included, and bit-identical to the plain-IR variant that sums its lanes the same way."""
+    from cke_kernels.q8_0 import GROUPING
     from llvmlite import binding as llvm
     from numba import njit
-    from cke_kernels.q8_0 import GROUPING
     feats = llvm.get_host_cpu_features()
     variants = ["generic", "generic4"] + [s for s in ("avx2", "avx512bw") if feats.get(s)]
     if feats.get("avx512vnni") and feats.get("avx512vl"):
@@ -136,17 +143,17 @@ def models(request, tmp_path_factory):
     pytest.importorskip("transformers")
     from test_generate import make_hf_checkpoint
 
-    from cke_dist.model.decode import InferenceModel
+    from cke_dist.model.load import load_inference_model
     d = tmp_path_factory.mktemp(request.param)
     # wider than the parity models: Q8_0 error averages out over more terms, as in real models
     make_hf_checkpoint(d, request.param, hidden_size=256, intermediate_size=512, num_attention_heads=8,
                        num_key_value_heads=2, initializer_range=0.05)
-    f32 = InferenceModel.from_dir(d)
-    return d, f32, f32.to_q8_0()
+    f32 = load_inference_model(d)
+    return d, f32, f32.to_quantized("q8_0")
 
 
 def test_q8_0_logits_close_to_float32(models):
-    from cke_dist.generate import generate
+    from cke_dist.serving.generate import generate
     _, f32, q8 = models
     ids = np.random.default_rng(3).integers(0, 300, 8).tolist()
     seq = ids + generate(f32, ids, 56, temperature=0)        # the float32 model's own greedy text
@@ -170,15 +177,15 @@ def test_q8_0_logits_close_to_float32(models):
 
 def test_quantize_job_writes_a_dir_that_generates_the_same(models, tmp_path):
     from cke_dist.cli import main as cli_main
-    from cke_dist.generate import generate
-    from cke_dist.model.decode import InferenceModel
+    from cke_dist.model.load import load_inference_model
+    from cke_dist.serving.generate import generate
     d, _, q8 = models
     (d / "cke_tokenizer.json").write_text('{"type": "bytes"}')
     out = tmp_path / "q8"
     assert cli_main(["quantize", "--model", str(d), "--out", str(out)]) == 0
     assert (out / "cke_tokenizer.json").is_file()
     assert (out / "model.safetensors").stat().st_size < 0.35 * (d / "model.safetensors").stat().st_size
-    loaded = InferenceModel.from_dir(out)
+    loaded = load_inference_model(out)
     assert loaded.quantize == "q8_0"
     ids = [1, 2, 3, 4, 5]
     a = loaded.prefill(loaded.new_cache(1, 5), 0, ids, all_logits=True)
@@ -203,16 +210,16 @@ def test_quantize_job_writes_a_dir_that_generates_the_same(models, tmp_path):
 def test_q8_0_dir_with_bad_tensor_is_named(models, tmp_path):
     from safetensors.numpy import load_file, save_file
 
-    from cke_dist.model.decode import InferenceModel, save_q8_dir
+    from cke_dist.model.load import load_inference_model, save_quantized
     _, _, q8 = models
-    save_q8_dir(q8, tmp_path)
+    save_quantized(q8, tmp_path)
     t = load_file(str(tmp_path / "model.safetensors"))
     name = "model.layers.0.mlp.down_proj.weight"
     t[name + "_scale"] = t[name + "_scale"][:, :-1]
     save_file(t, str(tmp_path / "model.safetensors"))
     with pytest.raises(ValueError, match=name):
-        InferenceModel.from_dir(tmp_path)
+        load_inference_model(tmp_path)
     t[name] = t[name].astype(np.float32)
     save_file(t, str(tmp_path / "model.safetensors"))
     with pytest.raises(ValueError, match=f"{name} should be Q8_0"):
-        InferenceModel.from_dir(tmp_path)
+        load_inference_model(tmp_path)

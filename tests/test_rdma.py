@@ -7,9 +7,10 @@ everywhere. Where a device exists, the same command runs the link tests on it.
 import json
 
 import pytest
+from mpirun import REPO, run_pytest_mpi
 
 from cke_dist.comm import rdma
-from mpirun import REPO, run_pytest_mpi
+
 PROBE = rdma.probe()
 
 

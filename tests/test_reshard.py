@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from jobs import run_job
 
-from cke_dist.checkpoint import load_checkpoint
+from cke_dist.formats.checkpoint import load_checkpoint
 from cke_dist.model import load_model
 
 STEPS = ["train.steps=8", "train.checkpoint_every=4", "data.grad_accum=4", "data.batch_size=4"]

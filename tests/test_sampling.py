@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from cke_dist.sampling import Sampler, filter_logits, probabilities
+from cke_dist.serving.sampling import Sampler, filter_logits, probabilities
 
 # probabilities 0.4, 0.3, 0.15, 0.1, 0.05 (a crafted row whose masses are easy to read)
 P = np.array([0.15, 0.4, 0.05, 0.3, 0.1])

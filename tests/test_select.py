@@ -7,10 +7,10 @@ import subprocess
 import sys
 
 import pytest
+from mpirun import REPO, run_mpi, run_pytest_mpi
 
 from cke_dist.comm import rdma, select
 from cke_dist.comm.errors import TransportUnavailable
-from mpirun import REPO, run_mpi, run_pytest_mpi
 
 NO_DEVICE = {"ok": False, "reason": "rdma: no device", "version": "56.0rc1", "devices": [], "use": None,
              "checked": ["import pyverbs: ok (version 56.0rc1)",

@@ -2,7 +2,7 @@
 on a tiny random Llama with a real (tiny BPE) Hugging Face tokenizer and a ChatML chat template,
 driven by the official `openai` client and by raw HTTP.
 
-Every expected text is `cke_dist.generate.generate` on the same prompt ids in this process, decoded
+Every expected text is `cke_dist.serving.generate.generate` on the same prompt ids in this process, decoded
 by the same tokenizer. The model is random, so its greedy text is byte soup; that is fine, the
 comparison is exact. Some prompts stop on the EOS id early and some never do: the fixtures pick
 such prompts by running generate here, so every test knows which case it has.
@@ -22,19 +22,19 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from mpirun import REPO, THREAD_VARS, mpiexec
 
 openai = pytest.importorskip("openai")
 pytest.importorskip("jinja2")
 pytest.importorskip("tokenizers")
 
-from cke_dist.generate import generate  # noqa: E402
-from cke_dist.model import LlamaConfig, Model  # noqa: E402
-from cke_dist.model.decode import InferenceModel  # noqa: E402
-from cke_dist.serving.chat import ChatTemplateError, load_chat_template  # noqa: E402
-from cke_dist.tokenizer import load_tokenizer  # noqa: E402
 from test_tokenizer import make_tokenizer_dir  # noqa: E402
+
+from cke_dist.formats.tokenizer import load_tokenizer  # noqa: E402
+from cke_dist.model import LlamaConfig, Model  # noqa: E402
+from cke_dist.model.load import load_inference_model
+from cke_dist.serving.chat import ChatTemplateError, load_chat_template  # noqa: E402
+from cke_dist.serving.generate import generate  # noqa: E402
 
 CTX = 512
 CFG = dict(vocab_size=320, hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
@@ -160,7 +160,7 @@ def model_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def ref(model_dir):
     """The one-process model and tokenizer, and prompts (ids) picked by what greedy does on them."""
-    im, tok = InferenceModel.from_dir(model_dir), load_tokenizer(model_dir)
+    im, tok = load_inference_model(model_dir), load_tokenizer(model_dir)
     eos = tok.eos_token_ids
     rng = np.random.default_rng(0)
     cands = [rng.integers(2, 300, n).tolist() for n in rng.integers(3, 12, 80)]

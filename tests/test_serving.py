@@ -1,12 +1,12 @@
 """The serving engine: continuous batching in one process, and at tp / pp / both (tests/serve_mpi.py)."""
 import numpy as np
 import pytest
-
-from cke_dist.generate import generate, generate_batch
-from cke_dist.model import LlamaConfig, Model
-from cke_dist.model.decode import InferenceModel
-from cke_dist.serving import Engine, EngineError, Params
 from mpirun import REPO, run_pytest_mpi
+
+from cke_dist.model import LlamaConfig, Model
+from cke_dist.model.inference import InferenceModel
+from cke_dist.serving import Engine, EngineError, Params
+from cke_dist.serving.generate import generate, generate_batch
 
 CFG = dict(vocab_size=61, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
            num_key_value_heads=2, max_position_embeddings=40, rms_norm_eps=1e-5)

@@ -4,7 +4,6 @@ exists here: shm (one host), tcp (forced), and a mix (ranks posing as two hosts:
 tests/test_comm_mpi.py runs the same suite over tcp at 2..5 ranks.
 """
 import pytest
-
 from mpirun import REPO, run_pytest_mpi
 from test_select import run_two_hosts
 

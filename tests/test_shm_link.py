@@ -13,10 +13,10 @@ import time
 
 import numpy as np
 import pytest
+from mpirun import REPO, run_mpi, run_pytest_mpi
 
 from cke_dist.comm import shm
 from cke_dist.comm.errors import CommTimeout, FrameError, PeerLost
-from mpirun import REPO, run_mpi, run_pytest_mpi
 
 
 def _pair(nslots=4, slot_bytes=1 << 16):

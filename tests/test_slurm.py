@@ -1,5 +1,5 @@
 """A real one-node Slurm (Debian's slurm-wlm and munge) started on this machine runs what
-launch/mpirun_cmd.py --slurm makes: the sbatch script's srun starts the ranks of a training job.
+`cke-dist launch --slurm` makes: the sbatch script's srun starts the ranks of a training job.
 
 The daemons are ours alone: their own munged and key, a slurm.conf in a temp dir (handed to every
 client as SLURM_CONF), free ports, state and spool dirs in the temp dir; they are stopped when the
@@ -21,7 +21,7 @@ import pytest
 from jobs import TINY
 from mpirun import REPO
 
-SCRIPT = REPO / "launch" / "mpirun_cmd.py"
+LAUNCH = [sys.executable, "-m", "cke_dist.cli", "launch"]
 TOOLS = ("munged", "slurmctld", "slurmd", "sbatch", "srun", "sinfo", "scancel")
 INSTALL = "apt-get install slurm-wlm munge"
 START_S = 30
@@ -175,7 +175,7 @@ def test_printed_sbatch_script_trains_on_two_ranks_under_srun(slurm, tmp_path, c
     job = [*_cke_dist(), "train", "--no-progress"]
     for s in [*TINY, f"data.path={tmp_path / 'corpus.txt'}", f"train.out_dir={tmp_path / 'run'}", "train.steps=3"]:
         job += ["--set", s]
-    made = subprocess.run([sys.executable, str(SCRIPT), str(_config(tmp_path)), "--slurm", "--", *job],
+    made = subprocess.run([*LAUNCH, str(_config(tmp_path)), "--slurm", "--", *job],
                           capture_output=True, text=True, timeout=60)
     assert made.returncode == 0, made.stderr
     script = tmp_path / "train.sbatch"
@@ -198,7 +198,7 @@ def test_submit_hands_the_script_to_sbatch(slurm, tmp_path):
            "from cke_dist.comm import init; import numpy as np; w = init(timeout=30); x = np.ones(3) * (w.rank + 1);"
            "w.allreduce(x); print(f'rank {w.rank} of {w.size} sum {int(x[0])}', flush=True)"]
     out = tmp_path / "job.out"
-    res = subprocess.run([sys.executable, str(SCRIPT), str(_config(tmp_path)), "--slurm", "--submit", "--", *job],
+    res = subprocess.run([*LAUNCH, str(_config(tmp_path)), "--slurm", "--submit", "--", *job],
                          cwd=REPO, env=dict(slurm, SBATCH_WAIT="1", SBATCH_OUTPUT=str(out)),
                          capture_output=True, text=True, timeout=120)
     log = out.read_text() if out.exists() else "(no job output)"

@@ -2,7 +2,6 @@
 in one process."""
 import numpy as np
 import pytest
-
 from jobs import checkpoint_params, logged_losses, run_job
 from mpirun import REPO, run_pytest_mpi
 

@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from cke_dist.tokenizer import ByteTokenizer, HFTokenizer, TextStream, load_tokenizer
+from cke_dist.formats.tokenizer import ByteTokenizer, HFTokenizer, TextStream, load_tokenizer
 
 SENTENCES = [
     "the quick brown fox jumps over the lazy dog",

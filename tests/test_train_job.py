@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 
 from cke_dist import cli
-from cke_dist.checkpoint import find_checkpoint
-from cke_dist.config import load_config
+from cke_dist.formats.checkpoint import find_checkpoint
 from cke_dist.model import load_model
-from cke_dist.schedule import lr_at
-from cke_dist.train import resolve_config, train
+from cke_dist.train.config import load_config
+from cke_dist.train.loop import resolve_config, train
+from cke_dist.train.schedule import lr_at
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -88,7 +88,7 @@ def test_resume_is_bitwise_identical(tmp_path, optim):
     resumed = train(cfg, resume=ckpt, progress=False)
     assert resumed["checkpoint"].name == "step_00000008"
     np.testing.assert_array_equal(resumed["model"].params, full["model"].params)
-    from cke_dist.model.hf_io import read_safetensors
+    from cke_dist.formats.hf import read_safetensors
     opt_full = read_safetensors(full["checkpoint"] / "optimizer.safetensors")
     opt_res = read_safetensors(resumed["checkpoint"] / "optimizer.safetensors")
     per_param = 2 if "optim.name=adamw" in optim else 1    # AdamW's two moments, SGD's momentum
@@ -161,7 +161,7 @@ def test_console_script_runs(tmp_path):
 
 
 def test_sample_after_training(tmp_path, capsys):
-    from cke_dist.generate import generate
+    from cke_dist.serving.generate import generate
 
     result = train(_cfg(tmp_path, "train.steps=3", "sample.max_new_tokens=12", "sample.temperature=0",
                         "sample.prompt=To be"), progress=False)
@@ -191,7 +191,7 @@ def test_init_from_hf_dir_and_mismatched_tensors(tmp_path, capsys):
     assert again["model"].params.shape == start.params.shape
     assert not np.array_equal(again["model"].params, start.params)  # it trained on from there
     # a weights file whose tensors do not fit its config.json: exit 2 naming the dir and the tensor
-    from cke_dist.model.hf_io import read_hf_dir, write_hf_dir
+    from cke_dist.formats.hf import read_hf_dir, write_hf_dir
     config, tensors = read_hf_dir(first["checkpoint"])
     tensors["model.norm.weight"] = np.ones(7, np.float32)
     write_hf_dir(tmp_path / "bad", config, tensors)
@@ -227,8 +227,9 @@ def test_a_checkpoint_slower_than_the_comm_deadline_does_not_abort_the_job(tmp_p
     than a 2 s comm deadline; the other rank waits in a barrier with the checkpoint's own deadline
     instead of timing out in the next step. Given that same 2 s as train.checkpoint_timeout, the job
     fails in that barrier: the write really is slower than the deadline."""
-    from cke_dist.checkpoint import verify_checkpoint
     from mpirun import run_mpi
+
+    from cke_dist.formats.checkpoint import verify_checkpoint
     corpus = tmp_path / "c.txt"
     corpus.write_bytes(b"abcdefgh ijklmnop\n" * 2000)
 

@@ -14,7 +14,6 @@ import time
 
 import numpy as np
 import pytest
-
 from mpirun import REPO
 from vcluster import VirtualCluster, leftovers, sweep_stale, unavailable
 

@@ -110,7 +110,7 @@ def test_logits_loss_and_every_gradient_match_one_process(world, name):
 
 def test_replicas_are_summed_where_kv_heads_are_shared(world):
     """The KV-replica case really has replicas (so the sum above was tested), and the aligned case none."""
-    from cke_dist.parallel.tensor_parallel import replica_ranges
+    from cke_dist.parallel.step import replica_ranges
 
     _, kv1 = models(config("llama-kv1-obias"), world)
     assert replica_ranges(kv1) and replica_ranges(kv1)[0][0] == tuple(range(world.size))
@@ -124,8 +124,9 @@ def test_replicas_are_summed_where_kv_heads_are_shared(world):
 @pytest.mark.parametrize("name", ["llama-gqa-untied", "qwen2-tied-bias", "llama-kv1-obias", "llama-straddle"])
 def test_ten_adamw_steps_with_clipping_match_one_process(world, name):
     from cke_dist.comm import init
-    from cke_dist.optim import AdamW, clip_grad_norm
     from cke_dist.parallel import GradBuckets, ProcessGrid, train_step
+    from cke_dist.parallel.step import clip_grad_norm
+    from cke_dist.train.optim import AdamW
 
     cfg = config(name)
     grid = ProcessGrid(init(), tp=world.size)
@@ -186,7 +187,7 @@ def test_load_model_reads_only_this_ranks_slices(world, tmp_path_factory):
     if world.rank == 0:
         full.save(d)
     world.barrier()
-    import cke_dist.model.gguf_io  # noqa: F401  (load_model imports it: module code is not tensor data)
+    import cke_dist.formats.gguf  # noqa: F401  (load_model imports it: module code is not tensor data)
     tracemalloc.start()
     shard = load_model(d, tp_group=world)
     peak = tracemalloc.get_traced_memory()[1]
@@ -240,10 +241,11 @@ def test_tp_allreduce_completes_while_dp_buckets_are_pending(world):
 
 def test_dp2_tp2_matches_one_process_and_is_bitwise_repeatable(world):
     from cke_dist.comm import init
-    from cke_dist.data import TRAIN, BatchSampler
     from cke_dist.model import Model
-    from cke_dist.optim import AdamW, clip_grad_norm
     from cke_dist.parallel import GradBuckets, ProcessGrid, sync_params, train_step
+    from cke_dist.parallel.step import clip_grad_norm
+    from cke_dist.train.data import TRAIN, BatchSampler
+    from cke_dist.train.optim import AdamW
 
     if world.size != 4:
         pytest.skip("needs dp=2 x tp=2")

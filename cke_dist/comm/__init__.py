@@ -8,9 +8,9 @@
 Knows nothing of models or kernels. See bootstrap.py (setup, settings, abort),
 group.py (groups, ordering, async), collectives.py (algorithms), tcp.py (transport).
 """
-from .bootstrap import init
-from .errors import CommError, CommTimeout, FrameError, PeerLost, TransportUnavailable
-from .group import Communicator, Handle
+from cke_dist.comm.bootstrap import init
+from cke_dist.comm.errors import CommError, CommTimeout, FrameError, PeerLost, TransportUnavailable
+from cke_dist.comm.group import Communicator, Handle
 
 __all__ = ["init", "Communicator", "Handle", "CommError", "CommTimeout", "FrameError", "PeerLost",
            "TransportUnavailable"]

@@ -38,9 +38,9 @@ import sys
 import threading
 import time
 
-from . import select, tcp
-from .errors import CommError
-from .group import Communicator, Engine
+from cke_dist.comm import select, tcp
+from cke_dist.comm.errors import CommError
+from cke_dist.comm.group import Communicator, Engine
 
 log = logging.getLogger("cke_dist.comm")
 

@@ -22,7 +22,7 @@ import os
 
 import numpy as np
 
-from .reduce_ops import combine, finish
+from cke_dist.comm.reduce_ops import combine, finish
 
 # Allreduce of buffers of at least this many bytes uses the ring, below it
 # recursive doubling. Measured, not guessed: `mpiexec -n N python

@@ -39,38 +39,39 @@ import queue
 import threading
 import time
 import zlib
+from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
 
 import numpy as np
 
-from . import collectives as C
-from .errors import CommError, CommTimeout
-from .reduce_ops import check_buffer, check_op
+from cke_dist.comm import collectives as C
+from cke_dist.comm.errors import CommError, CommTimeout
+from cke_dist.comm.reduce_ops import check_buffer, check_op
 
 _ALLREDUCE, _BCAST, _BARRIER, _ALLGATHER, _REDUCE_SCATTER, _P2P = 1, 2, 3, 4, 5, 6
 
 
-class Handle:
-    """An op in flight. `wait()` returns its result or raises its error."""
+class Handle(Future):
+    """An op in flight (a concurrent.futures.Future): `wait()` returns its result or raises its error."""
 
     def __init__(self, what: str = "op"):
-        self._done = threading.Event()
-        self._result = None
-        self._error: BaseException | None = None
+        super().__init__()
         self.what = what
 
     def _finish(self, result=None, error=None):
-        self._result, self._error = result, error
-        self._done.set()
+        if error is None:
+            self.set_result(result)
+        else:
+            self.set_exception(error)
 
     def is_completed(self) -> bool:
-        return self._done.is_set()
+        return self.done()
 
     def wait(self, timeout: float | None = None):
-        if not self._done.wait(timeout):
-            raise CommTimeout(f"{self.what} not finished after waiting {timeout}s", op=self.what)
-        if self._error is not None:
-            raise self._error
-        return self._result
+        try:
+            return self.result(timeout)
+        except FutureTimeout:
+            raise CommTimeout(f"{self.what} not finished after waiting {timeout}s", op=self.what) from None
 
 
 class Engine:

@@ -32,8 +32,8 @@ import warnings
 
 import numpy as np
 
-from .errors import CommTimeout, PeerLost
-from .slots import RxRing, SlotLink, TxRing
+from cke_dist.comm.errors import CommTimeout, PeerLost
+from cke_dist.comm.slots import RxRing, SlotLink, TxRing
 
 DEFAULT_SLOT_BYTES = (1 << 20) + 64  # 1 MiB payload + header, as shm
 DEFAULT_NSLOTS = 4

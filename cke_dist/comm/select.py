@@ -21,7 +21,8 @@ import os
 import socket
 from dataclasses import dataclass, field
 
-from .errors import TransportUnavailable
+from cke_dist.comm import shm
+from cke_dist.comm.errors import TransportUnavailable
 
 
 TRANSPORTS = ("auto", "tcp", "shm", "rdma")
@@ -44,7 +45,7 @@ def host_identity() -> str:
 
 def local_facts(transport: str) -> dict:
     """This rank's contribution to the bootstrap facts: its host and what rdma it can offer."""
-    from . import rdma
+    from cke_dist.comm import rdma
 
     if transport in ("auto", "rdma"):
         probe = rdma.probe()
@@ -161,7 +162,7 @@ def open_links(comm, the_plan: Plan, open_tcp, *, rdma_probe=None, shm_options=N
     rank of the plan). `open_tcp(peers) -> {peer: Link}` opens tcp links (pairwise, not collective).
     Returns (links, final_plan): the final plan has shm/rdma pairs that failed to come up moved to tcp (auto),
     and is the same on every rank. With a forced transport a failure raises TransportUnavailable on every rank."""
-    from . import rdma, shm
+    from cke_dist.comm import rdma
 
     rank = comm.Get_rank()
     hosts = the_plan.hosts

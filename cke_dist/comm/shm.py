@@ -44,8 +44,8 @@ import warnings
 
 import numpy as np
 
-from .errors import CommTimeout, PeerLost
-from .slots import HEADER_BYTES, RxRing, SlotLink, TxRing
+from cke_dist.comm.errors import CommTimeout, PeerLost
+from cke_dist.comm.slots import HEADER_BYTES, RxRing, SlotLink, TxRing
 
 SHM_DIR = "/dev/shm"
 PREFIX = "cke-shm-"

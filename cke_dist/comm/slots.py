@@ -31,9 +31,9 @@ from typing import Callable
 
 import numpy as np
 
-from .errors import CommError, FrameError
-from .reduce_ops import combine
-from .transport import Link
+from cke_dist.comm.errors import CommError, FrameError
+from cke_dist.comm.reduce_ops import combine
+from cke_dist.comm.transport import Link
 
 HEADER = struct.Struct("<QqQQQ")  # seq, tag, total, offset, nbytes
 HEADER_BYTES = 64  # header padded to a cache line so payload copies start aligned

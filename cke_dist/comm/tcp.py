@@ -43,9 +43,10 @@ import struct
 import termios
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
-from .errors import CommError, CommTimeout, FrameError, PeerLost
-from .transport import Link
+from cke_dist.comm.errors import CommError, CommTimeout, FrameError, PeerLost
+from cke_dist.comm.transport import Link
 
 log = logging.getLogger("cke_dist.comm")
 
@@ -501,8 +502,9 @@ class StripedLink(Link):
         super().__init__(parts[0].peer, parts[0].host)
         self.parts = parts
         self.eager_bytes = parts[0].eager_bytes
-        self._workers = [(_Worker(f"cke-tcp-send-{self.peer}.{i}"), _Worker(f"cke-tcp-recv-{self.peer}.{i}"))
-                         for i in range(1, len(parts))]
+        # one thread per stream and direction, each running one call at a time
+        self._workers = [(ThreadPoolExecutor(1, f"cke-tcp-send-{self.peer}.{i}"),
+                          ThreadPoolExecutor(1, f"cke-tcp-recv-{self.peer}.{i}")) for i in range(1, len(parts))]
 
     def _cuts(self, n):
         if n < STRIPE_MIN:
@@ -526,8 +528,7 @@ class StripedLink(Link):
         except BaseException as e:
             err = e
         for j in jobs:
-            e = j.wait()
-            err = err or e
+            err = err or j.exception()
         if err is not None:
             raise err
 
@@ -542,52 +543,8 @@ class StripedLink(Link):
             p.close()
         for pair in self._workers:
             for w in pair:
-                w.stop()
+                w.shutdown(wait=False)      # ends once the calls queued before are done
 
 
 # Messages of at least this many bytes are striped over the streams of a StripedLink.
 STRIPE_MIN = 1 << 20
-
-
-class _Job:
-    __slots__ = ("done", "error")
-
-    def __init__(self):
-        self.done = threading.Event()
-        self.error = None
-
-    def wait(self):
-        self.done.wait()
-        return self.error
-
-
-class _Worker:
-    """A thread running one call at a time for one stream direction."""
-
-    def __init__(self, name):
-        import queue
-
-        self._q = queue.SimpleQueue()
-        self.thread = threading.Thread(target=self._loop, name=name, daemon=True)
-        self.thread.start()
-
-    def submit(self, fn, *args):
-        job = _Job()
-        self._q.put((fn, args, job))
-        return job
-
-    def stop(self):
-        """End the thread once the calls queued before are done."""
-        self._q.put(None)
-
-    def _loop(self):
-        while True:
-            item = self._q.get()
-            if item is None:
-                return
-            fn, args, job = item
-            try:
-                fn(*args)
-            except BaseException as e:
-                job.error = e
-            job.done.set()

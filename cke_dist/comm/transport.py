@@ -27,7 +27,7 @@ import abc
 
 import numpy as np
 
-from .reduce_ops import combine
+from cke_dist.comm.reduce_ops import combine
 
 
 class Link(abc.ABC):

@@ -14,7 +14,8 @@ import json
 import os
 from dataclasses import dataclass, field
 
-_ARCH = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+from cke_dist.formats.architectures import ARCHITECTURES
+
 _REQUIRED = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
 # keys of ours that to_dict writes; everything else from the input goes to `extra`
 _OURS = set(_REQUIRED) | {"num_key_value_heads", "head_dim", "max_position_embeddings", "rms_norm_eps",
@@ -44,8 +45,8 @@ class LlamaConfig:
     extra: dict = field(default_factory=dict, repr=False)
 
     def __post_init__(self):
-        if self.model_type not in _ARCH:
-            raise ValueError(f"config key 'model_type' is {self.model_type!r}; supported: {sorted(_ARCH)}")
+        if self.model_type not in ARCHITECTURES:
+            raise ValueError(f"config key 'model_type' is {self.model_type!r}; supported: {sorted(ARCHITECTURES)}")
         for key in _REQUIRED + ("max_position_embeddings",):
             val = getattr(self, key)
             if isinstance(val, bool) or not isinstance(val, int) or val < 1:
@@ -87,7 +88,7 @@ class LlamaConfig:
         self.tie_word_embeddings = bool(self.tie_word_embeddings)
         self.attention_bias = bool(self.attention_bias)
         if self.architectures is None:
-            self.architectures = [_ARCH[self.model_type]]
+            self.architectures = [ARCHITECTURES[self.model_type]]
 
     @property
     def o_proj_bias(self) -> bool:

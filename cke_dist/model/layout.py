@@ -27,7 +27,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from .config import LlamaConfig
+from cke_dist.formats.architectures import EMBED, LM_HEAD, NORM
+from cke_dist.model.config import LlamaConfig
 
 
 @dataclass(frozen=True)
@@ -158,7 +159,6 @@ def layer_names(cfg: LlamaConfig, i: int) -> dict[str, list[str]]:
     }
 
 
-EMBED, NORM, LM_HEAD = "model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"
 
 
 def head_name(cfg: LlamaConfig) -> str:

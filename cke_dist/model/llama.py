@@ -10,8 +10,8 @@ biases) and gate/up weights are adjacent: each pair/triple is one GEMM on one
 view. Backward fills the gradient buffer back to front and reports each finished
 range through `on_grad_ready(start, stop)` (data-parallel buckets overlap with it).
 
-Tensor parallelism (Megatron): the model takes `tp_group` (anything with size, rank,
-allreduce, allgather) and holds only its shards (cke_dist.model.layout says which): q/k/v and
+Tensor parallelism (Megatron): the model takes `tp_group` (a comm group, or None) and holds
+only its shards; every tp collective goes through `self.tp` (cke_dist.parallel.tensor_parallel) (cke_dist.model.layout says which): q/k/v and
 gate/up are column-parallel, o/down row-parallel, the embedding, LM head and cross-entropy
 vocab-parallel. Per layer 2 allreduces of (tokens x hidden) forward and 2 backward, plus the
 embedding's, the LM head input gradient's and three (tokens,) ones in the cross-entropy; with a
@@ -33,8 +33,10 @@ from cke_kernels.rmsnorm import rmsnorm_backward, rmsnorm_forward
 from cke_kernels.rope import qkv_rope_backward, qkv_rope_forward, rope_tables
 from cke_kernels.swiglu import swiglu_backward, swiglu_forward
 
-from .config import LlamaConfig
-from .layout import (EMBED, LM_HEAD, NORM, Stage, attention_heads, head_name, layer_names, offsets,
+from cke_dist.formats.hf import write_hf_dir
+from cke_dist.model.config import LlamaConfig
+from cke_dist.parallel.tensor_parallel import TensorParallel
+from cke_dist.model.layout import (EMBED, LM_HEAD, NORM, Stage, attention_heads, head_name, layer_names, offsets,
                      param_specs, split_range)
 
 F32 = np.float32
@@ -135,9 +137,8 @@ class Model:
 
     def __init__(self, config: LlamaConfig, tp_group=None, stage: Stage | None = None):
         self.config = config
-        self.tp_group = tp_group
-        self.tp_size = getattr(tp_group, "size", 1) if tp_group is not None else 1
-        self.tp_rank = tp_group.rank if self.tp_size > 1 else 0
+        self.tp = TensorParallel.of(tp_group)
+        self.tp_size, self.tp_rank = self.tp.size, self.tp.rank
         self.stage = stage or Stage.whole(config)
         self.specs = param_specs(config, self.tp_size, self.tp_rank, self.stage)
         self.heads = attention_heads(config, self.tp_size, self.tp_rank)
@@ -224,7 +225,7 @@ class Model:
         send = np.zeros(width, local.dtype)
         send[:local.size] = local
         recv = np.empty(tp * width, local.dtype)
-        self.tp_group.allgather(send, recv)
+        self.tp.allgather(send, recv)
         full_specs = param_specs(cfg, stage=self.stage)
         full_off = offsets(full_specs)
         out = np.empty(sum(s.size for s in full_specs), local.dtype)
@@ -260,10 +261,9 @@ class Model:
     def save(self, out_dir, max_shard_bytes=None) -> None:
         """Write config.json + model.safetensors (HF names, full tensors) into out_dir. Collective
         over tp: the shards are gathered and tp rank 0 writes. A whole model only (one stage)."""
-        from .hf_io import write_hf_dir
         if not (self.stage.first and self.stage.last):
             raise ValueError("Model.save writes a whole model; a pipeline stage's tensors are gathered by "
-                             "cke_dist.checkpoint")
+                             "cke_dist.formats.checkpoint")
         tensors = self.full_tensors(self.params)
         if self.tp_rank == 0:
             write_hf_dir(out_dir, self.config.to_dict(), tensors, max_shard_bytes=max_shard_bytes)
@@ -284,12 +284,6 @@ class Model:
 
     # ---- tensor-parallel communication --------------------------------------------------------
 
-    def _allreduce(self, buf, op="sum"):
-        """The one tp collective of the model: after a row-parallel linear (forward), before a
-        column-parallel one (backward), and the vocab-parallel embedding / cross-entropy."""
-        if self.tp_size > 1:
-            self.tp_group.allreduce(buf, op=op)
-
     def _cross_entropy(self, a, targets, ignore_index, grad_scale=None):
         """Vocab-parallel cross-entropy over this rank's logits: three allreduces of (N,) row stats.
         With grad_scale, the logits become grad_scale * dloss/dlogits in place."""
@@ -298,10 +292,9 @@ class Model:
         n = count_valid(targets, ignore_index)
         v0 = self.vocab_range[0]
         ce_max_and_target(a.logits, targets, v0, ignore_index, a.rmax, a.tlogit)
-        self._allreduce(a.rmax, op="max")
-        self._allreduce(a.tlogit)
+        self.tp.vocab_max_and_target(a.rmax, a.tlogit)
         ce_exp_sum(a.logits, targets, ignore_index, a.rmax, a.rsum)
-        self._allreduce(a.rsum)
+        self.tp.allreduce(a.rsum)
         if grad_scale is not None:
             ce_grad(a.logits, targets, v0, ignore_index, a.rsum, float(grad_scale) / max(n, 1))
         return float(ce_losses(targets, ignore_index, a.rmax, a.rsum, a.tlogit) / n) if n else 0.0
@@ -352,7 +345,7 @@ class Model:
         scale = 1.0 / math.sqrt(cfg.head_dim)
         if st.first:
             embedding_forward(tokens.reshape(-1), P["embed"], a.resid[0], self.vocab_range[0])
-            self._allreduce(a.resid[0])                # vocab-parallel embedding: each row from one rank
+            self.tp.allreduce(a.resid[0])                # vocab-parallel embedding: each row from one rank
         else:
             a.resid[0][...] = hidden.reshape(a.resid[0].shape)
         for l, W in enumerate(P["layers"]):
@@ -363,7 +356,7 @@ class Model:
             qkv_rope_forward(a.qkv, a.cos, a.sin, H, KV, a.q[j], a.k[j], a.v[j])
             _attend(a, j, self.heads, scale, forward=True)
             linear_forward(a.y[j], W.w_o, None, a.tmp)                 # row-parallel: partial sums
-            self._allreduce(a.tmp)
+            self.tp.allreduce(a.tmp)
             if W.b_o is not None:                                      # the bias once, after the sum
                 a.tmp += W.b_o
             residual_forward(x, a.tmp, a.xmid[j])
@@ -371,7 +364,7 @@ class Model:
             linear_forward(a.ln2[j], W.w_gu, None, a.gu[j])            # column-parallel
             swiglu_forward(a.gu[j], a.h[j])
             linear_forward(a.h[j], W.w_down, None, a.tmp)              # row-parallel
-            self._allreduce(a.tmp)
+            self.tp.allreduce(a.tmp)
             residual_forward(a.xmid[j], a.tmp, a.resid[l + 1])
         if st.last:
             rmsnorm_forward(a.resid[-1], P["norm"], cfg.rms_norm_eps, a.lnf, a.rstdf)
@@ -389,7 +382,7 @@ class Model:
         a = self._forward(tokens, keep=False)
         B, T = tokens.shape
         V = self.config.vocab_size
-        logits = gather_vocab(self.tp_group, a.logits, V) if self.tp_size > 1 else a.logits.copy()
+        logits = self.tp.gather_vocab(a.logits, V)
         return logits.reshape(B, T, V)
 
     def loss(self, tokens, targets, ignore_index: int = -100) -> float:
@@ -491,7 +484,7 @@ class Model:
                                        grad_scale)
             # lm_head (its gradient is the embedding's when tied; the embedding backward then adds to it)
             lin(a.logits, a.lnf, P["lm_head"], a.dln, G["lm_head"], None, stable=True)
-            self._allreduce(a.dln)
+            self.tp.allreduce(a.dln)
             a.dresid.fill(0.0)
             rmsnorm_backward(a.dln, a.resid[-1], P["norm"], a.rstdf, a.dresid, G["norm"])
             done(self.param_offsets[NORM][0], self.num_params)
@@ -504,14 +497,14 @@ class Model:
             lin(a.dresid, a.h[l], W.w_down, a.dh, GW.w_down, None)
             swiglu_backward(a.dh, a.gu[l], a.dgu)
             lin(a.dgu, a.ln2[l], W.w_gu, a.dln, GW.w_gu, None)
-            self._allreduce(a.dln)
+            self.tp.allreduce(a.dln)
             rmsnorm_backward(a.dln, a.xmid[l], W.ln2, a.rstd2[l], a.dresid, GW.ln2)
             # attention: xmid = x + o(attn(rope(qkv(ln1(x)))))
             lin(a.dresid, a.y[l], W.w_o, a.dy, GW.w_o, GW.b_o)
             _attend(a, l, self.heads, scale, forward=False, dy=a.dy)
             qkv_rope_backward(a.dq, a.dk, a.dv, a.cos, a.sin, a.qkv)
             lin(a.qkv, a.ln1[l], W.w_qkv, a.dln, GW.w_qkv, GW.b_qkv)
-            self._allreduce(a.dln)
+            self.tp.allreduce(a.dln)
             rmsnorm_backward(a.dln, a.resid[l], W.ln1, a.rstd1[l], a.dresid, GW.ln1)
             done(GW.start, GW.stop)
 
@@ -524,18 +517,6 @@ class Model:
             done(0, self.param_offsets[EMBED][1])
         self._grads_zero = False
         return loss
-
-
-def gather_vocab(group, local, vocab_size):
-    """(N, V_local) vocab-parallel logits -> (N, V) on every rank of the tp group (one allgather)."""
-    N, tp = local.shape[0], group.size
-    chunk = -(-vocab_size // tp)   # shards differ by one row at most: pad each to the longest
-    send = np.zeros((N, chunk), F32)
-    send[:, :local.shape[1]] = local
-    recv = np.empty((tp, N, chunk), F32)
-    group.allgather(send, recv)
-    widths = [hi - lo for lo, hi in (split_range(vocab_size, tp, r) for r in range(tp))]
-    return np.concatenate([recv[r, :, :w] for r, w in enumerate(widths)], axis=1)
 
 
 def check_names(expected: set, names: set, source: str) -> None:

@@ -30,11 +30,11 @@ import weakref
 
 import numpy as np
 
-from ..comm.errors import CommError
-from ..model.layout import Stage, param_specs, stage_layers, stage_work
+from cke_dist.comm.errors import CommError
+from cke_dist.model.layout import Stage, param_specs, stage_layers, stage_work
 
 SCHEDULES = ("1f1b", "gpipe", "zb")
-_FWD, _BWD = 0, 1
+FORWARD, BACKWARD = 0, 1
 _POOLS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()   # model -> {(B, T): [Activations]}
 
 
@@ -67,7 +67,14 @@ def schedule(kind: str, p: int, s: int, m: int) -> list[tuple[str, int]]:
     return out + [("W", i) for i in held]
 
 
-def _tag(i: int, direction: int) -> int:
+# Message tags between neighbouring stages, for training and serving alike. Training: a micro-batch's
+# activations (FORWARD) and their gradients (BACKWARD). Serving: each engine tick's plan (its header
+# and body) and the hidden states that go with it; the last stage's logits back to rank 0.
+TICK_HIDDEN, TICK_HEAD, TICK_BODY, TICK_LOGITS = 1, 2, 3, 7
+
+
+def stage_tag(i: int, direction: int) -> int:
+    """The tag of micro-batch i's activations (direction FORWARD) or their gradients (BACKWARD)."""
     if i >= 1 << 15:
         raise ValueError(f"micro-batch {i}: at most {1 << 15} micro-batches per step")
     return 2 * i + direction
@@ -119,23 +126,23 @@ def run_schedule(model, grid, micro_batches, kind: str = "1f1b", grad_scale: flo
             hidden = None
             if not st.first:
                 hidden = a.resid[0]
-                recv(hidden, s - 1, _tag(i, _FWD))
+                recv(hidden, s - 1, stage_tag(i, FORWARD))
             model.stage_forward(x, a, hidden=hidden)
             if not st.last:
-                sends[id(a)] = [pg.send(a.resid[-1], s + 1, tag=_tag(i, _FWD), async_op=True)]
+                sends[id(a)] = [pg.send(a.resid[-1], s + 1, tag=stage_tag(i, FORWARD), async_op=True)]
         elif op == "B":
             a = live[i]
             dout = None
             if not st.last:
                 dout = grad_in
-                recv(dout, s + 1, _tag(i, _BWD))
+                recv(dout, s + 1, stage_tag(i, BACKWARD))
             defer = [] if kind == "zb" else None
             loss = model.backward(a, x, y, grad_scale=scale, on_grad_ready=on_grad_ready if last_b else None,
                                   dout=dout, defer=defer)
             if st.last:
                 loss_sum += loss
             if not st.first:
-                sends.setdefault(id(a), []).append(pg.send(a.dresid, s - 1, tag=_tag(i, _BWD), async_op=True))
+                sends.setdefault(id(a), []).append(pg.send(a.dresid, s - 1, tag=stage_tag(i, BACKWARD), async_op=True))
             if defer is None:
                 pool.append(live.pop(i))
             else:
@@ -157,13 +164,13 @@ def pipeline_loss(model, grid, tokens, targets) -> float:
     hidden = None
     if not st.first:
         hidden = np.empty((B * T, model.config.hidden_size), np.float32)
-        pg.recv(hidden, s - 1, tag=_tag(0, _FWD))
+        pg.recv(hidden, s - 1, tag=stage_tag(0, FORWARD))
     out = model.stage_loss(tokens, targets, hidden=hidden)
     buf = np.zeros(1, np.float64)
     if st.last:
         buf[0] = out
     else:
-        pg.send(np.ascontiguousarray(out), s + 1, tag=_tag(0, _FWD))
+        pg.send(np.ascontiguousarray(out), s + 1, tag=stage_tag(0, FORWARD))
     pg.broadcast(buf, root=grid.shape.pp - 1)
     return float(buf[0])
 

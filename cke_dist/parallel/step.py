@@ -25,11 +25,56 @@ import math
 
 import numpy as np
 
-from cke_kernels.optim import sum_squares
+from cke_kernels.optim import scale_inplace, sum_squares
 
-from ..model.layout import EMBED
-from .pipeline import run_schedule
-from .tensor_parallel import replica_ranges
+from cke_dist.model.layout import EMBED, kv_holders, layer_names
+from cke_dist.parallel.pipeline import run_schedule
+
+
+def grad_norm(grads: np.ndarray) -> float:
+    """Global L2 norm of a flat float32 gradient buffer (float64 accumulation)."""
+    return float(np.sqrt(sum_squares(grads)))
+
+
+def clip_grad_norm(grads: np.ndarray, max_norm: float, norm: float | None = None) -> float:
+    """torch.nn.utils.clip_grad_norm_ on a flat buffer: returns the norm before clipping and
+    scales grads in place by max_norm / (norm + 1e-6) when that is below 1.
+
+    `norm` may be passed in when it was computed elsewhere (e.g. summed across ranks).
+    """
+    if not max_norm > 0:
+        raise ValueError(f"max_norm must be > 0, got {max_norm}")
+    if norm is None:
+        norm = grad_norm(grads)
+    coef = max_norm / (norm + 1e-6)
+    if coef < 1.0:
+        scale_inplace(grads, coef)
+    return float(norm)
+
+
+def replica_ranges(model) -> list[tuple[tuple[int, ...], list[tuple[int, int]]]]:
+    """[(tp ranks holding them, flat [start, stop) ranges of their k/v rows and biases)] for the KV
+    heads of this rank that are held by more than one rank, in an order every holder agrees on."""
+    if model.tp_size == 1:
+        return []
+    cfg, h, off = model.config, model.heads, model.param_offsets
+    D, C = cfg.head_dim, cfg.hidden_size
+    plan: dict[tuple[int, ...], list[tuple[int, int]]] = {}
+    for g in range(h.kv0, h.kv1):
+        holders = kv_holders(cfg, model.tp_size, g)
+        if len(holders) < 2:
+            continue
+        j = g - h.kv0
+        ranges = plan.setdefault(holders, [])
+        for i in range(model.stage.l0, model.stage.l1):
+            names = layer_names(cfg, i)
+            for name in names["qkv"][1:]:
+                a = off[name][0] + j * D * C
+                ranges.append((a, a + D * C))
+            for name in names["qkv_bias"][1:]:
+                a = off[name][0] + j * D
+                ranges.append((a, a + D))
+    return sorted(plan.items())
 
 
 class ParallelGrads:
@@ -37,11 +82,11 @@ class ParallelGrads:
 
     def __init__(self, model, grid=None):
         self.model = model
-        self.tp = model.tp_group if model.tp_size > 1 else None
+        self.tp = model.tp.group
         self.pp = grid.pp_group if grid is not None and grid.shape.pp > 1 else None
         self.shared = []       # (group, [flat ranges]) whose gradients are summed over the group
         for holders, ranges in replica_ranges(model):
-            self.shared.append((model.tp_group.split(list(holders)), ranges))
+            self.shared.append((model.tp.group.split(list(holders)), ranges))
         st = model.stage
         if self.pp is not None and model.config.tie_word_embeddings and (st.first or st.last):
             emb = self.pp.split([0, grid.shape.pp - 1])
@@ -81,8 +126,6 @@ def train_step(model, opt, grid, micro_batches, lr: float, clip: float, buckets,
     parameters change. `stats`, when given, receives the pipeline schedule's (run_schedule).
     zero: a cke_dist.parallel.zero.Zero1 (opt then updates its slice only; buckets must not reduce).
     """
-    from cke_dist.optim import clip_grad_norm
-
     if buckets.grads is not model.grads:
         raise ValueError("train_step: buckets were built over another buffer; use GradBuckets(model.grads, ...)")
     if zero is not None and buckets.active:

@@ -1,37 +1,59 @@
-"""Tensor parallelism, the part that needs more than the model: which gradient rows are replicas.
-
-The Megatron split itself lives in the model (it takes a tp group; cke_dist.model.layout says
-how each tensor is cut). When tp exceeds the KV heads, or a GQA group straddles two ranks,
-several tp ranks hold the same KV head, and each backward leaves them a partial gradient;
-`replica_ranges` says which rows and over which ranks they are summed (cke_dist.parallel.step
-does it once per optimizer step).
+"""Tensor parallelism's communication, all of it (Megatron's split: cke_dist.model.layout says how
+each tensor is cut, the model calls this group):
+- `allreduce` after a row-parallel linear (forward) and before a column-parallel one (backward),
+  and for the vocab-parallel embedding;
+- `vocab_max_and_target` / `allreduce` of the vocab-parallel cross-entropy's row statistics;
+- `gather_vocab`: vocab-parallel logits to full rows on every rank;
+- `allgather` for gathering flat shards into the one-process layout.
+Size 1 (no communication at all) when there is no group, so the model has one code path.
+It knows nothing of models (it sits below cke_dist.model, which holds one); the gradient rows
+that several tp ranks share are summed by cke_dist.parallel.step.
 Tests: tests/tp_mpi.py.
 """
 from __future__ import annotations
 
-from ..model.layout import kv_holders, layer_names
+import numpy as np
 
 
-def replica_ranges(model) -> list[tuple[tuple[int, ...], list[tuple[int, int]]]]:
-    """[(tp ranks holding them, flat [start, stop) ranges of their k/v rows and biases)] for the KV
-    heads of this rank that are held by more than one rank, in an order every holder agrees on."""
-    if model.tp_size == 1:
-        return []
-    cfg, h, off = model.config, model.heads, model.param_offsets
-    D, C = cfg.head_dim, cfg.hidden_size
-    plan: dict[tuple[int, ...], list[tuple[int, int]]] = {}
-    for g in range(h.kv0, h.kv1):
-        holders = kv_holders(cfg, model.tp_size, g)
-        if len(holders) < 2:
-            continue
-        j = g - h.kv0
-        ranges = plan.setdefault(holders, [])
-        for i in range(model.stage.l0, model.stage.l1):
-            names = layer_names(cfg, i)
-            for name in names["qkv"][1:]:
-                a = off[name][0] + j * D * C
-                ranges.append((a, a + D * C))
-            for name in names["qkv_bias"][1:]:
-                a = off[name][0] + j * D
-                ranges.append((a, a + D))
-    return sorted(plan.items())
+class TensorParallel:
+    """A tp group (a cke_dist.comm group, or None for one rank) as the model uses it."""
+
+    def __init__(self, group=None):
+        self.group = group if group is not None and group.size > 1 else None
+        self.size = group.size if self.group is not None else 1
+        self.rank = group.rank if self.group is not None else 0
+
+    @classmethod
+    def of(cls, group) -> "TensorParallel":
+        return group if isinstance(group, TensorParallel) else cls(group)
+
+    def allreduce(self, buf, op: str = "sum"):
+        if self.group is not None:
+            self.group.allreduce(buf, op=op)
+        return buf
+
+    def allgather(self, send, recv):
+        if self.group is None:
+            recv[...] = send.reshape(recv.shape)
+        else:
+            self.group.allgather(send, recv)
+        return recv
+
+    def vocab_max_and_target(self, row_max, target_logit):
+        """Each row's max logit and its target's logit over the vocab shards (the target is on one)."""
+        self.allreduce(row_max, op="max")
+        self.allreduce(target_logit)
+
+    def gather_vocab(self, local, vocab_size: int):
+        """(N, V_local) vocab-parallel logits -> (N, V) on every rank (one allgather)."""
+        if self.group is None:
+            return local.copy()
+        N, tp = local.shape[0], self.size
+        q, r = divmod(vocab_size, tp)   # cke_dist.model.layout.split_range's cut: the first r one longer
+        widths = [q + (i < r) for i in range(tp)]
+        chunk = max(widths)             # pad each shard to the longest
+        send = np.zeros((N, chunk), local.dtype)
+        send[:, :local.shape[1]] = local
+        recv = np.empty((tp, N, chunk), local.dtype)
+        self.group.allgather(send, recv)
+        return np.concatenate([recv[r, :, :w] for r, w in enumerate(widths)], axis=1)

@@ -23,6 +23,8 @@ import json
 from datetime import datetime
 from pathlib import Path
 
+from cke_dist.formats.gguf import gguf_chat_template, gguf_special_tokens, is_gguf
+
 SPECIAL_TOKENS = ("bos_token", "eos_token", "unk_token", "pad_token")
 
 
@@ -38,7 +40,6 @@ def _token_text(value) -> str | None:
 
 def load_chat_template(model_dir) -> "ChatTemplate | None":
     """The model's chat template (None: it has none): a directory's, or a GGUF file's metadata."""
-    from ..model.gguf_io import gguf_chat_template, gguf_special_tokens, is_gguf
     if is_gguf(model_dir):
         source = gguf_chat_template(model_dir)
         return ChatTemplate(source, gguf_special_tokens(model_dir)) if source else None

@@ -41,10 +41,14 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..sampling import Sampler, check_sampling_args
+from cke_dist.model import LlamaConfig
+from cke_dist.model.layout import Stage, stage_layers, stage_work
+from cke_dist.model.load import load_inference_model, read_model_config
+from cke_dist.parallel.grid import ProcessGrid
+from cke_dist.parallel.pipeline import TICK_BODY, TICK_HEAD, TICK_HIDDEN, TICK_LOGITS
+from cke_dist.serving.sampling import Sampler, check_sampling_args
 
 _STOP = 1
-_LOGITS_TAG = 7
 
 
 class EngineError(RuntimeError):
@@ -119,10 +123,6 @@ class Engine:
     @classmethod
     def build(cls, model_dir, world, tp: int = 1, pp: int = 1, quantize: str | None = None, **kw) -> "Engine":
         """Every rank: its tp shard of its pipeline stage of the model in `model_dir`, read by slice."""
-        from ..model import LlamaConfig
-        from ..model.decode import InferenceModel, read_model_config
-        from ..model.layout import Stage, stage_layers, stage_work
-        from ..parallel import ProcessGrid
 
         if world.size != tp * pp:
             raise ValueError(f"--tp {tp} x --pp {pp} = {tp * pp} ranks, but the world has {world.size}: launch "
@@ -132,7 +132,7 @@ class Engine:
         cfg = LlamaConfig.from_dict(raw)
         l0, l1 = stage_layers(cfg.num_hidden_layers, pp, None, **stage_work(cfg))[grid.pp_rank]
         stage = Stage(l0, l1, grid.pp_rank == 0, grid.pp_rank == pp - 1)
-        im = InferenceModel.from_dir(model_dir, quantize=quantize, tp_group=grid.tp_group, stage=stage)
+        im = load_inference_model(model_dir, quantize=quantize, tp_group=grid.tp_group, stage=stage)
         return cls(im, world, grid.tp_group if tp > 1 else None, grid.pp_group if pp > 1 else None, **kw)
 
     # ---- rank 0: requests ------------------------------------------------------------------------
@@ -229,7 +229,7 @@ class Engine:
                 if rank0:
                     if self.pp > 1 and inflight[g] is not None:
                         logits = np.empty((len(inflight[g]), self.vocab), np.float32)
-                        self.pp_group.recv(logits, self.pp - 1, tag=_LOGITS_TAG)
+                        self.pp_group.recv(logits, self.pp - 1, tag=TICK_LOGITS)
                         self._deliver(inflight[g], logits)
                         inflight[g] = None
                     plan, outs = self._plan(g, any(x is not None for x in inflight))
@@ -250,7 +250,7 @@ class Engine:
                 elif self.pp > 1:
                     if out is not None and (self.tp_group is None or self.tp_group.rank == 0):
                         self._post(self.pp_group.send(np.ascontiguousarray(out, dtype=np.float32), 0,
-                                                      tag=_LOGITS_TAG, async_op=True))
+                                                      tag=TICK_LOGITS, async_op=True))
                 elif rank0 and out is not None:   # pp = 1: rank 0 is the last stage
                     self._deliver(outs, out)
                     outs = None
@@ -269,7 +269,7 @@ class Engine:
         ids, seq, pos, rows = plan
         if seq.size == 0:
             return None
-        return self.im.forward_stage(ids if self.stage_index == 0 else hidden, seq, pos, self.cache, logits_rows=rows)
+        return self.im.stage_forward(ids if self.stage_index == 0 else hidden, seq, pos, self.cache, logits_rows=rows)
 
     @staticmethod
     def _pack(plan) -> tuple[np.ndarray, np.ndarray]:
@@ -302,24 +302,24 @@ class Engine:
     def _send_next(self, plan, out) -> None:
         head, body = self._pack(plan)
         nxt = self.stage_index + 1
-        self._post(self.pp_group.send(head, nxt, tag=2, async_op=True))
+        self._post(self.pp_group.send(head, nxt, tag=TICK_HEAD, async_op=True))
         if body.size:
-            self._post(self.pp_group.send(body, nxt, tag=3, async_op=True))
+            self._post(self.pp_group.send(body, nxt, tag=TICK_BODY, async_op=True))
         if out is not None:
-            self._post(self.pp_group.send(np.array(out, dtype=np.float32), nxt, tag=1, async_op=True))
+            self._post(self.pp_group.send(np.array(out, dtype=np.float32), nxt, tag=TICK_HIDDEN, async_op=True))
 
     def _recv_from_previous(self):
         prev = self.stage_index - 1
         head = np.empty(4, np.int64)
-        self.pp_group.recv(head, prev, tag=2)
+        self.pp_group.recv(head, prev, tag=TICK_HEAD)
         body = np.empty(3 * int(head[0]) + int(head[1]), np.int64)
         if body.size:
-            self.pp_group.recv(body, prev, tag=3)
+            self.pp_group.recv(body, prev, tag=TICK_BODY)
         plan = self._unpack(head, body)
         hidden = None
         if plan is not None and plan[1].size:
             hidden = np.empty((plan[1].size, self.im.config.hidden_size), np.float32)
-            self.pp_group.recv(hidden, prev, tag=1)
+            self.pp_group.recv(hidden, prev, tag=TICK_HIDDEN)
         return plan, hidden
 
     # ---- rank 0: planning and sampling -----------------------------------------------------------

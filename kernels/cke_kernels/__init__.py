@@ -61,9 +61,17 @@ def serialize_cache_writes():
     here would load numpy's OpenBLAS before the pool settings above are in the environment."""
     import fcntl
 
+    import inspect
+
+    import numba
     from numba.core import caching
     cls = getattr(caching, "IndexDataCacheFile", None)
-    if cls is None or getattr(cls.save, "cke_locked", False):
+    save = getattr(cls, "save", None)
+    if save is None or list(inspect.signature(save).parameters)[:3] != ["self", "key", "data"]:
+        raise RuntimeError(f"numba {numba.__version__}: numba.core.caching.IndexDataCacheFile.save(self, key, "
+                           f"data) is not there, so cke_kernels cannot lock numba's cache writes; install the "
+                           f"numba range pyproject.toml names")
+    if getattr(cls.save, "cke_locked", False):
         return
     save = cls.save
 

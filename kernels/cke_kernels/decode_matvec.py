@@ -14,7 +14,7 @@ Tests: tests/test_generate.py (decode == full recompute == transformers), tests/
 import numpy as np
 from numba import njit, prange
 
-F32_MATVEC_MAX_ROWS = 8    # above this many rows a float32 product goes to BLAS (cke_dist.model.decode.Linear)
+F32_MATVEC_MAX_ROWS = 8    # above this many rows a float32 product goes to BLAS (cke_dist.model.inference.Linear)
 
 
 @njit(parallel=True, nogil=True, cache=True, fastmath=True)

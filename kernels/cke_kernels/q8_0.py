@@ -5,7 +5,7 @@ Format: a (N, K) float32 weight, K a multiple of 32, becomes
   scales (N, K//32)  float32  one d per block of 32 along K: d = fp16(max|w| / 127)
 so w ~= qs * d blockwise. d is rounded to float16 (what GGML stores) *before*
 the values are quantized against it, so every element keeps |w - q*d| <= d/2.
-On disk the scales are float16 (cke_dist/model/decode.py save_q8_dir, written by
+On disk the scales are float16 (cke_dist/model/inference.py save_q8_dir, written by
 `cke-dist quantize`); in memory float32, so
 the kernel needs no half-precision arithmetic.
 

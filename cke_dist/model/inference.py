@@ -2,7 +2,7 @@
 
     im = InferenceModel.from_model(model)            # views of the Model's flat buffer, no copy
     im = InferenceModel.from_model(model, quantize="q8_0")
-    im = InferenceModel.from_dir("dir")              # HF dir (through load_model) or a Q8_0 dir
+    im = load_inference_model("dir")                 # cke_dist.model.load: HF, quantized dir or GGUF
     cache = im.new_cache(batch=2, max_len=64)
     logits = im.forward(ids, seq, pos, cache)        # rows (ids[m], cache row seq[m], position pos[m])
 
@@ -29,81 +29,23 @@ Tests: tests/test_generate.py, tests/test_q8_0.py.
 """
 from __future__ import annotations
 
-import json
-import os
-from pathlib import Path
-
 import numpy as np
 
 from cke_kernels.decode_attention import cached_attention, rope_rows
 from cke_kernels.embedding import embedding_forward
 from cke_kernels.linear import linear_forward
 from cke_kernels.decode_matvec import F32_MATVEC_MAX_ROWS, f32_matvec
-from cke_kernels.q4 import dequantize_q4, q4_gather_rows, q4_matmul, quantize_q4
-from cke_kernels.q8_0 import dequantize_q8_0, q8_0_gather_rows, q8_0_matmul, quantize_q8_0
 from cke_kernels.residual import residual_forward
 from cke_kernels.rmsnorm import rmsnorm_forward
 from cke_kernels.rope import rope_cos_sin, rope_inv_freq
 from cke_kernels.swiglu import swiglu_forward
 
-from .layout import EMBED, LM_HEAD, NORM, attention_heads, head_name, layer_names, param_specs, split_range
-from .llama import gather_vocab
+from cke_dist.formats.quant import Quant
+from cke_dist.model.layout import (EMBED, NORM, Stage, attention_heads, head_name, layer_names, param_specs,
+                                   split_range)
+from cke_dist.parallel.tensor_parallel import TensorParallel
 
 F32 = np.float32
-Q8_METHOD = "cke_q8_0"      # config.json "quantization_config.quant_method" of a Q8_0 directory
-Q8_SCALE_SUFFIX = "_scale"  # "<name>.weight" int8 values + "<name>.weight_scale" float16 block scales
-Q4_MIN_SUFFIX = "_min"      # Q4_1: "<name>.weight_min" float16 block minimums
-QUANT_METHODS = {"q8_0": Q8_METHOD, "q4_0": "cke_q4_0", "q4_1": "cke_q4_1"}
-
-
-class Quant:
-    """A quantized 2-D weight (N, K): Q8_0 (q int8 (N, K), d float32 (N, K/32)) or Q4_0 / Q4_1
-    (q uint8 (N, K/2) packed, d, and Q4_1's m float32 (N, K/32)): see cke_kernels.q8_0 and .q4."""
-    KINDS = ("q8_0", "q4_0", "q4_1")
-
-    def __init__(self, kind, q, d, m=None):
-        if kind not in self.KINDS:
-            raise ValueError(f"quantization {kind!r}: one of {', '.join(self.KINDS)}")
-        self.kind, self.q, self.d, self.m = kind, q, d, m
-
-    @classmethod
-    def of(cls, w: np.ndarray, kind: str) -> "Quant":
-        if kind == "q8_0":
-            return cls(kind, *quantize_q8_0(w))
-        return cls(kind, *quantize_q4(w, kind))
-
-    @property
-    def shape(self) -> tuple[int, int]:
-        n, k = self.q.shape
-        return (n, k) if self.kind == "q8_0" else (n, 2 * k)
-
-    @property
-    def nbytes(self) -> int:
-        return self.q.nbytes + self.d.nbytes + (0 if self.m is None else self.m.nbytes)
-
-    @staticmethod
-    def stack(parts: list["Quant"]) -> "Quant":
-        """Rows of several weights of one kind as one (q/k/v, gate/up: one product each)."""
-        if len(parts) == 1:
-            return parts[0]
-        cat = lambda xs: np.ascontiguousarray(np.concatenate(xs))     # noqa: E731
-        m = None if parts[0].m is None else cat([p.m for p in parts])
-        return Quant(parts[0].kind, cat([p.q for p in parts]), cat([p.d for p in parts]), m)
-
-    def dequantized(self) -> np.ndarray:
-        if self.kind == "q8_0":
-            return dequantize_q8_0(self.q, self.d)
-        return dequantize_q4(self.q, self.d, self.m)
-
-    def matmul(self, x, out):
-        if self.kind == "q8_0":
-            return q8_0_matmul(self.q, self.d, x, out)
-        return q4_matmul(self.q, self.d, self.m, x, out)
-
-    def gather_rows(self, ids, out):
-        if self.kind == "q8_0":
-            return q8_0_gather_rows(self.q, self.d, ids, out)
-        return q4_gather_rows(self.q, self.d, self.m, ids, out)
 
 
 class Linear:
@@ -181,12 +123,10 @@ class InferenceModel:
         first stage, norm and head on the last) as a float32 array, or for Q8_0 weights (qs, scales).
         With the Model's flat buffer and offsets, q/k/v and gate/up become single views of it (no
         copy). Each layer is a dict of layout roles (ln1, qkv, o, ln2, gate_up, down)."""
-        from .layout import Stage
         self.config = cfg = config
         self.stage = stage = stage or Stage.whole(cfg)
-        self.tp_group = tp_group
-        self.tp_size = getattr(tp_group, "size", 1) if tp_group is not None else 1
-        tp_rank = tp_group.rank if self.tp_size > 1 else 0
+        self.tp = TensorParallel.of(tp_group)
+        self.tp_size, tp_rank = self.tp.size, self.tp.rank
         self.heads = attention_heads(cfg, self.tp_size, tp_rank)
         self.vocab_range = split_range(cfg.vocab_size, self.tp_size, tp_rank)
         self.head_dim = cfg.head_dim
@@ -250,97 +190,9 @@ class InferenceModel:
         """Views of a cke_dist Model's parameters (no copy for float32); quantize="q8_0" for a Q8_0 copy."""
         if quantize not in (None, *Quant.KINDS):
             raise ValueError(f"quantize={quantize!r}: supported are None (float32), {', '.join(Quant.KINDS)}")
-        im = cls(model.config, model.named_params, getattr(model, "tp_group", None),
+        im = cls(model.config, model.named_params, model.tp,
                  flat=model.params, offsets=model.param_offsets, stage=getattr(model, "stage", None))
         return im.to_quantized(quantize) if quantize else im
-
-    @classmethod
-    def from_dir(cls, model_dir, quantize: str | None = None, tp_group=None, stage=None) -> "InferenceModel":
-        """An HF model directory (float32/16 weights, through load_model) or a Q8_0 directory; each
-        rank reads only its slices (its tp shard of its pipeline stage)."""
-        d = Path(model_dir)
-        from .gguf_io import is_gguf
-        if is_gguf(d):
-            if quantize is not None:       # dequantized to float32, then quantized as asked
-                from cke_dist.model import load_model
-                return cls.from_model(load_model(d, tp_group=tp_group, stage=stage), quantize=quantize)
-            return cls._from_gguf(d, tp_group, stage)
-        cfg_path = d / "config.json"
-        raw = read_model_config(d)
-        qc = raw.get("quantization_config") or {}
-        kinds = {v: k for k, v in QUANT_METHODS.items()}
-        if qc.get("quant_method") in kinds:
-            return cls._from_q8_dir(d, raw, tp_group, stage, kinds[qc["quant_method"]])
-        if qc:
-            raise ValueError(f"{cfg_path}: quantization_config.quant_method {qc.get('quant_method')!r} is not "
-                             f"supported (ours is {Q8_METHOD!r}, written by `cke-dist quantize`)")
-        _check_architecture(raw, cfg_path)
-        from cke_dist.model import load_model
-        return cls.from_model(load_model(d, tp_group=tp_group, stage=stage), quantize=quantize)
-
-    @classmethod
-    def _from_q8_dir(cls, d: Path, raw: dict, tp_group, stage=None, kind: str = "q8_0") -> "InferenceModel":
-        from cke_dist.model import LlamaConfig
-        from cke_dist.model.hf_io import SafetensorsFile, verify_manifest
-        _check_architecture(raw, d / "config.json")
-        verify_manifest(d)
-        cfg = LlamaConfig.from_dict({k: v for k, v in raw.items() if k != "quantization_config"})
-        tp = getattr(tp_group, "size", 1) if tp_group is not None else 1
-        specs = param_specs(cfg, tp, tp_group.rank if tp > 1 else 0, stage)
-        path = d / "model.safetensors"
-        if not path.is_file():
-            raise FileNotFoundError(f"{path} is missing: a Q8_0 directory holds its weights in model.safetensors")
-        stored = SafetensorsFile(path)        # memory-mapped: each rank reads its slices only
-        tensors = {}
-        for spec in specs:
-            name, shape = spec.name, spec.full
-            if name not in stored.header:
-                raise ValueError(f"{path}: missing tensor {name} that config.json needs")
-            dtype = stored.header[name]["dtype"]
-            if len(shape) == 2:
-                sname, mname = name + Q8_SCALE_SUFFIX, name + Q4_MIN_SUFFIX
-                want_s = (shape[0], shape[1] // 32)
-                want_q = shape if kind == "q8_0" else (shape[0], shape[1] // 2)
-                if dtype != ("I8" if kind == "q8_0" else "U8") or sname not in stored.header or \
-                        (kind == "q4_1" and mname not in stored.header):
-                    raise ValueError(f"{path}: tensor {name} should be {kind.upper()} ({'int8' if kind == 'q8_0' else 'uint8'}"
-                                     f" values + {sname}); found dtype {dtype}")
-                if stored.shape(name) != want_q or stored.shape(sname) != want_s:
-                    raise ValueError(f"{path}: tensor {name} has shape {stored.shape(name)} / scales "
-                                     f"{stored.shape(sname)}, the config expects {want_q} / {want_s}")
-                q_index = spec.index
-                if kind != "q8_0" and spec.dim == 1:     # packed: two values a byte along K
-                    q_index = (slice(None), slice(spec.start // 2, spec.stop // 2))
-                tensors[name] = Quant(kind, stored.read(name, q_index, raw=True),
-                                      _q8_scale_shard(spec, stored, sname, path),
-                                      _q8_scale_shard(spec, stored, mname, path) if kind == "q4_1" else None)
-            else:
-                if stored.shape(name) != shape:
-                    raise ValueError(f"{path}: tensor {name} has shape {stored.shape(name)}, "
-                                     f"the config expects {shape}")
-                tensors[name] = stored.read(name, spec.index)
-        return cls(cfg, tensors, tp_group, stage=stage)
-
-    @classmethod
-    def _from_gguf(cls, path: Path, tp_group, stage=None) -> "InferenceModel":
-        """A GGUF file in its own formats: Q8_0 / Q4_0 / Q4_1 weights stay as stored (K-quants to
-        the nearest of those: cke_dist.model.gguf_io.GGUFTensors.read_native); each rank reads its
-        slices."""
-        from cke_dist.model import LlamaConfig
-        from .gguf_io import GGUFTensors, gguf_config
-        raw = gguf_config(path)
-        cfg = LlamaConfig.from_dict(raw)
-        src = GGUFTensors(path, raw)
-        tp = getattr(tp_group, "size", 1) if tp_group is not None else 1
-        tensors = {}
-        for spec in param_specs(cfg, tp, tp_group.rank if tp > 1 else 0, stage):
-            if spec.name not in src:
-                raise ValueError(f"{path}: no tensor for {spec.name}, which config needs")
-            tensors[spec.name] = src.read_native(spec.name, spec)
-        return cls(cfg, tensors, tp_group, stage=stage)
-
-    def to_q8_0(self) -> "InferenceModel":
-        return self.to_quantized("q8_0")
 
     def to_quantized(self, kind: str) -> "InferenceModel":
         """A copy with every linear, the LM head and the embedding table quantized to `kind`
@@ -397,18 +249,14 @@ class InferenceModel:
                 self._ws[M] = ws
         return ws
 
-    def _allreduce(self, buf):
-        if self.tp_size > 1:
-            self.tp_group.allreduce(buf, op="sum")
-
     def forward(self, ids, seq, pos, cache: KVCache, logits_rows=None) -> np.ndarray:
         """ids, seq, pos (M,) ints -> logits (len(logits_rows), V) (all M rows by default).
 
         Writes each row's key/value into cache row seq[m] at position pos[m] and sets
-        cache.lengths[seq[m]] = pos[m] + 1. The whole model: a pipeline stage runs forward_stage."""
-        return self.forward_stage(ids, seq, pos, cache, logits_rows)
+        cache.lengths[seq[m]] = pos[m] + 1. The whole model: a pipeline stage runs stage_forward."""
+        return self.stage_forward(ids, seq, pos, cache, logits_rows)
 
-    def forward_stage(self, inp, seq, pos, cache: KVCache, logits_rows=None) -> np.ndarray:
+    def stage_forward(self, inp, seq, pos, cache: KVCache, logits_rows=None) -> np.ndarray:
         """This stage's part of forward: token ids (M,) in on the first stage, else the previous
         stage's hidden states (M, C); logits out on the last stage, else hidden states (M, C) for the
         next one (a workspace view: send it before the next call)."""
@@ -446,7 +294,7 @@ class InferenceModel:
         xfn = np.empty_like(xf)
         rmsnorm_forward(xf, self.norm, self.eps, xfn, np.empty(xf.shape[0], F32))
         local = self.lm_head(xfn, np.empty((xf.shape[0], self.lm_head.out_features), F32))
-        return gather_vocab(self.tp_group, local, self.config.vocab_size) if self.tp_size > 1 else local
+        return self.tp.gather_vocab(local, self.config.vocab_size) if self.tp_size > 1 else local
 
     def _layers(self, x, seq, pos, cache, ws):
         M = x.shape[0]
@@ -465,13 +313,13 @@ class InferenceModel:
             cache.k[li][seq, :, pos, :] = k
             cache.v[li][seq, :, pos, :] = v
             att = cached_attention(q, cache.k[li], cache.v[li], seq, pos, self.kv_head, ws["att"])
-            self._allreduce(L["o"](att.reshape(M, H * D), ws["tmp"]))
+            self.tp.allreduce(L["o"](att.reshape(M, H * D), ws["tmp"]))
             if L["o_bias"] is not None:
                 ws["tmp"] += L["o_bias"]
             residual_forward(x, ws["tmp"], x2)
             rmsnorm_forward(x2, L["ln2"], self.eps, xn, ws["rstd"])
             swiglu_forward(L["gate_up"](xn, ws["gu"]), ws["h"])
-            self._allreduce(L["down"](ws["h"], ws["tmp"]))
+            self.tp.allreduce(L["down"](ws["h"], ws["tmp"]))
             residual_forward(x2, ws["tmp"], x)
 
     def _embed(self, ids, x):
@@ -488,7 +336,7 @@ class InferenceModel:
                 x.fill(0.0)
                 if mine.any():
                     x[mine] = self.embed_q.gather_rows(local[mine], np.empty((int(mine.sum()), x.shape[1]), F32))
-        self._allreduce(x)
+        self.tp.allreduce(x)
 
     def prefill(self, cache: KVCache, row: int, ids, start: int = 0, all_logits: bool = False) -> np.ndarray:
         """Feed a prompt (or its continuation from `start`) into cache row `row`; logits of its last
@@ -508,104 +356,3 @@ class InferenceModel:
         """One new token per cache row in `rows`, at each row's next position -> logits (len(rows), V)."""
         rows = np.asarray(rows, dtype=np.int64).reshape(-1)
         return self.forward(ids, rows, cache.lengths[rows], cache)
-
-
-def read_model_config(model_dir) -> dict:
-    """config.json of a float or a quantized directory (checked against its manifest when it has
-    one), or the config a GGUF file's metadata describes."""
-    from .gguf_io import gguf_config, is_gguf
-    from .hf_io import check_file, read_manifest
-    if is_gguf(model_dir):
-        return gguf_config(model_dir)
-    d = Path(model_dir)
-    path = d / "config.json"
-    if not d.is_dir():
-        raise FileNotFoundError(f"model directory {d} does not exist")
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing: a model directory needs config.json + safetensors")
-    manifest = read_manifest(d)
-    if manifest is not None:
-        check_file(path, manifest["files"].get("config.json"))
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path} is not valid JSON: {e}") from None
-
-
-def _q8_scale_shard(spec, stored, sname, path):
-    """The float32 block scales of this rank's shard of a Q8_0 tensor (blocks of 32 along a row)."""
-    if spec.dim == 1:
-        if spec.start % 32 or spec.stop % 32:
-            raise ValueError(f"{path}: tensor {spec.name} is cut at columns {spec.start}:{spec.stop} for tensor "
-                             f"parallelism, not on its 32-value Q8_0 blocks; use a tp size that cuts on block "
-                             f"boundaries or the float32 directory")
-        return stored.read(sname, (slice(None), slice(spec.start // 32, spec.stop // 32)))
-    return stored.read(sname, spec.index)
-
-
-def _check_architecture(raw: dict, cfg_path) -> None:
-    supported = {"LlamaForCausalLM", "Qwen2ForCausalLM"}
-    arch = raw.get("architectures") or []
-    bad = [a for a in arch if a not in supported]
-    if bad:
-        raise ValueError(f"{cfg_path}: architecture {bad[0]!r} is not supported; supported: {sorted(supported)}")
-    mt = raw.get("model_type", "llama")
-    if mt not in ("llama", "qwen2"):
-        raise ValueError(f"{cfg_path}: model_type {mt!r} is not supported; supported: ['llama', 'qwen2']")
-
-
-def save_q8_dir(im: InferenceModel, out_dir) -> None:
-    """Write a quantized directory (Q8_0, Q4_0 or Q4_1, whichever `im` holds): config.json (+
-    quantization_config) and model.safetensors in HF names: '<name>' the values (int8, or uint8
-    packed nibbles), '<name>_scale' float16 block scales, '<name>_min' (Q4_1) float16 block minimums."""
-    from safetensors.numpy import save_file
-    if im.quantize not in Quant.KINDS:
-        raise ValueError("save_q8_dir needs an InferenceModel built with quantize='q8_0', 'q4_0' or 'q4_1'")
-    cfg = im.config
-    tensors = {NORM: im.norm}
-
-    def put(name, lin_or_quant, bias_names=(), split=None):
-        qt = lin_or_quant.quant if isinstance(lin_or_quant, Linear) else lin_or_quant
-        names = [name] if split is None else name
-        rows = [qt.q.shape[0]] if split is None else split
-        r0 = 0
-        for n, r in zip(names, rows):
-            tensors[n] = np.ascontiguousarray(qt.q[r0:r0 + r])
-            tensors[n + Q8_SCALE_SUFFIX] = qt.d[r0:r0 + r].astype(np.float16)
-            if qt.m is not None:
-                tensors[n + Q4_MIN_SUFFIX] = qt.m[r0:r0 + r].astype(np.float16)
-            r0 += r
-        if isinstance(lin_or_quant, Linear) and lin_or_quant.bias is not None:
-            b0 = 0
-            for bn, r in zip(bias_names, rows):
-                tensors[bn] = np.ascontiguousarray(lin_or_quant.bias[b0:b0 + r])
-                b0 += r
-
-    if im.tp_size > 1 or not (im.stage.first and im.stage.last):
-        raise ValueError("save_q8_dir writes a whole model; quantize the one-process model")
-    put(EMBED, im.embed_q)
-    D = im.head_dim
-    for i, L in enumerate(im.layers):
-        n = layer_names(cfg, i)
-        tensors[n["ln1"][0]], tensors[n["ln2"][0]] = L["ln1"], L["ln2"]
-        put(n["qkv"], L["qkv"], n["qkv_bias"], split=[im.heads.n_q * D, im.heads.n_kv * D, im.heads.n_kv * D])
-        put(n["o"][0], L["o"])
-        if n["o_bias"]:
-            tensors[n["o_bias"][0]] = L["o_bias"]
-        put(n["gate_up"], L["gate_up"], split=[L["gate_up"].out_features // 2] * 2)
-        put(n["down"][0], L["down"])
-    if not cfg.tie_word_embeddings:
-        put(LM_HEAD, im.lm_head)
-    tensors = {k: np.ascontiguousarray(v) for k, v in tensors.items()}
-    os.makedirs(out_dir, exist_ok=True)
-    d = cfg.to_dict()
-    what = {"q8_0": "int8 '<name>'", "q4_0": "uint8 '<name>' (two 4-bit values a byte, GGML's order)",
-            "q4_1": "uint8 '<name>' (two 4-bit values a byte) + float16 '<name>_min'"}[im.quantize]
-    d["quantization_config"] = {"quant_method": QUANT_METHODS[im.quantize], "block_size": 32,
-                                "scale_dtype": "float16",
-                                "note": f"weights: {what} + float16 '<name>_scale' per 32-value block "
-                                        f"(GGML {im.quantize.upper()}); norms and biases float32"}
-    with open(os.path.join(out_dir, "config.json"), "w") as f:
-        json.dump(d, f, indent=2, sort_keys=True)
-        f.write("\n")
-    save_file(tensors, os.path.join(out_dir, "model.safetensors"), metadata={"format": QUANT_METHODS[im.quantize]})

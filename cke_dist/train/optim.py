@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from cke_kernels.optim import adamw_update, scale_inplace, sgd_update, sum_squares
+from cke_kernels.optim import adamw_update, sgd_update
 
 
 def _check_model(model):
@@ -113,24 +113,3 @@ class SGD(_Optimizer):
         sgd_update(self.model.params, self.model.grads, buf, lr, self.momentum, self.dampening,
                    self.weight_decay, self.nesterov, self.step_count == 0)
         self.step_count += 1
-
-
-def grad_norm(grads: np.ndarray) -> float:
-    """Global L2 norm of a flat float32 gradient buffer (float64 accumulation)."""
-    return float(np.sqrt(sum_squares(grads)))
-
-
-def clip_grad_norm(grads: np.ndarray, max_norm: float, norm: float | None = None) -> float:
-    """torch.nn.utils.clip_grad_norm_ on a flat buffer: returns the norm before clipping and
-    scales grads in place by max_norm / (norm + 1e-6) when that is below 1.
-
-    `norm` may be passed in when it was computed elsewhere (e.g. summed across ranks).
-    """
-    if not max_norm > 0:
-        raise ValueError(f"max_norm must be > 0, got {max_norm}")
-    if norm is None:
-        norm = grad_norm(grads)
-    coef = max_norm / (norm + 1e-6)
-    if coef < 1.0:
-        scale_inplace(grads, coef)
-    return float(norm)

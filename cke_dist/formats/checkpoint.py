@@ -24,7 +24,7 @@ Rules this module keeps:
   tile every tensor exactly once, writes the manifest and renames the directory into place; a
   reader never sees half a checkpoint, and a crash leaves only a `.tmp-*` directory that the next
   save removes.
-- Loading reads only the slices the loading rank needs (cke_dist.model.hf_io.TensorSource) and
+- Loading reads only the slices the loading rank needs (cke_dist.formats.hf.TensorSource) and
   verifies every file it reads against the manifest first, failing with the file named (missing,
   truncated, corrupted); it never falls back to an older checkpoint silently.
 - Only the newest `keep` step directories are kept.
@@ -39,7 +39,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .model.hf_io import (CONFIG_NAME, INDEX_NAME, MANIFEST, HFFormatError, check_file, fsync_path,
+from cke_dist.comm.shm import pid_alive
+from cke_dist.formats.hf import (CONFIG_NAME, INDEX_NAME, MANIFEST, HFFormatError, check_file, fsync_path,
                           open_hf_tensors, read_manifest, sha256_file, verify_manifest)
 
 TRAINER_STATE = "trainer_state.json"
@@ -191,7 +192,6 @@ _LEFTOVER = re.compile(r"^\.(tmp|old)-step_\d{8}-(\d+)$")
 def remove_leftovers(root: Path) -> list[Path]:
     """Remove the `.tmp-step_*-PID` / `.old-step_*-PID` directories a crashed save left in root (ours
     by name, and only those of processes no longer alive, so a save running beside us is kept)."""
-    from .comm.shm import pid_alive
 
     gone = []
     for p in root.iterdir():

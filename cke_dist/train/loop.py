@@ -1,4 +1,4 @@
-"""`cke-dist train [CONFIG.toml] [--set section.key=value ...] [--resume DIR]`: the training job.
+"""The training job (`cke-dist train`, cke_dist/cli/train.py, is its command line).
 
 One optimizer step, top to bottom (see `train`):
   lr from the warmup+cosine schedule (a function of the step),
@@ -6,10 +6,10 @@ One optimizer step, top to bottom (see `train`):
   clip the global grad norm, optimizer step,
   rank 0: progress bar (loss, tokens/s) and a JSON line in <out_dir>/metrics.jsonl,
   every eval_every steps the mean loss over fixed validation batches,
-  every checkpoint_every steps (and at the end) an atomic checkpoint (cke_dist.checkpoint).
+  every checkpoint_every steps (and at the end) an atomic checkpoint (cke_dist.formats.checkpoint).
 
 Rules this module keeps:
-- Batches depend only on (seed, step) (cke_dist.data), and the schedule only on the step, so
+- Batches depend only on (seed, step) (cke_dist.train.data), and the schedule only on the step, so
   `--resume` restores the model, the optimizer state and the step and reproduces an
   uninterrupted run exactly (tests/test_train_job.py checks it bitwise).
 - Under mpiexec the world is a dp x pp x tp grid (`[parallel] tp, pp`, dp = world size / (tp*pp);
@@ -20,11 +20,12 @@ Rules this module keeps:
   backward), sums what model-parallel ranks share and clips by the global norm; the logged loss
   and the validation loss are the last stage's, dp-averaged; replicas are checked identical at
   every checkpoint; the ranks of dp replica 0 each write their own slices into one checkpoint
-  that loads on any layout (cke_dist.checkpoint). Without mpiexec the world is one process and the same
+  that loads on any layout (cke_dist.formats.checkpoint). Without mpiexec the world is one process and the same
   code runs.
 - Every bad input (config key, corpus, checkpoint) ends the job with one message naming the file
   or key, exit status 2.
 """
+import hashlib
 import json
 import sys
 import time
@@ -33,49 +34,32 @@ from pathlib import Path
 
 import numpy as np
 
-from .checkpoint import CheckpointError, Shard, load_checkpoint, save_checkpoint
-from .config import ConfigError, TrainConfig, load_config, to_toml
-from .data import TRAIN, VAL, BatchSampler, DataError, open_corpus, rows_for_rank
-from .model import param_specs
-from .model.hf_io import HFFormatError
-from .schedule import lr_at
+import cke_kernels
+from cke_kernels.threads import set_num_threads
 
-REPO_ROOT = Path(__file__).resolve().parents[1]  # the repo is installed editable: examples/ lives here
+from cke_dist.comm import init
+from cke_dist.formats.checkpoint import CheckpointError, Shard, find_checkpoint, load_checkpoint, save_checkpoint
+from cke_dist.formats.hf import HFFormatError
+from cke_dist.formats.tokenizer import ByteTokenizer
+from cke_dist.model import LlamaConfig, Model, load_model, param_specs
+from cke_dist.parallel.data_parallel import GradBuckets, average_over_dp, check_params_in_sync, sync_params
+from cke_dist.parallel.grid import ProcessGrid
+from cke_dist.parallel.pipeline import grid_stage, pipeline_loss
+from cke_dist.parallel.step import ParallelGrads, train_step
+from cke_dist.parallel.zero import Zero1
+from cke_dist.serving.generate import generate
+from cke_dist.train.config import ConfigError, TrainConfig, load_config
+from cke_dist.train.data import TRAIN, VAL, BatchSampler, open_corpus, rows_for_rank
+from cke_dist.train.optim import SGD, AdamW
+from cke_dist.train.schedule import lr_at
 
-
-def add_arguments(parser) -> None:
-    parser.add_argument("config", nargs="?", help="TOML config (default: the built-in Tiny Shakespeare job)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                        help="override one config key, e.g. --set optim.lr=1e-3 (repeatable)")
-    parser.add_argument("--resume", metavar="DIR",
-                        help="continue from a checkpoint directory, or the newest checkpoint of a run directory")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar (metrics.jsonl is still written)")
-    parser.add_argument("--print-config", action="store_true",
-                        help="print the resolved config (every key) as TOML and exit")
-
-
-def run(args) -> int:
-    try:
-        cfg, resume = resolve_config(args.config, args.overrides, args.resume)
-        if args.print_config:
-            print(to_toml(cfg), end="")
-            return 0
-        train(cfg, resume=resume, progress=not args.no_progress)
-    except (ConfigError, DataError, CheckpointError, HFFormatError, FileNotFoundError) as e:
-        print(f"cke-dist train: error: {e}", file=sys.stderr)
-        return 2
-    except FloatingPointError as e:
-        print(f"cke-dist train: error: {e}", file=sys.stderr)
-        return 1
-    return 0
+REPO_ROOT = Path(__file__).resolve().parents[2]  # the repo is installed editable: examples/ lives here
 
 
 def resolve_config(config_path, overrides, resume_path) -> tuple[TrainConfig, Path | None]:
     """The config to run: defaults <- TOML <- --set; on --resume the checkpoint's config is the base."""
     if resume_path is None:
         return load_config(config_path, overrides), None
-    from .checkpoint import find_checkpoint
-
     ckpt = find_checkpoint(resume_path)
     state_path = ckpt / "trainer_state.json"
     try:
@@ -108,8 +92,6 @@ def _run_dir_of(ckpt: Path) -> Path:
 
 def model_config(cfg: TrainConfig, ckpt_dir: Path | None = None):
     """The LlamaConfig the job trains: the checkpoint's, model.init_from's, or the [model] section's."""
-    from .model import LlamaConfig
-
     src = ckpt_dir or (Path(cfg.model.init_from) if cfg.model.init_from else None)
     if src is not None:
         try:
@@ -125,9 +107,6 @@ def model_config(cfg: TrainConfig, ckpt_dir: Path | None = None):
 def build_model(cfg: TrainConfig, grid, ckpt_dir: Path | None = None):
     """This rank's part of the model (its tp shard of its pipeline stage): from the checkpoint, from
     model.init_from (each reading only its slices) or a fresh init from the seed."""
-    from .model import Model, load_model
-    from .parallel import grid_stage
-
     llama = model_config(cfg, ckpt_dir)
     try:
         stage = grid_stage(grid, llama, cfg.parallel.pp_layers)
@@ -145,8 +124,6 @@ def build_model(cfg: TrainConfig, grid, ckpt_dir: Path | None = None):
 
 
 def build_optimizer(cfg: TrainConfig, model):
-    from .optim import SGD, AdamW
-
     o = cfg.optim
     if o.name == "adamw":
         return AdamW(model, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, weight_decay=o.weight_decay)
@@ -158,8 +135,6 @@ def evaluate(model, sampler: BatchSampler, n_batches: int, grid) -> float:
 
     Each dp rank scores its rows of every batch (through the pipeline when pp > 1); the caller
     averages the result over dp."""
-    from .parallel import pipeline_loss
-
     rows = rows_for_rank(sampler.rows, grid.dp_rank, grid.dp)
     if grid.shape.pp > 1:
         return float(np.mean([pipeline_loss(model, grid, *sampler.batch(i, rows)) for i in range(n_batches)]))
@@ -169,14 +144,11 @@ def evaluate(model, sampler: BatchSampler, n_batches: int, grid) -> float:
 def job_digest(cfg: TrainConfig, resume: Path | None) -> bytes:
     """sha256 of what every rank must agree on: the resolved config (out_dir aside: its default is
     each rank's clock), the resume path, and the code (cke_dist and cke_kernels sources)."""
-    import hashlib
-
     h = hashlib.sha256()
     d = cfg.to_dict()
     d["train"] = {k: v for k, v in d["train"].items() if k != "out_dir"}
     h.update(json.dumps({"config": d, "resume": str(resume)}, sort_keys=True).encode())
-    import cke_kernels
-    for root in (Path(__file__).parent, Path(cke_kernels.__file__).parent):
+    for root in (Path(__file__).parents[1], Path(cke_kernels.__file__).parent):
         for f in sorted(root.rglob("*.py")):
             h.update(f.read_bytes())
     return h.digest()
@@ -201,8 +173,6 @@ def check_same_job(world, cfg: TrainConfig, resume: Path | None) -> None:
 def make_grid(world, cfg: TrainConfig, resumed: bool = False):
     """The dp x pp x tp grid of the config over this world, or a ConfigError that every rank raises
     alike (nothing has been communicated yet, so no rank waits for another)."""
-    from .parallel import ProcessGrid
-
     tp, pp = cfg.parallel.tp, cfg.parallel.pp
     if world.size % (tp * pp):
         fits = [t for t in range(1, world.size + 1) if world.size % (t * pp) == 0]
@@ -230,11 +200,6 @@ def _default_out_dir() -> Path:
 
 def train(cfg: TrainConfig, resume: Path | None = None, progress: bool = True) -> dict:
     """Run the job; returns {"model", "out_dir", "checkpoint", "step", "loss", "val_loss", "sample"}."""
-    from .comm import init
-    from .model import load_model
-    from .parallel import (GradBuckets, ParallelGrads, Zero1, average_over_dp, check_params_in_sync, sync_params,
-                           train_step)
-
     world = init()  # under mpiexec: every rank; one plain process: a size-1 world
     check_same_job(world, cfg, resume)
     grid = make_grid(world, cfg, resumed=resume is not None)
@@ -243,7 +208,6 @@ def train(cfg: TrainConfig, resume: Path | None = None, progress: bool = True) -
     writer_group = grid.dp_rank == 0   # the replica that writes checkpoints (and, pp = 1, generates the sample)
 
     if cfg.train.threads:
-        from cke_kernels.threads import set_num_threads
         set_num_threads(cfg.train.threads)
 
     ckpt = load_checkpoint(resume) if resume is not None else None
@@ -385,9 +349,6 @@ def train(cfg: TrainConfig, resume: Path | None = None, progress: bool = True) -
 
 def _sample(cfg: TrainConfig, model) -> str:
     """Generate from the trained model (byte-level data: the checkpoint's tokenizer is bytes)."""
-    from .generate import generate
-    from .tokenizer import ByteTokenizer
-
     tok = ByteTokenizer()
     ids = generate(model, tok.encode(cfg.sample.prompt), cfg.sample.max_new_tokens,
                    temperature=cfg.sample.temperature, top_k=cfg.sample.top_k or None, seed=cfg.train.seed)

@@ -10,14 +10,15 @@ import sys
 
 # subcommand -> (module, one-line help)
 COMMANDS = {
-    "train": ("cke_dist.train", "train a model (one process, or under mpiexec)"),
-    "generate": ("cke_dist.generate", "generate text from a model directory"),
-    "serve": ("cke_dist.serve", "an OpenAI-compatible HTTP server (one process, or under mpiexec as tp x pp)"),
-    "compare": ("cke_dist.compare", "check our numbers against the PyTorch reference"),
-    "quantize": ("cke_dist.quantize", "write a Q8_0 copy of a model directory"),
-    "info": ("cke_dist.info", "transports, RDMA devices, MPI library, threads"),
-    "plot": ("cke_dist.plot", "loss and tokens/s curves of training runs, as a PNG"),
-    "export": ("cke_dist.export", "a checkpoint as a plain Hugging Face directory (sharded weights + index)"),
+    "train": ("cke_dist.cli.train", "train a model (one process, or under mpiexec)"),
+    "generate": ("cke_dist.cli.generate", "generate text from a model directory"),
+    "serve": ("cke_dist.cli.serve", "an OpenAI-compatible HTTP server (one process, or under mpiexec as tp x pp)"),
+    "compare": ("cke_dist.cli.compare", "check our numbers against the PyTorch reference"),
+    "quantize": ("cke_dist.cli.quantize", "write a Q8_0 copy of a model directory"),
+    "info": ("cke_dist.cli.info", "transports, RDMA devices, MPI library, threads"),
+    "plot": ("cke_dist.cli.plot", "loss and tokens/s curves of training runs, as a PNG"),
+    "export": ("cke_dist.cli.export", "a checkpoint as a plain Hugging Face directory (sharded weights + index)"),
+    "launch": ("cke_dist.cli.launch", "a cluster config to the mpiexec (or sbatch) command line, or run it"),
 }
 
 
@@ -27,6 +28,9 @@ def main(argv=None) -> int:
         prog="cke-dist", description="Distributed CPU training and inference for Llama-family models.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     chosen = argv[0] if argv and argv[0] in COMMANDS else None
+    if chosen == "launch":      # its own parser: everything after `--` is the job, passed through untouched
+        from cke_dist.cli.launch import main as launch
+        return launch(argv[1:])
     if chosen == "train":   # before numpy and numba start their thread pools (see cke_kernels)
         from cke_kernels import training_pool_env
         training_pool_env()

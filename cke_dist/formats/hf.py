@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 CONFIG_NAME = "config.json"
-MANIFEST = "manifest.json"   # our checkpoints' list of files with their sha256 (cke_dist.checkpoint)
+MANIFEST = "manifest.json"   # our checkpoints' list of files with their sha256 (cke_dist.formats.checkpoint)
 SINGLE_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
 _SHARD_RE = re.compile(r"^model-(\d{5})-of-(\d{5})\.safetensors$")
@@ -34,7 +34,7 @@ _STORED = {
     "F16": (np.dtype("<f2"), 2),
     "BF16": (np.dtype("<u2"), 2),  # numpy has no bfloat16: read the raw 16 bits
     "F64": (np.dtype("<f8"), 8),
-    "I8": (np.dtype("i1"), 1),      # Q8_0 values (cke_dist.model.decode reads them raw)
+    "I8": (np.dtype("i1"), 1),      # Q8_0 values (cke_dist.model.inference reads them raw)
     "U8": (np.dtype("u1"), 1),      # Q4_0 / Q4_1 packed values
 }
 

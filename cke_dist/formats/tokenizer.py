@@ -21,6 +21,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from cke_dist.formats.gguf import is_gguf
+from cke_dist.formats.gguf_tokenizer import gguf_tokenizer
+
 BYTES_FILE = "cke_tokenizer.json"
 HF_FILE = "tokenizer.json"
 
@@ -121,9 +124,9 @@ def _ids(value) -> list[int]:
 
 def load_tokenizer(model_dir) -> ByteTokenizer | HFTokenizer:
     """The tokenizer of a model directory, or of a GGUF file (rebuilt from its metadata)."""
-    from .model.gguf_io import gguf_tokenizer, is_gguf
     if is_gguf(model_dir):
-        return gguf_tokenizer(model_dir)
+        tok, eos_ids, bos = gguf_tokenizer(model_dir)
+        return HFTokenizer.from_tokenizer(tok, eos_ids, bos, source=str(model_dir))
     d = Path(model_dir)
     if not d.is_dir():
         raise FileNotFoundError(f"model directory {d} does not exist")
@@ -198,3 +201,28 @@ def _context_tail(tokenizer, context: list[int], keep: int = 8) -> list[int]:
     if len(tail) < len(context) and "\ufffd" in text:
         return context
     return tail
+
+
+class StopText:
+    """Holds back streamed text that might be the start of a stop string; cuts at the first match."""
+
+    def __init__(self, stops):
+        self.stops = [s for s in stops if s]
+        self.pending = ""
+        self.hit = False
+
+    def push(self, text: str) -> str:
+        self.pending += text
+        for s in self.stops:
+            i = self.pending.find(s)
+            if i >= 0:
+                self.hit, out, self.pending = True, self.pending[:i], ""
+                return out
+        keep = max((k for s in self.stops for k in range(1, len(s)) if self.pending.endswith(s[:k])), default=0)
+        out = self.pending[:len(self.pending) - keep]
+        self.pending = self.pending[len(self.pending) - keep:]
+        return out
+
+    def flush(self) -> str:
+        out, self.pending = self.pending, ""
+        return out

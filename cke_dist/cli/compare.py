@@ -68,7 +68,7 @@ def run(args) -> int:
         return 2
     from cke_dist.model import LlamaConfig, Model, load_model
     from cke_dist.model.layout import offsets, param_specs
-    from cke_dist.optim import AdamW
+    from cke_dist.train.optim import AdamW
     from cke_dist.parallel import ParallelGrads
 
     if args.threads:

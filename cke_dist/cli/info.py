@@ -14,7 +14,7 @@ import platform
 import shutil
 import sys
 
-THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS")
+from cke_kernels import THREAD_VARS
 
 
 def add_arguments(parser) -> None:
@@ -43,7 +43,7 @@ def _threads() -> dict:
 
 
 def _shm() -> dict:
-    from .comm import shm
+    from cke_dist.comm import shm
 
     try:
         usage = shutil.disk_usage(shm.SHM_DIR)
@@ -54,7 +54,7 @@ def _shm() -> dict:
 
 def _grid(size, pp, tp, plan) -> dict:
     """The dp x pp x tp grid over `size` ranks and the transport(s) inside each of its groups."""
-    from .parallel.grid import ProcessGrid
+    from cke_dist.parallel.grid import ProcessGrid
 
     if pp < 1 or tp < 1 or size % (pp * tp):
         return {"error": f"tp={tp} x pp={pp} does not divide the world of {size} rank(s)"}
@@ -72,8 +72,8 @@ def gather(transport=None, tp=1, pp=1) -> dict:
     """Everything `info` reports, as plain data (collective under mpiexec: every rank must call it)."""
     from mpi4py import MPI
 
-    from .comm import select
-    from .comm.errors import TransportUnavailable
+    from cke_dist.comm import select
+    from cke_dist.comm.errors import TransportUnavailable
 
     comm = MPI.COMM_WORLD
     requested = select.resolve_transport(transport)

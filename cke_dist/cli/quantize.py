@@ -12,29 +12,9 @@ Tests: tests/test_q8_0.py, tests/test_q4.py.
 """
 from __future__ import annotations
 
-import os
-import shutil
 import sys
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                   "generation_config.json", "cke_tokenizer.json")
-
-
-def quantize_dir(model_dir, out_dir, kind: str = "q8_0") -> dict:
-    """Quantize model_dir into out_dir; returns {"float32_bytes", "quantized_bytes"} of the weights read per token."""
-    from .model.decode import InferenceModel, save_q8_dir
-    if os.path.abspath(model_dir) == os.path.abspath(out_dir):
-        raise ValueError(f"--out {out_dir} is the input directory; write the {kind.upper()} copy somewhere else")
-    f32 = InferenceModel.from_dir(model_dir)
-    if f32.quantize is not None:
-        raise ValueError(f"{model_dir} is already a {f32.quantize.upper()} directory; quantize the float one")
-    q8 = f32.to_quantized(kind)
-    save_q8_dir(q8, out_dir)
-    for name in TOKENIZER_FILES:
-        src = os.path.join(model_dir, name)
-        if os.path.isfile(src):
-            shutil.copyfile(src, os.path.join(out_dir, name))
-    return {"float32_bytes": f32.weight_bytes_per_token(), "quantized_bytes": q8.weight_bytes_per_token()}
+from cke_dist.model.convert import quantize_dir
 
 
 def add_arguments(p):

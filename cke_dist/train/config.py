@@ -16,6 +16,8 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from cke_dist.formats.architectures import ARCHITECTURES
+
 
 class ConfigError(ValueError):
     """A training config that names an unknown key or gives a value of the wrong type."""
@@ -44,7 +46,7 @@ class ModelSection:
         d.pop("init_from")
         if d["head_dim"] == 0:
             d.pop("head_dim")
-        d["architectures"] = ["Qwen2ForCausalLM" if self.model_type == "qwen2" else "LlamaForCausalLM"]
+        d["architectures"] = [ARCHITECTURES[self.model_type]]
         return d
 
 
@@ -272,7 +274,7 @@ def validate(cfg: TrainConfig) -> None:
     need(cfg.sample.max_new_tokens >= 0, "sample.max_new_tokens", "must be >= 0")
     need(cfg.sample.temperature >= 0, "sample.temperature", "must be >= 0 (0 = greedy)")
     need(cfg.sample.top_k >= 0, "sample.top_k", "must be >= 0")
-    need(cfg.model.model_type in ("llama", "qwen2"), "model.model_type", "must be llama or qwen2")
+    need(cfg.model.model_type in ARCHITECTURES, "model.model_type", f"must be one of {sorted(ARCHITECTURES)}")
     if not cfg.model.init_from:
         need(cfg.data.seq_len <= cfg.model.max_position_embeddings, "data.seq_len",
              f"must be <= model.max_position_embeddings ({cfg.model.max_position_embeddings})")

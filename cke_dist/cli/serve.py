@@ -51,8 +51,8 @@ def add_arguments(p):
 
 
 def run(args) -> int:
-    from .comm import init
-    from .serving import Engine
+    from cke_dist.comm import init
+    from cke_dist.serving import Engine
 
     if args.threads is not None:
         from cke_kernels.threads import set_num_threads
@@ -66,9 +66,9 @@ def run(args) -> int:
         engine.run()
         return 0
 
-    from .serving.chat import load_chat_template
-    from .serving.http import OpenAIServer
-    from .tokenizer import load_tokenizer
+    from cke_dist.serving.chat import load_chat_template
+    from cke_dist.serving.http import OpenAIServer
+    from cke_dist.formats.tokenizer import load_tokenizer
 
     # everything that can fail on a bad argument fails before the weights are read
     tok = load_tokenizer(args.model)

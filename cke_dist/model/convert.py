@@ -1,0 +1,74 @@
+"""Conversions that go through the model: a checkpoint to a Hugging Face directory or a GGUF
+file, a float model to a quantized directory. Each writes the tokenizer files the source carries
+(cke_dist.formats.architectures.TOKENIZER_FILES, chat templates included).
+Tests: tests/test_export.py, tests/test_gguf.py, tests/test_q8_0.py.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+from cke_dist.formats.architectures import TOKENIZER_FILES
+from cke_dist.formats.checkpoint import find_checkpoint
+from cke_dist.formats.gguf_write import write_gguf
+from cke_dist.formats.hf import fsync_path, write_hf_dir
+from cke_dist.formats.tokenizer import load_tokenizer
+from cke_dist.model.load import load_inference_model, load_model, save_quantized
+
+
+def export_hf(checkpoint, out, max_shard_mb: float = 2048.0) -> Path:
+    """A checkpoint (or a run directory's newest) as a plain HF directory, written beside `out` and
+    renamed into place so it is never half there."""
+    src, out = find_checkpoint(checkpoint), Path(out)
+    if out.exists() and any(out.iterdir()):
+        raise FileExistsError(f"{out}: exists and is not empty; export writes a new directory")
+    if not max_shard_mb > 0:
+        raise ValueError(f"--max-shard-mb {max_shard_mb}: must be > 0")
+    model = load_model(src)                       # verifies the manifest
+    tmp = out.with_name(f".tmp-export-{out.name}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    write_hf_dir(tmp, model.config.to_dict(), dict(model.named_params), max_shard_bytes=int(max_shard_mb * 2**20))
+    for name in TOKENIZER_FILES:
+        if (src / name).is_file():
+            shutil.copyfile(src / name, tmp / name)
+            fsync_path(tmp / name)
+    fsync_path(tmp)
+    if out.exists():
+        out.rmdir()
+    tmp.rename(out)
+    fsync_path(out.parent)
+    return out
+
+
+def export_gguf(checkpoint, out, kind: str = "f32") -> Path:
+    """A checkpoint as one GGUF file with its tokenizer and chat template (formats.gguf.write_gguf)."""
+    src, out = find_checkpoint(checkpoint), Path(out)
+    if out.exists():
+        raise FileExistsError(f"{out}: exists; export writes a new file")
+    model = load_model(src)                       # verifies what it reads
+    try:
+        tok = load_tokenizer(src)
+    except FileNotFoundError:
+        tok = None
+    template = None
+    if (src / "tokenizer_config.json").is_file():
+        template = json.loads((src / "tokenizer_config.json").read_text()).get("chat_template")
+    return write_gguf(out, model.config, dict(model.named_params), kind, tok, template)
+
+
+def quantize_dir(model_dir, out_dir, kind: str = "q8_0") -> dict:
+    """Quantize model_dir into out_dir; returns {"float32_bytes", "quantized_bytes"} of the weights read per token."""
+    if os.path.abspath(model_dir) == os.path.abspath(out_dir):
+        raise ValueError(f"--out {out_dir} is the input directory; write the {kind.upper()} copy somewhere else")
+    f32 = load_inference_model(model_dir)
+    if f32.quantize is not None:
+        raise ValueError(f"{model_dir} is already a {f32.quantize.upper()} directory; quantize the float one")
+    q = f32.to_quantized(kind)
+    save_quantized(q, out_dir)
+    for name in TOKENIZER_FILES:
+        src = os.path.join(model_dir, name)
+        if os.path.isfile(src):
+            shutil.copyfile(src, os.path.join(out_dir, name))
+    return {"float32_bytes": f32.weight_bytes_per_token(), "quantized_bytes": q.weight_bytes_per_token()}
