@@ -119,16 +119,16 @@ def test_incomplete_or_missing(tmp_path):
 
 def test_every_loader_of_a_checkpoint_verifies_its_manifest(tmp_path):
     """One flipped byte in model.safetensors: --resume refused it, but load_model and generate's
-    InferenceModel.from_dir loaded it silently; now each names the file."""
+    loader (InferenceModel.from_dir, now load_inference_model) loaded it silently; now each names the file."""
     from cke_dist.model import load_model
-    from cke_dist.model.inference import InferenceModel
+    from cke_dist.model.load import load_inference_model
     path, model, _ = _save(tmp_path / "ckpts")
     np.testing.assert_array_equal(load_model(path).params, model.params)   # intact: loads
     f = path / "model.safetensors"
     raw = bytearray(f.read_bytes())
     raw[-5] ^= 0x10                     # inside the last tensor's data: the header still parses
     f.write_bytes(bytes(raw))
-    for load in (load_model, InferenceModel.from_dir):
+    for load in (load_model, load_inference_model):
         with pytest.raises(HFFormatError, match="model.safetensors: sha256 differs from the manifest"):
             load(path)
     with pytest.raises(CheckpointError, match="sha256 differs"):

@@ -5,7 +5,7 @@
     layer_names(cfg, 3)["qkv"]                           # the role -> HF names map of a layer
     heads = attention_heads(cfg, tp_size, tp_rank)       # query / KV heads this rank holds
 
-Training (Model), inference (decode.py), checkpoint load/save and the tests all read this
+Training (Model), inference (inference.py), checkpoint load/save and the tests all read this
 module; nobody else spells out a tensor name or a cut.
 
 The Megatron split, as this module cuts it:
