@@ -6,6 +6,7 @@ import sys
 import threading
 
 from cke_dist.comm import init
+from cke_dist.formats.checkpoint import model_path
 from cke_dist.formats.tokenizer import StopText, TextStream, load_tokenizer
 from cke_dist.serving import Engine, Params
 from cke_dist.serving.generate import ended
@@ -36,6 +37,7 @@ def run(args) -> int:
         from cke_kernels.threads import set_num_threads
         set_num_threads(args.threads)
     world = init()
+    args.model = model_path(args.model)  # a run directory: its newest checkpoint
     tok = load_tokenizer(args.model)     # before the weights (every rank alike): a missing tokenizer fails fast
     engine = Engine.build(args.model, world, tp=args.tp, pp=args.pp, quantize=args.quantize,
                           max_batch=len(args.prompt))

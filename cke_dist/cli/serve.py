@@ -52,12 +52,14 @@ def add_arguments(p):
 
 def run(args) -> int:
     from cke_dist.comm import init
+    from cke_dist.formats.checkpoint import model_path
     from cke_dist.serving import Engine
 
     if args.threads is not None:
         from cke_kernels.threads import set_num_threads
         set_num_threads(args.threads)
     world = init()
+    args.model = model_path(args.model)  # a run directory: its newest checkpoint
     if world.rank != 0:
         # Ctrl-C reaches every rank under mpiexec; rank 0 alone decides the stop and tells the others
         signal.signal(signal.SIGINT, signal.SIG_IGN)

@@ -8,7 +8,9 @@ A checkpoint is `<run>/checkpoints/step_<8 digits>/` holding
                                    written once, by the rank that owns it)
   optimizer.safetensors            the optimizer's per-parameter state as "<state>/<HF name>" tensors,
     or optimizer-0000k-of-0000n.*  the same slices as the weights
-  cke_tokenizer.json               {"type": "bytes"} when the ids are bytes
+  tokenizer files                  the model's tokenizer as it came (tokenizer.json, tokenizer_config.json,
+                                   chat_template.jinja, ...; formats.tokenizer.tokenizer_files), or
+                                   cke_tokenizer.json = {"type": "bytes"} when the ids are bytes
   trainer_state.json               step, the training config, data position (seed + step), the
                                    optimizer's scalars, the grid that wrote it
   manifest.json                    sha256 and size of every file, and the region of the full tensor
@@ -44,7 +46,6 @@ from cke_dist.formats.hf import (CONFIG_NAME, INDEX_NAME, MANIFEST, HFFormatErro
                           open_hf_tensors, read_manifest, sha256_file, verify_manifest)
 
 TRAINER_STATE = "trainer_state.json"
-TOKENIZER = "cke_tokenizer.json"
 FORMAT = "cke-dist checkpoint 2"
 _STEP_PREFIX = "step_"
 _PART = re.compile(r"^\.part-(\d+)\.json$")
@@ -146,7 +147,7 @@ def _check_tiling(tmp: Path, tensors: dict) -> None:
                                   f"({list(regions)}); not saving an incomplete checkpoint")
 
 
-def _finish(tmp: Path, step: int, config, trainer_state: dict, tokenizer: dict | None) -> None:
+def _finish(tmp: Path, step: int, config, trainer_state: dict, tokenizer: dict[str, bytes]) -> None:
     """Rank 0, once every writer is done: merge the parts, write the small files and the manifest."""
     parts = [json.loads(p.read_text()) for p in sorted(tmp.iterdir()) if _PART.match(p.name)]
     count = parts[0]["count"] if parts else 0
@@ -164,8 +165,8 @@ def _finish(tmp: Path, step: int, config, trainer_state: dict, tokenizer: dict |
         del tensors["optimizer"]
 
     _write_json(tmp / CONFIG_NAME, config.to_dict())
-    if tokenizer is not None:
-        _write_json(tmp / TOKENIZER, tokenizer)
+    for name, data in tokenizer.items():
+        (tmp / name).write_bytes(data)
     _write_json(tmp / TRAINER_STATE, dict(trainer_state, step=step))
     if count > 1 and all(e["region"] == [[0, n] for n in e["full"]]
                          for entries in tensors["model"].values() for e in entries.values()):
@@ -173,7 +174,7 @@ def _finish(tmp: Path, step: int, config, trainer_state: dict, tokenizer: dict |
         weight_map = {name: fname for fname, entries in tensors["model"].items() for name in entries}
         _write_json(tmp / INDEX_NAME, {"metadata": {"total_size": sum(files[f]["bytes"] for f in tensors["model"])},
                                        "weight_map": weight_map})
-    for name in (CONFIG_NAME, TOKENIZER, TRAINER_STATE, INDEX_NAME):
+    for name in (CONFIG_NAME, *tokenizer, TRAINER_STATE, INDEX_NAME):
         if (tmp / name).is_file():
             fsync_path(tmp / name)
             files[name] = {"sha256": sha256_file(tmp / name), "bytes": (tmp / name).stat().st_size}
@@ -206,13 +207,15 @@ def step_dir_name(step: int) -> str:
     return f"{_STEP_PREFIX}{step:08d}"
 
 
-def save_checkpoint(root, step: int, config, shard: Shard | None, trainer_state: dict, tokenizer: dict | None = None,
-                    keep: int | None = None, world=None, timeout: float | None = None) -> Path:
+def save_checkpoint(root, step: int, config, shard: Shard | None, trainer_state: dict,
+                    tokenizer: dict[str, bytes] | None = None, keep: int | None = None, world=None,
+                    timeout: float | None = None) -> Path:
     """Write `root/step_<step>` atomically and return its path; prune to the newest `keep`.
 
     Collective over `world` (None: one process): every rank calls it; the writers (dp replica 0's
     ranks) pass their Shard, the others None. config: the model's LlamaConfig; trainer_state: what
-    resume needs besides tensors (rank 0's is written). The barriers wait up to `timeout` seconds
+    resume needs besides tensors (rank 0's is written); tokenizer: {file name: content} written
+    beside the weights (formats.tokenizer.tokenizer_files). The barriers wait up to `timeout` seconds
     (the checkpoint's own deadline, not the comm one)."""
     root = Path(root)
     rank = world.rank if world is not None else 0
@@ -233,7 +236,7 @@ def save_checkpoint(root, step: int, config, shard: Shard | None, trainer_state:
     if world is not None and world.size > 1:
         world.barrier(timeout=timeout)
     if rank == 0:
-        _finish(tmp, step, config, trainer_state, tokenizer)
+        _finish(tmp, step, config, trainer_state, tokenizer or {})
         if final.exists():  # the same step written again (a rerun): swap, never leave a gap without one
             old = root / f".old-{final.name}-{os.getpid()}"
             final.rename(old)
@@ -272,6 +275,16 @@ def find_checkpoint(path) -> Path:
             return found[-1]
     raise CheckpointError(
         f"{path}: neither a checkpoint (no {MANIFEST}) nor a run directory with checkpoints/step_* in it")
+
+
+def model_path(path) -> Path:
+    """What a model argument names: a run directory (one with checkpoints/step_*) means its newest
+    checkpoint; anything else (a model or checkpoint directory, a GGUF file) is itself."""
+    path = Path(path)
+    if path.is_dir() and not (path / CONFIG_NAME).exists() and (list_checkpoints(path / "checkpoints")
+                                                                 or list_checkpoints(path)):
+        return find_checkpoint(path)
+    return path
 
 
 def verify_checkpoint(ckpt) -> dict:
@@ -329,9 +342,8 @@ def load_checkpoint(path) -> Checkpoint:
         if manifest is None:
             raise CheckpointError(f"{ckpt / MANIFEST}: missing; {ckpt} is not a complete checkpoint")
         _check_training(ckpt, manifest)
-        for name in (TRAINER_STATE, CONFIG_NAME, TOKENIZER):
-            if name in manifest["files"] or name != TOKENIZER:
-                check_file(ckpt / name, manifest["files"].get(name))
+        for name in (TRAINER_STATE, CONFIG_NAME):
+            check_file(ckpt / name, manifest["files"].get(name))
     except HFFormatError as e:
         raise CheckpointError(str(e)) from None
     return Checkpoint(ckpt, json.loads((ckpt / TRAINER_STATE).read_text()))

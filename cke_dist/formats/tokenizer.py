@@ -10,6 +10,10 @@ Rules it keeps:
 - the end-of-sequence id comes from tokenizer_config.json (eos_token), then
   generation_config.json / config.json (eos_token_id); None when none is named.
 - byte ids past 255 (a padded vocab) decode to U+FFFD.
+- `tokenizer_files(source)` is what travels with every checkpoint and export of a model started
+  from `source`: the tokenizer files of a directory as they are (chat templates included), or, for
+  a GGUF file, the tokenizer rebuilt from its metadata as tokenizer.json plus a
+  tokenizer_config.json naming its specials and chat template, so transformers and we load it alike.
 - TextStream turns ids into text pieces as they arrive without splitting a
   multi-byte character: it holds back text that ends in an unfinished one. Given
   the prompt's ids it prints what the new ids add to the prompt's text (a
@@ -18,10 +22,12 @@ Tests: tests/test_tokenizer.py.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
-from cke_dist.formats.gguf import is_gguf
+from cke_dist.formats.architectures import TOKENIZER_FILES
+from cke_dist.formats.gguf import gguf_chat_template, gguf_special_tokens, is_gguf
 from cke_dist.formats.gguf_tokenizer import gguf_tokenizer
 
 BYTES_FILE = "cke_tokenizer.json"
@@ -99,6 +105,16 @@ class HFTokenizer:
     def token_to_id(self, token: str) -> int | None:
         return self._tok.token_to_id(token)
 
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        """Many texts at once (the `tokenizers` library spreads them over its threads)."""
+        return [e.ids for e in self._tok.encode_batch(list(texts), add_special_tokens=False)]
+
+    def fingerprint(self) -> str:
+        """sha256 of everything that decides the ids: the tokenizer itself and its EOS/BOS."""
+        h = hashlib.sha256(self._tok.to_str().encode())
+        h.update(json.dumps([self.eos_token_ids, self.bos_token_id]).encode())
+        return h.hexdigest()
+
 
 def _read_json(path: Path) -> dict:
     try:
@@ -157,6 +173,36 @@ def load_tokenizer(model_dir) -> ByteTokenizer | HFTokenizer:
     raise FileNotFoundError(
         f"no tokenizer in {d}: expected {HF_FILE} (Hugging Face) or {BYTES_FILE} "
         f"(our byte-level models: {{\"type\": \"bytes\"}}); copy the tokenizer files next to the weights")
+
+
+def chat_template_source(source) -> str | None:
+    """The chat template's text (None: there is none): a GGUF file's `tokenizer.chat_template`, a
+    directory's chat_template.jinja (what transformers >= 4.43 writes), or else its
+    tokenizer_config.json "chat_template" (a string, or a list of {name, template}: "default")."""
+    if is_gguf(source):
+        return gguf_chat_template(source) or None
+    d = Path(source)
+    if (d / "chat_template.jinja").is_file():
+        return (d / "chat_template.jinja").read_text(encoding="utf-8") or None
+    tc = d / "tokenizer_config.json"
+    source = _read_json(tc).get("chat_template") if tc.is_file() else None
+    if isinstance(source, list):   # named templates (e.g. "default", "tool_use"): chat uses the default
+        source = {t.get("name"): t.get("template") for t in source if isinstance(t, dict)}.get("default")
+    return source if isinstance(source, str) and source else None
+
+
+def tokenizer_files(source) -> dict[str, bytes]:
+    """{file name: content} of the tokenizer a model directory or GGUF file carries ({} for none)."""
+    if is_gguf(source):
+        tok, eos_ids, bos = gguf_tokenizer(source)
+        cfg = {"tokenizer_class": "PreTrainedTokenizerFast", "clean_up_tokenization_spaces": False}
+        cfg.update(gguf_special_tokens(source))
+        template = gguf_chat_template(source)
+        if template:
+            cfg["chat_template"] = template
+        return {HF_FILE: tok.to_str().encode(), "tokenizer_config.json": (json.dumps(cfg, indent=2) + "\n").encode()}
+    d = Path(source)
+    return {name: (d / name).read_bytes() for name in TOKENIZER_FILES if (d / name).is_file()}
 
 
 class TextStream:

@@ -5,7 +5,6 @@ Tests: tests/test_export.py, tests/test_gguf.py, tests/test_q8_0.py.
 """
 from __future__ import annotations
 
-import json
 import os
 import shutil
 from pathlib import Path
@@ -14,14 +13,20 @@ from cke_dist.formats.architectures import TOKENIZER_FILES
 from cke_dist.formats.checkpoint import find_checkpoint
 from cke_dist.formats.gguf_write import write_gguf
 from cke_dist.formats.hf import fsync_path, write_hf_dir
-from cke_dist.formats.tokenizer import load_tokenizer
+from cke_dist.formats.gguf import is_gguf
+from cke_dist.formats.tokenizer import chat_template_source, load_tokenizer, tokenizer_files
 from cke_dist.model.load import load_inference_model, load_model, save_quantized
 
 
+def _source(path) -> Path:
+    """A GGUF file as it is; a checkpoint, or a run directory's newest one."""
+    return Path(path) if is_gguf(path) else find_checkpoint(path)
+
+
 def export_hf(checkpoint, out, max_shard_mb: float = 2048.0) -> Path:
-    """A checkpoint (or a run directory's newest) as a plain HF directory, written beside `out` and
-    renamed into place so it is never half there."""
-    src, out = find_checkpoint(checkpoint), Path(out)
+    """A checkpoint (or a run directory's newest, or a GGUF file) as a plain HF directory with its
+    tokenizer, written beside `out` and renamed into place so it is never half there."""
+    src, out = _source(checkpoint), Path(out)
     if out.exists() and any(out.iterdir()):
         raise FileExistsError(f"{out}: exists and is not empty; export writes a new directory")
     if not max_shard_mb > 0:
@@ -30,10 +35,9 @@ def export_hf(checkpoint, out, max_shard_mb: float = 2048.0) -> Path:
     tmp = out.with_name(f".tmp-export-{out.name}")
     shutil.rmtree(tmp, ignore_errors=True)
     write_hf_dir(tmp, model.config.to_dict(), dict(model.named_params), max_shard_bytes=int(max_shard_mb * 2**20))
-    for name in TOKENIZER_FILES:
-        if (src / name).is_file():
-            shutil.copyfile(src / name, tmp / name)
-            fsync_path(tmp / name)
+    for name, data in tokenizer_files(src).items():
+        (tmp / name).write_bytes(data)
+        fsync_path(tmp / name)
     fsync_path(tmp)
     if out.exists():
         out.rmdir()
@@ -43,19 +47,14 @@ def export_hf(checkpoint, out, max_shard_mb: float = 2048.0) -> Path:
 
 
 def export_gguf(checkpoint, out, kind: str = "f32") -> Path:
-    """A checkpoint as one GGUF file with its tokenizer and chat template (formats.gguf.write_gguf)."""
-    src, out = find_checkpoint(checkpoint), Path(out)
+    """A checkpoint (or a GGUF file) as one GGUF file with its tokenizer and chat template
+    (formats.gguf_write.write_gguf); a source with no tokenizer is refused, not given a made-up one."""
+    src, out = _source(checkpoint), Path(out)
     if out.exists():
         raise FileExistsError(f"{out}: exists; export writes a new file")
+    tok = load_tokenizer(src)                     # FileNotFoundError names what is missing
     model = load_model(src)                       # verifies what it reads
-    try:
-        tok = load_tokenizer(src)
-    except FileNotFoundError:
-        tok = None
-    template = None
-    if (src / "tokenizer_config.json").is_file():
-        template = json.loads((src / "tokenizer_config.json").read_text()).get("chat_template")
-    return write_gguf(out, model.config, dict(model.named_params), kind, tok, template)
+    return write_gguf(out, model.config, dict(model.named_params), kind, tok, chat_template_source(src))
 
 
 def quantize_dir(model_dir, out_dir, kind: str = "q8_0") -> dict:

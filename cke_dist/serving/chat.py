@@ -23,7 +23,8 @@ import json
 from datetime import datetime
 from pathlib import Path
 
-from cke_dist.formats.gguf import gguf_chat_template, gguf_special_tokens, is_gguf
+from cke_dist.formats.gguf import gguf_special_tokens, is_gguf
+from cke_dist.formats.tokenizer import chat_template_source
 
 SPECIAL_TOKENS = ("bos_token", "eos_token", "unk_token", "pad_token")
 
@@ -40,28 +41,16 @@ def _token_text(value) -> str | None:
 
 def load_chat_template(model_dir) -> "ChatTemplate | None":
     """The model's chat template (None: it has none): a directory's, or a GGUF file's metadata."""
-    if is_gguf(model_dir):
-        source = gguf_chat_template(model_dir)
-        return ChatTemplate(source, gguf_special_tokens(model_dir)) if source else None
-    d = Path(model_dir)
-    cfg = {}
-    tc = d / "tokenizer_config.json"
-    if tc.is_file():
-        try:
-            cfg = json.loads(tc.read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError) as e:
-            raise ValueError(f"{tc}: not valid JSON ({e})") from e
-    source = None
-    jinja_file = d / "chat_template.jinja"
-    if jinja_file.is_file():
-        source = jinja_file.read_text(encoding="utf-8")
-    else:
-        source = cfg.get("chat_template")
-        if isinstance(source, list):   # named templates (e.g. "default", "tool_use"): chat uses the default
-            named = {t.get("name"): t.get("template") for t in source if isinstance(t, dict)}
-            source = named.get("default")
-    if not isinstance(source, str) or not source:
+    source = chat_template_source(model_dir)
+    if source is None:
         return None
+    if is_gguf(model_dir):
+        return ChatTemplate(source, gguf_special_tokens(model_dir))
+    tc = Path(model_dir) / "tokenizer_config.json"
+    try:
+        cfg = json.loads(tc.read_text(encoding="utf-8")) if tc.is_file() else {}
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"{tc}: not valid JSON ({e})") from e
     specials = {k: _token_text(cfg.get(k)) for k in SPECIAL_TOKENS}
     return ChatTemplate(source, {k: v for k, v in specials.items() if v is not None})
 

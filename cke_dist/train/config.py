@@ -26,7 +26,7 @@ class ConfigError(ValueError):
 @dataclass
 class ModelSection:
     """Hugging Face `config.json` names (see cke_dist.model.LlamaConfig). Ignored when init_from is set."""
-    init_from: str = ""          # HF model directory to start from instead of a random init
+    init_from: str = ""          # an HF model directory, a checkpoint or a GGUF file to start from
     model_type: str = "llama"    # "llama" | "qwen2"
     vocab_size: int = 256        # byte tokens
     hidden_size: int = 128
@@ -52,8 +52,11 @@ class ModelSection:
 
 @dataclass
 class DataSection:
-    path: str = "examples/data/tinyshakespeare.txt"  # relative paths: cwd first, then the repo root
-    format: str = "auto"         # "auto" (by suffix) | "text" (bytes) | "u16" | "u32"
+    path: str = "examples/data/tinyshakespeare.txt"  # a file, directory or glob; relative: cwd, then the repo
+    # "auto" (by suffix) | "text" (.txt/.md: a document per file) | "jsonl" ({"text": ...} per line) |
+    # "u16" | "u32" (prepared ids); text is read with the model's tokenizer (bytes for a model of ours)
+    format: str = "auto"
+    val_path: str = ""           # held-out files for validation; "" = the last val_fraction of data.path
     val_fraction: float = 0.1    # the last fraction of the tokens is the validation split
     batch_size: int = 16         # sequences per micro-batch, summed over data-parallel ranks
     seq_len: int = 128
@@ -103,7 +106,7 @@ class ParallelSection:
 
 @dataclass
 class SampleSection:
-    """The sample printed after training (byte-level data only)."""
+    """The sample printed after training, with the model's tokenizer."""
     prompt: str = "ROMEO:\n"
     max_new_tokens: int = 200    # 0 = no sample
     temperature: float = 0.8
@@ -235,7 +238,8 @@ def validate(cfg: TrainConfig) -> None:
             section, name = key.split(".")
             raise ConfigError(f"{key} = {getattr(getattr(cfg, section), name)!r}: {what}")
 
-    need(cfg.data.format in ("auto", "text", "u16", "u32"), "data.format", "must be auto, text, u16 or u32")
+    need(cfg.data.format in ("auto", "text", "jsonl", "u16", "u32"), "data.format",
+         "must be auto, text, jsonl, u16 or u32")
     need(0.0 < cfg.data.val_fraction < 1.0, "data.val_fraction", "must be between 0 and 1")
     need(cfg.data.batch_size >= 1, "data.batch_size", "must be >= 1")
     need(cfg.data.seq_len >= 1, "data.seq_len", "must be >= 1")

@@ -1,9 +1,16 @@
 """Token corpora and the batches drawn from them.
 
 Rules this module keeps:
-- A corpus is a 1-D array of token ids: the bytes of a text file (vocab 256), or a binary file
-  of uint16/uint32 ids opened with np.memmap (never read whole into memory).
-- The last `val_fraction` of the tokens is the validation split, the rest is training.
+- A corpus is a 1-D array of token ids, from `data.path`: a file, a directory (its .txt / .md /
+  .jsonl / .u16 / .u32 files, sorted) or a glob. Text (.txt, .md: one document per file; .jsonl:
+  one per line, its "text" field) is tokenized with the model's own tokenizer, an end-of-text id
+  after each document, and cached as a prepared token file keyed by the tokenizer's fingerprint
+  and the sources' paths, sizes and times (`prepare_tokens`; `cke-dist prepare` does it ahead of
+  time). A byte-level model (ours, no tokenizer file) reads text as its UTF-8 bytes. Prepared ids
+  (.u16/.u32) are memory-mapped, never read whole into memory. Text for a model with no tokenizer
+  is an error that says what to give instead: ids never silently change meaning.
+- `data.val_path` names held-out files; without it the last `val_fraction` of the tokens is the
+  validation split, the rest is training.
 - **A global batch is a function of (seed, split, step) only**: its start offsets come from
   `np.random.default_rng([seed, split, step])`, drawn without replacement so no sequence repeats
   within a step. A rank takes a contiguous block of rows of it (`rows_for_rank`), so the sequence
@@ -12,14 +19,23 @@ Rules this module keeps:
 - Too short a corpus is an error naming the file and the lengths, before any training.
 Tests: tests/test_data.py.
 """
+import fcntl
+import glob
+import hashlib
+import json
+import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from cke_dist.formats.tokenizer import ByteTokenizer
+
 TRAIN, VAL = 0, 1  # the split id is part of the RNG key, so the two streams never coincide
 
-_SUFFIX_FORMAT = {".txt": "text", ".text": "text", ".md": "text", ".u16": "u16", ".u32": "u32"}
+_SUFFIX_FORMAT = {".txt": "text", ".text": "text", ".md": "text", ".jsonl": "jsonl", ".u16": "u16", ".u32": "u32"}
+DOCUMENTS = ("text", "jsonl")      # formats the tokenizer reads; the others are token ids already
 _DTYPES = {"u16": np.dtype("<u2"), "u32": np.dtype("<u4")}
 
 
@@ -35,18 +51,119 @@ def resolve_format(path: Path, fmt: str) -> str:
     if path.suffix == ".bin":
         raise DataError(f"{path}: a .bin token file needs its dtype: set data.format = \"u16\" or \"u32\"")
     raise DataError(
-        f"{path}: cannot tell the format from the suffix {path.suffix!r}; name it .txt/.u16/.u32 or set "
-        f"data.format to text, u16 or u32")
+        f"{path}: cannot tell the format from the suffix {path.suffix!r}; name it .txt/.jsonl/.u16/.u32 or set "
+        f"data.format to text, jsonl, u16 or u32")
 
 
-def load_tokens(path, fmt: str = "auto") -> tuple[np.ndarray, str]:
-    """(1-D token array, resolved format). Text is read as raw bytes, binary ids are memory-mapped."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: corpus file not found (data.path)")
-    fmt = resolve_format(path, fmt)
+def data_files(path) -> list[Path]:
+    """The files `data.path` names: a file, a directory's data files (sorted), or a glob's matches."""
+    p = Path(path)
+    if p.is_file():
+        return [p]
+    if p.is_dir():
+        found = sorted(f for f in p.iterdir() if f.is_file() and f.suffix in _SUFFIX_FORMAT)
+        if not found:
+            raise DataError(f"{p}: a directory with no data files ({', '.join(sorted(_SUFFIX_FORMAT))})")
+        return found
+    if glob.has_magic(str(path)):
+        found = sorted(Path(f) for f in glob.glob(str(path)) if Path(f).is_file())
+        if not found:
+            raise FileNotFoundError(f"{path}: the glob matches no file (data.path)")
+        return found
+    raise FileNotFoundError(f"{path}: corpus file not found (data.path)")
+
+
+def documents(path: Path, fmt: str):
+    """The texts of one text (.txt: the whole file) or JSON-lines file (each line's "text")."""
     if fmt == "text":
-        return np.fromfile(path, dtype=np.uint8), fmt
+        yield path.read_text(encoding="utf-8", errors="replace")
+        return
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                text = json.loads(line).get("text")
+            except (json.JSONDecodeError, AttributeError):
+                raise DataError(f"{path}:{n}: not a JSON object; a .jsonl corpus holds one {{\"text\": ...}} "
+                                f"object per line") from None
+            if not isinstance(text, str):
+                raise DataError(f"{path}:{n}: no string \"text\" field (data.format = \"jsonl\"; chat data "
+                                f"with \"messages\" needs data.format = \"chat\")")
+            yield text
+
+
+def _cache_root() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "cke-dist" / "tokens"
+
+
+def prepare_tokens(files: list[Path], fmt: str, tokenizer, cache_dir=None, progress: bool = True) -> Path:
+    """Tokenize the documents of `files` (an end-of-text id after each) into a uint32 token file,
+    once: it is cached under a key of the tokenizer's fingerprint and the files' paths, sizes and
+    modification times, built by one process while any other (another rank) waits on its lock."""
+    h = hashlib.sha256(json.dumps({"tokenizer": tokenizer.fingerprint(), "format": fmt, "version": 1,
+                                   "files": [[str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns]
+                                             for f in files]}).encode())
+    root = Path(cache_dir) if cache_dir else _cache_root()
+    root.mkdir(parents=True, exist_ok=True)
+    out = root / f"{h.hexdigest()[:32]}.u32"
+    with open(str(out) + ".lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if out.is_file():
+            return out
+        eos = tokenizer.eos_token_id
+        tmp = out.with_name(f".{out.name}.{os.getpid()}")
+        bar = None
+        if progress:
+            from tqdm import tqdm
+            bar = tqdm(total=sum(f.stat().st_size for f in files), unit="B", unit_scale=True,
+                       desc="tokenizing", file=sys.stderr, dynamic_ncols=True)
+        with open(tmp, "wb") as w:
+            for f in files:
+                batch: list[str] = []
+                for text in list(documents(f, fmt)) + [None]:
+                    if text is not None:
+                        batch.append(text)
+                    if batch and (text is None or len(batch) == 256):
+                        for ids in tokenizer.encode_batch(batch):
+                            np.asarray(ids + ([eos] if eos is not None else []), np.uint32).tofile(w)
+                        batch = []
+                if bar is not None:
+                    bar.update(f.stat().st_size)
+            w.flush()
+            os.fsync(w.fileno())
+        if bar is not None:
+            bar.close()
+        os.replace(tmp, out)
+        return out
+
+
+def load_tokens(path, fmt: str = "auto", tokenizer=None, cache_dir=None, progress: bool = True) -> tuple[np.ndarray, str]:
+    """(1-D token array, resolved format) of the files `path` names. Text goes through `tokenizer`
+    (bytes for a ByteTokenizer; None: an error), binary ids are memory-mapped."""
+    files = data_files(path)
+    kinds = {resolve_format(f, fmt) for f in files}
+    if len(kinds) > 1:
+        raise DataError(f"{path}: mixes data formats {sorted(kinds)}; give one kind of file (or set data.format)")
+    fmt = kinds.pop()
+    if fmt in DOCUMENTS:
+        if tokenizer is None:
+            raise DataError(f"{path} is text, but the model has no tokenizer to read it with (model.init_from "
+                            f"names no tokenizer.json): add the model's tokenizer files beside its weights, or "
+                            f"give token ids (.u16/.u32)")
+        if isinstance(tokenizer, ByteTokenizer):
+            if fmt == "text":
+                parts = [np.fromfile(f, dtype=np.uint8) for f in files]
+                return (parts[0] if len(parts) == 1 else np.concatenate(parts)), fmt
+            ids = [b for f in files for t in documents(f, fmt) for b in t.encode("utf-8")]
+            return np.asarray(ids, np.uint8), fmt
+        prepared = prepare_tokens(files, fmt, tokenizer, cache_dir, progress)
+        size = prepared.stat().st_size
+        return (np.memmap(prepared, dtype=np.uint32, mode="r") if size else np.zeros(0, np.uint32)), fmt
+    if len(files) > 1:
+        raise DataError(f"{path}: {len(files)} token-id files; give one ({fmt}) or prepare them into one "
+                        f"with cke-dist prepare")
+    path = files[0]
     if fmt not in _DTYPES:
         raise DataError(f"{path}: unknown data.format {fmt!r}; use text, u16 or u32")
     dtype = _DTYPES[fmt]
@@ -74,23 +191,26 @@ class Corpus:
     train: np.ndarray
     val: np.ndarray
 
-    @property
-    def tokenizer(self) -> dict | None:
-        """The `cke_tokenizer.json` content for checkpoints, when the ids are bytes."""
-        return {"type": "bytes"} if self.format == "text" else None
 
-
-def open_corpus(path, fmt: str, val_fraction: float, seq_len: int, vocab_size: int) -> Corpus:
-    """Load, check ids against the vocabulary and lengths against one sequence, and split."""
-    tokens, fmt = load_tokens(path, fmt)
+def open_corpus(path, fmt: str, val_fraction: float, seq_len: int, vocab_size: int, tokenizer=None,
+                val_path=None, cache_dir=None, progress: bool = True) -> Corpus:
+    """Load (tokenizing text with `tokenizer`), check ids against the vocabulary and lengths against
+    one sequence, and split (the last val_fraction, or the files of val_path)."""
+    tokens, fmt = load_tokens(path, fmt, tokenizer, cache_dir, progress)
     path = Path(path)
-    top = max_token(tokens) if fmt != "text" else 255
-    if top >= vocab_size:
-        raise DataError(
-            f"{path}: holds token id {top}, but the model's vocab_size is {vocab_size}; "
-            f"{'byte tokens need vocab_size >= 256' if fmt == 'text' else 'use a model with a larger vocabulary'}")
-    n_val = int(len(tokens) * val_fraction)
-    train, val = tokens[:len(tokens) - n_val], tokens[len(tokens) - n_val:]
+    held = load_tokens(val_path, fmt if val_path and fmt not in DOCUMENTS else "auto", tokenizer, cache_dir,
+                       progress)[0] if val_path else None
+    for src, ids in ((path, tokens), (val_path, held)):
+        top = max_token(ids) if ids is not None else -1
+        if top >= vocab_size:
+            raise DataError(
+                f"{src}: holds token id {top}, but the model's vocab_size is {vocab_size}; "
+                f"{'byte tokens need vocab_size >= 256' if ids.dtype == np.uint8 else 'use a model with a larger vocabulary'}")
+    if held is not None:
+        train, val = tokens, held
+    else:
+        n_val = int(len(tokens) * val_fraction)
+        train, val = tokens[:len(tokens) - n_val], tokens[len(tokens) - n_val:]
     need = seq_len + 1  # inputs and the targets shifted by one
     for name, split in (("training", train), ("validation", val)):
         if len(split) < need:

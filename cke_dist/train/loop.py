@@ -40,8 +40,10 @@ from cke_kernels.threads import set_num_threads
 from cke_dist.comm import init
 from cke_dist.formats.checkpoint import CheckpointError, Shard, find_checkpoint, load_checkpoint, save_checkpoint
 from cke_dist.formats.hf import HFFormatError
-from cke_dist.formats.tokenizer import ByteTokenizer
+from cke_dist.formats.gguf import is_gguf
+from cke_dist.formats.tokenizer import BYTES_FILE, HF_FILE, ByteTokenizer, load_tokenizer, tokenizer_files
 from cke_dist.model import LlamaConfig, Model, load_model, param_specs
+from cke_dist.model.load import read_model_config
 from cke_dist.parallel.data_parallel import GradBuckets, average_over_dp, check_params_in_sync, sync_params
 from cke_dist.parallel.grid import ProcessGrid
 from cke_dist.parallel.pipeline import grid_stage, pipeline_loss
@@ -95,13 +97,26 @@ def model_config(cfg: TrainConfig, ckpt_dir: Path | None = None):
     src = ckpt_dir or (Path(cfg.model.init_from) if cfg.model.init_from else None)
     if src is not None:
         try:
-            return LlamaConfig.from_json(src / "config.json")
+            return LlamaConfig.from_dict(read_model_config(src))     # an HF directory, checkpoint or GGUF
         except (ValueError, FileNotFoundError) as e:
             raise HFFormatError(f"model.init_from {cfg.model.init_from!r}: {e}" if ckpt_dir is None else str(e)) from e
     try:
         return LlamaConfig.from_dict(cfg.model.hf_config())
     except ValueError as e:  # LlamaConfig names the key; say where it came from
         raise ConfigError(f"[model] section: {e}") from e
+
+
+def model_tokenizer(cfg: TrainConfig, ckpt_dir: Path | None = None) -> tuple[object, dict[str, bytes]]:
+    """(the tokenizer text data is read with, {file: content} every checkpoint carries): the
+    checkpoint's or model.init_from's own (an HF directory or a GGUF file), or bytes for a model of
+    ours started from the [model] section. None when the source has no tokenizer at all."""
+    src = ckpt_dir or (cfg.model.init_from or None)
+    if src is None:
+        return ByteTokenizer(), {BYTES_FILE: b'{"type": "bytes"}\n'}
+    files = tokenizer_files(src)
+    if HF_FILE in files or BYTES_FILE in files or is_gguf(src):
+        return load_tokenizer(src), files
+    return None, files
 
 
 def build_model(cfg: TrainConfig, grid, ckpt_dir: Path | None = None):
@@ -224,8 +239,11 @@ def train(cfg: TrainConfig, resume: Path | None = None, progress: bool = True) -
     sync_params(model, grid)  # rank 0's parameters everywhere (a checksum check names any rank that differs)
 
     data_path = resolve_data_path(cfg.data.path)
+    tokenizer, tok_files = model_tokenizer(cfg, ckpt.path if ckpt is not None else None)
     corpus = open_corpus(data_path, cfg.data.format, cfg.data.val_fraction, cfg.data.seq_len,
-                         model.config.vocab_size)
+                         model.config.vocab_size, tokenizer,
+                         resolve_data_path(cfg.data.val_path) if cfg.data.val_path else None,
+                         progress=progress and is_rank0)
     if cfg.data.seq_len > model.config.max_position_embeddings:
         raise ConfigError(f"data.seq_len = {cfg.data.seq_len} exceeds the model's max_position_embeddings "
                           f"({model.config.max_position_embeddings})")
@@ -284,7 +302,7 @@ def train(cfg: TrainConfig, resume: Path | None = None, progress: bool = True) -
         }
         # the barriers inside wait under train.checkpoint_timeout: a write may take longer than the
         # comm deadline without the waiting ranks timing out
-        return save_checkpoint(out_dir / "checkpoints", step, model.config, shard, state, corpus.tokenizer,
+        return save_checkpoint(out_dir / "checkpoints", step, model.config, shard, state, tok_files,
                                keep=cfg.train.keep_checkpoints, world=world, timeout=cfg.train.checkpoint_timeout)
 
     bar = None
@@ -332,12 +350,14 @@ def train(cfg: TrainConfig, resume: Path | None = None, progress: bool = True) -
               f"raise it with --set train.steps=N", file=sys.stderr)
 
     sample = None
-    if cfg.sample.max_new_tokens and corpus.tokenizer is not None and start_step < steps:
+    if cfg.sample.max_new_tokens and tokenizer is None and is_rank0:
+        print(f"cke-dist train: no sample: {cfg.model.init_from} has no tokenizer", file=sys.stderr)
+    if cfg.sample.max_new_tokens and tokenizer is not None and start_step < steps:
         if grid.shape.pp > 1:
             # the stages' layers live on other ranks: rank 0 samples from the checkpoint it just wrote
-            sample = _sample(cfg, load_model(last_ckpt)) if is_rank0 else None
+            sample = _sample(cfg, load_model(last_ckpt), tokenizer) if is_rank0 else None
         elif writer_group:
-            sample = _sample(cfg, model)   # collective over tp: every rank draws the same tokens
+            sample = _sample(cfg, model, tokenizer)   # collective over tp: every rank draws the same tokens
         if is_rank0:
             print(f"--- sample (temperature {cfg.sample.temperature}) ---\n{sample}\n---")
     if is_rank0 and last_ckpt is not None:
@@ -347,9 +367,9 @@ def train(cfg: TrainConfig, resume: Path | None = None, progress: bool = True) -
             "loss": loss, "val_loss": val_loss, "sample": sample}
 
 
-def _sample(cfg: TrainConfig, model) -> str:
-    """Generate from the trained model (byte-level data: the checkpoint's tokenizer is bytes)."""
-    tok = ByteTokenizer()
-    ids = generate(model, tok.encode(cfg.sample.prompt), cfg.sample.max_new_tokens,
-                   temperature=cfg.sample.temperature, top_k=cfg.sample.top_k or None, seed=cfg.train.seed)
-    return cfg.sample.prompt + tok.decode(ids)
+def _sample(cfg: TrainConfig, model, tokenizer) -> str:
+    """Generate from the trained model with the tokenizer its data was read with."""
+    ids = generate(model, tokenizer.encode(cfg.sample.prompt), cfg.sample.max_new_tokens,
+                   temperature=cfg.sample.temperature, top_k=cfg.sample.top_k or None, seed=cfg.train.seed,
+                   stop_ids=tuple(tokenizer.eos_token_ids or ()))
+    return cfg.sample.prompt + tokenizer.decode([i for i in ids if i not in (tokenizer.eos_token_ids or ())])
