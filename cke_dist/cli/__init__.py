@@ -11,6 +11,7 @@ import sys
 # subcommand -> (module, one-line help)
 COMMANDS = {
     "train": ("cke_dist.cli.train", "train a model (one process, or under mpiexec)"),
+    "prepare": ("cke_dist.cli.prepare", "tokenize a text corpus with a model's tokenizer ahead of training"),
     "generate": ("cke_dist.cli.generate", "generate text from a model directory"),
     "serve": ("cke_dist.cli.serve", "an OpenAI-compatible HTTP server (one process, or under mpiexec as tp x pp)"),
     "compare": ("cke_dist.cli.compare", "check our numbers against the PyTorch reference"),

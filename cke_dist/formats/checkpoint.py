@@ -42,8 +42,7 @@ from pathlib import Path
 import numpy as np
 
 from cke_dist.comm.shm import pid_alive
-from cke_dist.formats.hf import (CONFIG_NAME, INDEX_NAME, MANIFEST, HFFormatError, check_file, fsync_path,
-                          open_hf_tensors, read_manifest, sha256_file, verify_manifest)
+from cke_dist.formats.hf import (CONFIG_NAME, INDEX_NAME, MANIFEST, HFFormatError, check_file, fsync_path, open_hf_tensors, read_manifest, sha256_file, verify_manifest, write_safetensors)
 
 TRAINER_STATE = "trainer_state.json"
 FORMAT = "cke-dist checkpoint 2"
@@ -104,8 +103,6 @@ class Shard:
 
 def _write_shard(tmp: Path, shard: Shard) -> None:
     """Write one rank's weights and optimizer files, fsynced, and its part list (.part-k.json)."""
-    from safetensors.numpy import save_file
-
     model_name, optim_name = file_names(shard.index, shard.count)
     part = {"index": shard.index, "count": shard.count, "files": {}, "tensors": {"model": {}, "optimizer": {}}}
     arrays = {"model": {}, "optimizer": {}}
@@ -122,7 +119,7 @@ def _write_shard(tmp: Path, shard: Shard) -> None:
         if what == "optimizer" and not arrays[what]:
             part["tensors"].pop(what)   # an optimizer with no per-parameter state (SGD without momentum)
             continue
-        save_file(arrays[what], str(tmp / fname), metadata={"format": "pt"})
+        write_safetensors(arrays[what], tmp / fname, metadata={"format": "pt"})
         fsync_path(tmp / fname)
         part["files"][fname] = {"sha256": sha256_file(tmp / fname), "bytes": (tmp / fname).stat().st_size}
         part["tensors"][what] = {fname: part["tensors"][what]}

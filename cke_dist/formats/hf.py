@@ -21,6 +21,7 @@ import struct
 from pathlib import Path
 
 import numpy as np
+from safetensors.numpy import save_file
 
 CONFIG_NAME = "config.json"
 MANIFEST = "manifest.json"   # our checkpoints' list of files with their sha256 (cke_dist.formats.checkpoint)
@@ -354,6 +355,22 @@ def fsync_path(p: Path) -> None:
         os.close(fd)
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+_FILE_MODE = 0o666 & ~_umask()
+
+
+def write_safetensors(tensors: dict, path, metadata: dict | None = None) -> None:
+    """safetensors' save_file, with the permissions of any other file we write: it writes through a
+    private temporary file (0600), so weights were unreadable to the group where configs were not."""
+    save_file(tensors, str(path), metadata=metadata)
+    os.chmod(path, _FILE_MODE)
+
+
 def write_hf_dir(path, config_dict: dict, tensors: dict[str, np.ndarray], max_shard_bytes: int | None = None) -> list[Path]:
     """Write config.json + model.safetensors (or shards + index when they exceed max_shard_bytes).
 
@@ -361,7 +378,6 @@ def write_hf_dir(path, config_dict: dict, tensors: dict[str, np.ndarray], max_sh
     directory are removed first so a reader never mixes two saves. Returns the files written
     (each fsynced).
     """
-    from safetensors.numpy import save_file
 
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
@@ -384,13 +400,13 @@ def write_hf_dir(path, config_dict: dict, tensors: dict[str, np.ndarray], max_sh
     config_path.write_text(json.dumps(config_dict, indent=2, sort_keys=True) + "\n")
     written.append(config_path)
     if len(shards) == 1:
-        save_file(shards[0], str(path / SINGLE_NAME), metadata={"format": "pt"})
+        write_safetensors(shards[0], path / SINGLE_NAME, metadata={"format": "pt"})
         written.append(path / SINGLE_NAME)
     else:
         weight_map = {}
         for i, shard in enumerate(shards):
             fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-            save_file(shard, str(path / fname), metadata={"format": "pt"})
+            write_safetensors(shard, path / fname, metadata={"format": "pt"})
             written.append(path / fname)
             weight_map.update({n: fname for n in shard})
         index = {"metadata": {"total_size": sum(a.nbytes for a in arrays.values())}, "weight_map": weight_map}

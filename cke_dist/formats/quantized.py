@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from cke_dist.formats.architectures import check_architecture
-from cke_dist.formats.hf import SafetensorsFile, verify_manifest
+from cke_dist.formats.hf import SafetensorsFile, verify_manifest, write_safetensors
 from cke_dist.formats.quant import Quant
 
 Q8_METHOD = "cke_q8_0"      # config.json "quantization_config.quant_method" of a Q8_0 directory
@@ -87,7 +87,6 @@ def _block_shard(spec, stored, sname, path):
 
 def write_quantized(out_dir, config_dict: dict, kind: str, tensors: dict) -> None:
     """Write a quantized directory: `tensors` maps HF names to Quant (2-D weights) or float32 arrays."""
-    from safetensors.numpy import save_file
     flat = {}
     for name, t in tensors.items():
         if isinstance(t, Quant):
@@ -108,4 +107,4 @@ def write_quantized(out_dir, config_dict: dict, kind: str, tensors: dict) -> Non
     with open(os.path.join(out_dir, "config.json"), "w") as f:
         json.dump(d, f, indent=2, sort_keys=True)
         f.write("\n")
-    save_file(flat, os.path.join(out_dir, "model.safetensors"), metadata={"format": QUANT_METHODS[kind]})
+    write_safetensors(flat, os.path.join(out_dir, "model.safetensors"), metadata={"format": QUANT_METHODS[kind]})

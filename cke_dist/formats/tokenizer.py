@@ -105,6 +105,11 @@ class HFTokenizer:
     def token_to_id(self, token: str) -> int | None:
         return self._tok.token_to_id(token)
 
+    def encode_with_offsets(self, text: str) -> list[tuple[int, int]]:
+        """(id, offset of the token's first character in text) of each token."""
+        e = self._tok.encode(text, add_special_tokens=False)
+        return [(i, a) for i, (a, _) in zip(e.ids, e.offsets)]
+
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         """Many texts at once (the `tokenizers` library spreads them over its threads)."""
         return [e.ids for e in self._tok.encode_batch(list(texts), add_special_tokens=False)]

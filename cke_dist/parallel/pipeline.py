@@ -80,14 +80,15 @@ def stage_tag(i: int, direction: int) -> int:
     return 2 * i + direction
 
 
-def run_schedule(model, grid, micro_batches, kind: str = "1f1b", grad_scale: float | None = None,
-                 on_grad_ready=None):
+def run_schedule(model, grid, micro_batches, kind: str = "1f1b", grad_scale=None, on_grad_ready=None):
     """Forward and backward of every micro-batch through this stage by the schedule; grads ADD into
-    model.grads (scaled by grad_scale, default 1/m). Returns (sum of micro-batch losses on the last
-    stage, else None; {"peak_live": .., "wait_s": .., "ops": ..})."""
+    model.grads (scaled by grad_scale: one number, a list of one per micro-batch, or default 1/m).
+    Returns (sum of micro-batch losses on the last stage, else None; {"peak_live": .., "wait_s": ..,
+    "ops": .., "losses": each micro-batch's loss on the last stage, else []})."""
     st, pg = model.stage, grid.pp_group
     p, s, m = grid.shape.pp, grid.pp_rank, len(micro_batches)
-    scale = 1.0 / m if grad_scale is None else grad_scale
+    scale = [1.0 / m] * m if grad_scale is None else (
+        list(grad_scale) if isinstance(grad_scale, (list, tuple)) else [grad_scale] * m)
     ops = schedule(kind, p, s, m)
     B, T = np.asarray(micro_batches[0][0]).shape
     C = model.config.hidden_size
@@ -95,7 +96,7 @@ def run_schedule(model, grid, micro_batches, kind: str = "1f1b", grad_scale: flo
     # measurable): kept per model and micro-batch shape
     pool = _POOLS.setdefault(model, {}).setdefault((B, T), [])
     live, sends, deferred = {}, {}, {}
-    stats = {"peak_live": 0, "wait_s": 0.0, "ops": ops}
+    stats = {"peak_live": 0, "wait_s": 0.0, "ops": ops, "losses": [0.0] * m if st.last else []}
     loss_sum = 0.0 if st.last else None
     grad_in = np.empty((B * T, C), np.float32)
 
@@ -137,10 +138,11 @@ def run_schedule(model, grid, micro_batches, kind: str = "1f1b", grad_scale: flo
                 dout = grad_in
                 recv(dout, s + 1, stage_tag(i, BACKWARD))
             defer = [] if kind == "zb" else None
-            loss = model.backward(a, x, y, grad_scale=scale, on_grad_ready=on_grad_ready if last_b else None,
+            loss = model.backward(a, x, y, grad_scale=scale[i], on_grad_ready=on_grad_ready if last_b else None,
                                   dout=dout, defer=defer)
             if st.last:
                 loss_sum += loss
+                stats["losses"][i] = loss
             if not st.first:
                 sends.setdefault(id(a), []).append(pg.send(a.dresid, s - 1, tag=stage_tag(i, BACKWARD), async_op=True))
             if defer is None:

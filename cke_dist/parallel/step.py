@@ -118,13 +118,17 @@ class ParallelGrads:
 
 
 def train_step(model, opt, grid, micro_batches, lr: float, clip: float, buckets, grads: ParallelGrads | None = None,
-               schedule: str = "1f1b", stats: dict | None = None, zero=None):
+               schedule: str = "1f1b", stats: dict | None = None, zero=None, scales=None):
     """One optimizer step; returns (the loss averaged over micro-batches and dp, grad norm or None).
 
     micro_batches: this dp rank's K (inputs, targets) pairs (the same on every rank of a tp group and
     of a pipeline). A non-finite loss raises FloatingPointError on every rank before the
     parameters change. `stats`, when given, receives the pipeline schedule's (run_schedule).
     zero: a cke_dist.parallel.zero.Zero1 (opt then updates its slice only; buckets must not reduce).
+    scales: each micro-batch's weight (default 1/K): its mean loss and gradient count that much
+    before the dp average. Targets with ignored tokens (chat data) pass dp * n_valid / N_valid of the
+    whole step, so the step's loss is the mean over every valid token of the global batch, the
+    same in every layout.
     """
     if buckets.grads is not model.grads:
         raise ValueError("train_step: buckets were built over another buffer; use GradBuckets(model.grads, ...)")
@@ -138,22 +142,32 @@ def train_step(model, opt, grid, micro_batches, lr: float, clip: float, buckets,
     k = len(micro_batches)
     if k == 0:
         raise ValueError("train_step needs at least one micro-batch")
+    if scales is not None and len(scales) != k:
+        raise ValueError(f"train_step: {len(scales)} scales for {k} micro-batches")
     grads = grads or ParallelGrads(model, grid)
     model.zero_grad()
     if grid.shape.pp == 1:
-        loss_sum = 0.0
+        losses = []
         for i, (x, y) in enumerate(micro_batches):
             last = i == k - 1
             if last:
                 buckets.start_step()
-            loss_sum += model.forward_backward(x, y, grad_scale=1.0 / k,
-                                               on_grad_ready=buckets.on_grad_ready if last else None)
+            losses.append(model.forward_backward(x, y, grad_scale=1.0 / k if scales is None else scales[i],
+                                                 on_grad_ready=buckets.on_grad_ready if last else None))
     else:
         buckets.start_step()   # only the last micro-batch's backward reports ranges to it
-        loss_sum, sched = run_schedule(model, grid, micro_batches, schedule, on_grad_ready=buckets.on_grad_ready)
+        _, sched = run_schedule(model, grid, micro_batches, schedule, grad_scale=scales,
+                                on_grad_ready=buckets.on_grad_ready)
+        losses = sched["losses"]
         if stats is not None:
             stats.update(sched)
-    loss_buf = np.array([loss_sum / k if loss_sum is not None else 0.0], np.float64)
+    if not losses:        # a pipeline stage before the last
+        loss = 0.0
+    elif scales is None:
+        loss = sum(losses) / k
+    else:
+        loss = sum(v * s for v, s in zip(losses, scales))
+    loss_buf = np.array([loss], np.float64)
     if grid.shape.pp > 1:
         grid.pp_group.broadcast(loss_buf, root=grid.shape.pp - 1)
     group = grid.dp_group

@@ -54,6 +54,7 @@ class ModelSection:
 class DataSection:
     path: str = "examples/data/tinyshakespeare.txt"  # a file, directory or glob; relative: cwd, then the repo
     # "auto" (by suffix) | "text" (.txt/.md: a document per file) | "jsonl" ({"text": ...} per line) |
+    # "chat" ({"messages": [...]} per line: the model's chat template, loss on the assistant's tokens) |
     # "u16" | "u32" (prepared ids); text is read with the model's tokenizer (bytes for a model of ours)
     format: str = "auto"
     val_path: str = ""           # held-out files for validation; "" = the last val_fraction of data.path
@@ -83,7 +84,8 @@ class TrainSection:
     seed: int = 0                # model init and data order
     out_dir: str = ""            # "" = runs/train-<UTC time>
     eval_every: int = 100        # 0 = only at the end
-    eval_batches: int = 4
+    eval_tokens: int = 8192      # validation scores the first eval_tokens of the val split (seq_len windows)
+    keep_best: bool = False      # also keep the checkpoint of the lowest validation loss in out_dir/best
     checkpoint_every: int = 200  # 0 = only at the end
     keep_checkpoints: int = 2    # newest step_* directories kept in out_dir/checkpoints
     checkpoint_timeout: float = 3600.0   # seconds the other ranks wait while rank 0 writes a checkpoint
@@ -238,8 +240,8 @@ def validate(cfg: TrainConfig) -> None:
             section, name = key.split(".")
             raise ConfigError(f"{key} = {getattr(getattr(cfg, section), name)!r}: {what}")
 
-    need(cfg.data.format in ("auto", "text", "jsonl", "u16", "u32"), "data.format",
-         "must be auto, text, jsonl, u16 or u32")
+    need(cfg.data.format in ("auto", "text", "jsonl", "chat", "u16", "u32"), "data.format",
+         "must be auto, text, jsonl, chat, u16 or u32")
     need(0.0 < cfg.data.val_fraction < 1.0, "data.val_fraction", "must be between 0 and 1")
     need(cfg.data.batch_size >= 1, "data.batch_size", "must be >= 1")
     need(cfg.data.seq_len >= 1, "data.seq_len", "must be >= 1")
@@ -251,7 +253,7 @@ def validate(cfg: TrainConfig) -> None:
     need(cfg.optim.grad_clip >= 0, "optim.grad_clip", "must be >= 0 (0 = no clipping)")
     need(cfg.train.steps >= 1, "train.steps", "must be >= 1")
     need(cfg.train.eval_every >= 0, "train.eval_every", "must be >= 0")
-    need(cfg.train.eval_batches >= 1, "train.eval_batches", "must be >= 1")
+    need(cfg.train.eval_tokens >= 1, "train.eval_tokens", "must be >= 1")
     need(cfg.train.checkpoint_every >= 0, "train.checkpoint_every", "must be >= 0")
     need(cfg.train.keep_checkpoints >= 1, "train.keep_checkpoints", "must be >= 1")
     need(cfg.train.checkpoint_timeout > 0, "train.checkpoint_timeout", "must be > 0 (seconds)")

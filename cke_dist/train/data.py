@@ -221,6 +221,14 @@ def open_corpus(path, fmt: str, val_fraction: float, seq_len: int, vocab_size: i
     return Corpus(path, fmt, train, val)
 
 
+def micro_batch_rows(micro: int, micro_rows: int, rank: int = 0, world_size: int = 1) -> slice:
+    """The global batch's rows that are rank `rank`'s share of micro-batch `micro`: micro-batch k is
+    rows [k*micro_rows, (k+1)*micro_rows), and the rank takes its block of that, so accumulation
+    and data parallelism only regroup the same rows."""
+    share = rows_for_rank(micro_rows, rank, world_size)
+    return slice(micro * micro_rows + share.start, micro * micro_rows + share.stop)
+
+
 def rows_for_rank(batch_size: int, rank: int, world_size: int) -> slice:
     """Rows [r*B/n, (r+1)*B/n) of a global batch of B rows: rank r's share."""
     if batch_size % world_size:
@@ -242,6 +250,14 @@ class BatchSampler:
                 f"of {seq_len} + 1, fewer than the {rows} rows of one global batch; use a longer corpus, "
                 f"a smaller data.seq_len or a smaller data.batch_size * data.grad_accum")
 
+    def fixed_set(self, n_tokens: int) -> tuple[np.ndarray, np.ndarray]:
+        """(inputs, targets) of the first n_tokens of the split in consecutive seq_len windows: the
+        validation set, the same whatever the batch size or layout (at least one window)."""
+        n = max(1, min(n_tokens // self.seq_len, (len(self.tokens) - 1) // self.seq_len))
+        idx = np.arange(n)[:, None] * self.seq_len + np.arange(self.seq_len + 1)
+        seqs = np.asarray(self.tokens[idx], dtype=np.int64)
+        return seqs[:, :-1], seqs[:, 1:]
+
     def offsets(self, step: int) -> np.ndarray:
         """Start offsets of every row of the global batch at `step` (the same on every rank)."""
         rng = np.random.default_rng([self.seed, self.split, step])
@@ -255,11 +271,5 @@ class BatchSampler:
         return seqs[:, :-1], seqs[:, 1:]
 
     def micro_batch(self, step: int, micro: int, micro_rows: int, rank: int = 0, world_size: int = 1):
-        """Rank `rank`'s share of micro-batch `micro` (micro_rows rows each) of the global batch at `step`.
-
-        Micro-batch k is rows [k*micro_rows, (k+1)*micro_rows) of the global batch; the rank takes its
-        block of that, so accumulation and data parallelism only regroup the same rows.
-        """
-        share = rows_for_rank(micro_rows, rank, world_size)
-        base = micro * micro_rows
-        return self.batch(step, slice(base + share.start, base + share.stop))
+        """Rank `rank`'s share of micro-batch `micro` (micro_rows rows each) of the global batch at `step`."""
+        return self.batch(step, micro_batch_rows(micro, micro_rows, rank, world_size))

@@ -27,7 +27,9 @@ Rules this module keeps:
 """
 import hashlib
 import json
+import signal
 import sys
+import threading
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -44,14 +46,16 @@ from cke_dist.formats.gguf import is_gguf
 from cke_dist.formats.tokenizer import BYTES_FILE, HF_FILE, ByteTokenizer, load_tokenizer, tokenizer_files
 from cke_dist.model import LlamaConfig, Model, load_model, param_specs
 from cke_dist.model.load import read_model_config
-from cke_dist.parallel.data_parallel import GradBuckets, average_over_dp, check_params_in_sync, sync_params
+from cke_dist.parallel.data_parallel import GradBuckets, check_params_in_sync, sync_params
 from cke_dist.parallel.grid import ProcessGrid
 from cke_dist.parallel.pipeline import grid_stage, pipeline_loss
 from cke_dist.parallel.step import ParallelGrads, train_step
 from cke_dist.parallel.zero import Zero1
+from cke_dist.serving.chat import load_chat_template
 from cke_dist.serving.generate import generate
 from cke_dist.train.config import ConfigError, TrainConfig, load_config
-from cke_dist.train.data import TRAIN, VAL, BatchSampler, open_corpus, rows_for_rank
+from cke_dist.train.chat_data import IGNORE, ChatSampler, open_chat
+from cke_dist.train.data import TRAIN, VAL, BatchSampler, DataError, micro_batch_rows, open_corpus
 from cke_dist.train.optim import SGD, AdamW
 from cke_dist.train.schedule import lr_at
 
@@ -145,15 +149,83 @@ def build_optimizer(cfg: TrainConfig, model):
     return SGD(model, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay)
 
 
-def evaluate(model, sampler: BatchSampler, n_batches: int, grid) -> float:
-    """Mean loss over the fixed validation batches 0..n_batches-1 (the same every eval).
+def open_data(cfg: TrainConfig, data_path: Path, tokenizer, vocab_size: int, ckpt_dir: Path | None, progress: bool):
+    """(train sampler, validation sampler, {"format", "unit", "train", "val"}) of the [data] section."""
+    seq_len, seed = cfg.data.seq_len, cfg.train.seed
+    rows = cfg.data.batch_size * cfg.data.grad_accum
+    val_path = resolve_data_path(cfg.data.val_path) if cfg.data.val_path else None
+    if cfg.data.format == "chat":
+        if not hasattr(tokenizer, "encode_with_offsets"):
+            raise DataError("data.format = \"chat\" needs a model with its own tokenizer and chat template "
+                            "(model.init_from an HF directory or a GGUF file)")
+        src = ckpt_dir or cfg.model.init_from
+        train_rows, val_rows = open_chat(data_path, load_chat_template(src), tokenizer, seq_len,
+                                         cfg.data.val_fraction, val_path)
+        if train_rows.truncated and progress:
+            print(f"cke-dist train: {train_rows.truncated} conversation(s) longer than data.seq_len + 1 = "
+                  f"{seq_len + 1} tokens are cut", file=sys.stderr)
+        return (ChatSampler(train_rows, rows, seed, TRAIN, data_path),
+                ChatSampler(val_rows, cfg.data.batch_size, seed, VAL, val_path or data_path),
+                {"format": "chat", "unit": "conversations", "train": len(train_rows), "val": len(val_rows)})
+    corpus = open_corpus(data_path, cfg.data.format, cfg.data.val_fraction, seq_len, vocab_size, tokenizer,
+                         val_path, progress=progress)
+    return (BatchSampler(corpus.train, rows, seq_len, seed, TRAIN, data_path),
+            BatchSampler(corpus.val, cfg.data.batch_size, seq_len, seed, VAL, val_path or data_path),
+            {"format": corpus.format, "unit": "tokens", "train": int(len(corpus.train)), "val": int(len(corpus.val))})
 
-    Each dp rank scores its rows of every batch (through the pipeline when pp > 1); the caller
-    averages the result over dp."""
-    rows = rows_for_rank(sampler.rows, grid.dp_rank, grid.dp)
-    if grid.shape.pp > 1:
-        return float(np.mean([pipeline_loss(model, grid, *sampler.batch(i, rows)) for i in range(n_batches)]))
-    return float(np.mean([model.loss(*sampler.batch(i, rows)) for i in range(n_batches)]))
+
+def token_scales(sampler, step: int, micro_rows: int, accum: int, dp_rank: int, dp_size: int) -> list[float]:
+    """Each of this rank's micro-batches weighted by its share of the step's valid targets (see
+    parallel.step.train_step), so the step's loss is the mean over every assistant token of the
+    global batch whatever the layout."""
+    _, targets = sampler.batch(step)
+    valid = (targets != IGNORE).sum(axis=1)
+    total = int(valid.sum())
+    mine = [int(valid[micro_batch_rows(m, micro_rows, dp_rank, dp_size)].sum()) for m in range(accum)]
+    return [dp_size * n / total if total else 0.0 for n in mine]
+
+
+class StopSignal:
+    """SIGTERM (Slurm's preemption notice, a scheduler's stop) ends the job after the step in flight,
+    with a checkpoint, instead of killing it: the handler only sets a flag, and every rank takes the
+    flag of any rank (one tiny allreduce a step) so all stop after the same step."""
+
+    def __init__(self):
+        self.name, self.flag = None, np.zeros(1, np.int64)
+        self._old = signal.signal(signal.SIGTERM, self._handle) \
+            if threading.current_thread() is threading.main_thread() else None
+
+    def _handle(self, signum, frame):
+        self.name, self.flag[0] = signal.Signals(signum).name, 1
+
+    def agreed(self, world) -> bool:
+        flag = self.flag.copy()
+        if world.size > 1:
+            world.allreduce(flag, op="max")
+        if flag[0] and self.name is None:
+            self.name = "SIGTERM"      # another rank's
+        return bool(flag[0])
+
+    def restore(self):
+        if self._old is not None:
+            signal.signal(signal.SIGTERM, self._old)
+            self._old = None
+
+
+def evaluate(model, inputs: np.ndarray, targets: np.ndarray, grid, chunk: int) -> float:
+    """The mean loss over every valid target of the fixed validation set, the same number in every
+    layout: each dp rank scores its block of rows (through the pipeline when pp > 1) in chunks of
+    `chunk` rows, and the sums of the losses and of the targets are added over dp."""
+    rows = np.array_split(np.arange(len(inputs)), grid.dp)[grid.dp_rank]
+    acc = np.zeros(2, np.float64)
+    for i in range(0, len(rows), chunk):
+        x, y = inputs[rows[i:i + chunk]], targets[rows[i:i + chunk]]
+        n = int((y != IGNORE).sum())
+        mean = pipeline_loss(model, grid, x, y) if grid.shape.pp > 1 else model.loss(x, y)
+        acc += (mean * n, n)
+    if grid.dp > 1:
+        grid.dp_group.allreduce(acc, op="sum")
+    return float(acc[0] / acc[1]) if acc[1] else float("nan")
 
 
 def job_digest(cfg: TrainConfig, resume: Path | None) -> bytes:
@@ -238,18 +310,15 @@ def train(cfg: TrainConfig, resume: Path | None = None, progress: bool = True) -
     cfg.train.out_dir = str(out_dir)
     sync_params(model, grid)  # rank 0's parameters everywhere (a checksum check names any rank that differs)
 
-    data_path = resolve_data_path(cfg.data.path)
-    tokenizer, tok_files = model_tokenizer(cfg, ckpt.path if ckpt is not None else None)
-    corpus = open_corpus(data_path, cfg.data.format, cfg.data.val_fraction, cfg.data.seq_len,
-                         model.config.vocab_size, tokenizer,
-                         resolve_data_path(cfg.data.val_path) if cfg.data.val_path else None,
-                         progress=progress and is_rank0)
     if cfg.data.seq_len > model.config.max_position_embeddings:
         raise ConfigError(f"data.seq_len = {cfg.data.seq_len} exceeds the model's max_position_embeddings "
                           f"({model.config.max_position_embeddings})")
+    data_path = resolve_data_path(cfg.data.path)
+    tokenizer, tok_files = model_tokenizer(cfg, ckpt.path if ckpt is not None else None)
+    train_batches, val_batches, data_info = open_data(cfg, data_path, tokenizer, model.config.vocab_size,
+                                                      ckpt.path if ckpt is not None else None,
+                                                      progress and is_rank0)
     micro_rows, accum, seq_len = cfg.data.batch_size, cfg.data.grad_accum, cfg.data.seq_len
-    train_batches = BatchSampler(corpus.train, micro_rows * accum, seq_len, cfg.train.seed, TRAIN, data_path)
-    val_batches = BatchSampler(corpus.val, micro_rows, seq_len, cfg.train.seed, VAL, data_path)
 
     # ZeRO-1: the optimizer sees only this dp rank's slice of the flat buffers
     zero = Zero1(model, grid.dp_group) if cfg.parallel.zero else None
@@ -273,16 +342,30 @@ def train(cfg: TrainConfig, resume: Path | None = None, progress: bool = True) -
         n_params = sum(s.size for s in param_specs(model.config))
         print(f"cke-dist train: grid dp={grid.dp} x pp={grid.shape.pp} x tp={grid.shape.tp} "
               f"({describe_transports(grid)})", file=sys.stderr)
-        print(f"cke-dist train: {n_params / 1e6:.2f}M parameters, {len(corpus.train):,} train / "
-              f"{len(corpus.val):,} val tokens from {data_path}, {tokens_per_step:,} tokens/step, "
+        print(f"cke-dist train: {n_params / 1e6:.2f}M parameters, {data_info['train']:,} train / "
+              f"{data_info['val']:,} val {data_info['unit']} from {data_path}, {tokens_per_step:,} tokens/step, "
               f"steps {start_step}..{steps}, out_dir {out_dir}", file=sys.stderr)
+
+    if is_rank0 and metrics_path.exists():
+        # a resumed run drops what the interrupted one logged past its checkpoint: a plot then never
+        # draws a line back in time
+        kept = [line for line in metrics_path.read_text().splitlines()
+                if line.strip() and json.loads(line).get("step", 0) <= start_step]
+        metrics_path.write_text("".join(line + "\n" for line in kept))
 
     def log(record: dict) -> None:
         if is_rank0:
             with open(metrics_path, "a") as f:
                 f.write(json.dumps(record) + "\n")
 
-    def checkpoint(step: int) -> Path:
+    val_inputs, val_targets = val_batches.fixed_set(cfg.train.eval_tokens)
+
+    def validate(step: int) -> float:
+        v = evaluate(model, val_inputs, val_targets, grid, micro_rows)
+        log({"step": step, "val_loss": v, "time": time.time()})
+        return v
+
+    def checkpoint(step: int, root: Path | None = None, keep: int | None = None) -> Path:
         """Collective over the world: dp replica 0's ranks write their slices at once."""
         opt_state = zero.full_state(optimizer) if zero else optimizer.state_dict()   # zero: collective over dp
         shard = None
@@ -292,9 +375,9 @@ def train(cfg: TrainConfig, resume: Path | None = None, progress: bool = True) -
         state = {
             "config": cfg.to_dict(),
             # batches are a function of (seed, split, step): the data position is the step itself
-            "data": {"path": str(data_path), "format": corpus.format, "seed": cfg.train.seed,
+            "data": {"path": str(data_path), "format": data_info["format"], "seed": cfg.train.seed,
                      "next_step": step, "rng": "np.random.default_rng([seed, split, step])",
-                     "train_tokens": int(len(corpus.train)), "val_tokens": int(len(corpus.val))},
+                     f"train_{data_info['unit']}": data_info["train"], f"val_{data_info['unit']}": data_info["val"]},
             "optimizer": {k: v for k, v in opt_state.items() if not isinstance(v, np.ndarray)},
             "tokens_seen": step * tokens_per_step,
             "world_size": grid.world.size,
@@ -302,8 +385,9 @@ def train(cfg: TrainConfig, resume: Path | None = None, progress: bool = True) -
         }
         # the barriers inside wait under train.checkpoint_timeout: a write may take longer than the
         # comm deadline without the waiting ranks timing out
-        return save_checkpoint(out_dir / "checkpoints", step, model.config, shard, state, tok_files,
-                               keep=cfg.train.keep_checkpoints, world=world, timeout=cfg.train.checkpoint_timeout)
+        return save_checkpoint(root or out_dir / "checkpoints", step, model.config, shard, state, tok_files,
+                               keep=keep or cfg.train.keep_checkpoints, world=world,
+                               timeout=cfg.train.checkpoint_timeout)
 
     bar = None
     if is_rank0 and progress:
@@ -311,38 +395,57 @@ def train(cfg: TrainConfig, resume: Path | None = None, progress: bool = True) -
         bar = tqdm(total=steps, initial=start_step, unit="step", dynamic_ncols=True, file=sys.stderr)
 
     loss = val_loss = float("nan")
+    best = float("inf")
     last_ckpt = None
+    if start_step == 0 and cfg.train.eval_every and start_step < steps:
+        val_loss = validate(0)       # the baseline every curve starts from
+    stop = StopSignal()
     window_time, window_tokens = 0.0, 0  # training time only: eval and checkpoints are not throughput
-    for step in range(start_step, steps):
-        t0 = time.perf_counter()
-        lr = lr_at(step, cfg.optim.lr, cfg.optim.min_lr, cfg.optim.warmup_steps, steps)
-        micro_batches = [train_batches.micro_batch(step, micro, micro_rows, dp_rank, dp_size)
-                         for micro in range(accum)]
-        try:
-            loss, grad_norm = train_step(model, optimizer, grid, micro_batches, lr, cfg.optim.grad_clip, buckets,
-                                         shared_grads, cfg.parallel.schedule, zero=zero)
-        except FloatingPointError as e:
-            raise FloatingPointError(f"{e} at step {step}; lower optim.lr or raise optim.warmup_steps") from None
-        done = step + 1
-        window_time += time.perf_counter() - t0
-        window_tokens += tokens_per_step
-        tok_s = window_tokens / max(window_time, 1e-9)
-        if bar is not None:
-            bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tok_s:,.0f}", lr=f"{lr:.2e}", refresh=False)
-            bar.update(1)
-        if done % cfg.train.log_every == 0 or done == steps:
-            log({"step": done, "loss": loss, "lr": lr,
-                 "grad_norm": None if grad_norm is None else float(grad_norm),
-                 "tokens": done * tokens_per_step, "tokens_per_s": tok_s, "time": time.time()})
-            window_time, window_tokens = 0.0, 0
-        if (cfg.train.eval_every and done % cfg.train.eval_every == 0) or done == steps:
-            val_loss = average_over_dp(evaluate(model, val_batches, cfg.train.eval_batches, grid), grid)
-            log({"step": done, "val_loss": val_loss, "time": time.time()})
+    try:
+        for step in range(start_step, steps):
+            t0 = time.perf_counter()
+            lr = lr_at(step, cfg.optim.lr, cfg.optim.min_lr, cfg.optim.warmup_steps, steps)
+            micro_batches = [train_batches.micro_batch(step, micro, micro_rows, dp_rank, dp_size)
+                             for micro in range(accum)]
+            scales = token_scales(train_batches, step, micro_rows, accum, dp_rank, dp_size) \
+                if isinstance(train_batches, ChatSampler) else None
+            try:
+                loss, grad_norm = train_step(model, optimizer, grid, micro_batches, lr, cfg.optim.grad_clip, buckets,
+                                             shared_grads, cfg.parallel.schedule, zero=zero,
+                                             scales=scales)
+            except FloatingPointError as e:
+                raise FloatingPointError(f"{e} at step {step}; lower optim.lr or raise optim.warmup_steps") from None
+            done = step + 1
+            window_time += time.perf_counter() - t0
+            window_tokens += tokens_per_step
+            tok_s = window_tokens / max(window_time, 1e-9)
             if bar is not None:
-                bar.write(f"step {done}: train loss {loss:.4f}, val loss {val_loss:.4f}", file=sys.stderr)
-        if (cfg.train.checkpoint_every and done % cfg.train.checkpoint_every == 0) or done == steps:
-            check_params_in_sync(model, grid)  # every rank: a diverged replica is an error, not a checkpoint
-            last_ckpt = checkpoint(done)
+                bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tok_s:,.0f}", lr=f"{lr:.2e}", refresh=False)
+                bar.update(1)
+            if done % cfg.train.log_every == 0 or done == steps:
+                log({"step": done, "loss": loss, "lr": lr,
+                     "grad_norm": None if grad_norm is None else float(grad_norm),
+                     "tokens": done * tokens_per_step, "tokens_per_s": tok_s, "time": time.time()})
+                window_time, window_tokens = 0.0, 0
+            stopping = stop.agreed(world)
+            if (cfg.train.eval_every and done % cfg.train.eval_every == 0) or done == steps:
+                val_loss = validate(done)
+                if bar is not None:
+                    bar.write(f"step {done}: train loss {loss:.4f}, val loss {val_loss:.4f}", file=sys.stderr)
+                if cfg.train.keep_best and val_loss < best:
+                    best = val_loss
+                    checkpoint(done, out_dir / "best", keep=1)
+            if (cfg.train.checkpoint_every and done % cfg.train.checkpoint_every == 0) or done == steps or stopping:
+                check_params_in_sync(model, grid)  # every rank: a diverged replica is an error, not a checkpoint
+                last_ckpt = checkpoint(done)
+            if stopping:
+                if is_rank0:
+                    print(f"cke-dist train: stopped by {stop.name} after step {done}; checkpoint {last_ckpt}; "
+                          f"continue with --resume {out_dir}", file=sys.stderr)
+                steps = done
+                break
+    finally:
+        stop.restore()
     if bar is not None:
         bar.close()
     if start_step >= steps:
