@@ -8,12 +8,12 @@ from cke_dist.formats.gguf import GGUFError, field, open_reader
 
 # The split regexes of the byte-level vocabularies whose `tokenizer.ggml.pre` names them (the
 # pre-tokenizers of Llama 3's and Qwen2's tokenizer.json); any other name splits as GPT-2 does.
-_LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
                  r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
-_QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
+QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
                 r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
-_SPLITS = {**dict.fromkeys(["llama3", "llama-v3", "llama-bpe", "falcon3", "smaug-bpe", "dbrx"], _LLAMA3_SPLIT),
-           **dict.fromkeys(["qwen2", "deepseek-r1-qwen"], _QWEN2_SPLIT)}
+_SPLITS = {**dict.fromkeys(["llama3", "llama-v3", "llama-bpe", "falcon3", "smaug-bpe", "dbrx"], LLAMA3_SPLIT),
+           **dict.fromkeys(["qwen2", "deepseek-r1-qwen"], QWEN2_SPLIT)}
 _UNSUPPORTED_SPLITS = {"tekken", "gpt-4o", "llama4", "qwen35", "minimax-m2"}
 
 

@@ -3,13 +3,14 @@
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
 
 from cke_dist.formats.architectures import ARCHITECTURES, LM_HEAD
 from cke_dist.formats.gguf import GLOBAL_NAMES, LAYER_ROLES, llama3_divisors
-from cke_dist.formats.gguf_tokenizer import bytes_to_unicode
+from cke_dist.formats.gguf_tokenizer import LLAMA3_SPLIT, QWEN2_SPLIT, bytes_to_unicode
 from cke_dist.formats.hf import fsync_path
 
 GGUF_TYPES = ("f32", "f16", "q8_0", "q4_0")
@@ -115,11 +116,29 @@ def write_gguf(path, config, tensors: dict[str, np.ndarray], kind: str = "f32", 
     return path
 
 
+def _pre_name(spec: dict) -> str:
+    """llama.cpp's name (`tokenizer.ggml.pre`) for a byte-level tokenizer.json's split: GPT-2's
+    (ByteLevel's own regex: "default", which SmolLM's "smollm" also is), or Llama 3's / Qwen2's split
+    regex. Any other split would be tokenized differently by llama.cpp: refused, with the reason."""
+    pre = spec.get("pre_tokenizer") or {}
+    if spec["model"].get("byte_fallback") or (spec.get("decoder") or {}).get("type") == "Sequence":
+        raise ValueError("GGUF export writes byte-level BPE vocabularies; this one is SentencePiece-style "
+                         "(byte fallback): export to a Hugging Face directory instead")
+    if pre.get("type") == "ByteLevel" and pre.get("use_regex", True):
+        return "default"
+    steps = pre.get("pretokenizers", []) if pre.get("type") == "Sequence" else []
+    splits = [st.get("pattern", {}).get("Regex") for st in steps if st.get("type") == "Split"]
+    if len(splits) == 1 and len(steps) == 2 and steps[1].get("type") == "ByteLevel":
+        for name, regex in (("llama-bpe", LLAMA3_SPLIT), ("qwen2", QWEN2_SPLIT)):
+            if splits[0] == regex:
+                return name
+    raise ValueError(f"GGUF export: the tokenizer's pre-tokenizer ({json.dumps(pre)[:200]}) has no llama.cpp "
+                     f"name, so llama.cpp would split text differently; export to a Hugging Face directory instead")
+
+
 def _write_tokenizer(w, tokenizer, vocab_size: int) -> None:
     """Byte-level BPE metadata: an HFTokenizer's vocabulary and merges, or our byte tokenizer (also
     for a model given none) as 256 single-byte tokens and no merges."""
-    import json
-
     spelling = bytes_to_unicode()
     if getattr(tokenizer, "_tok", None) is None:      # ByteTokenizer (or none given): ids are bytes
         tokens = [spelling[b] for b in range(256)] + [f"<unused{i}>" for i in range(vocab_size - 256)]
@@ -141,7 +160,7 @@ def _write_tokenizer(w, tokenizer, vocab_size: int) -> None:
             tokens[i] = t
         types = [3 if special.get(i) else (4 if i in special else 1) for i in range(len(tokens))]
         merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
-        pre = "default"
+        pre = _pre_name(spec)
     w.add_tokenizer_model("gpt2")
     w.add_tokenizer_pre(pre)
     w.add_token_list(tokens)

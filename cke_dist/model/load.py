@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from cke_dist.formats.architectures import check_architecture
+from cke_dist.formats.checkpoint import model_path
 from cke_dist.formats.gguf import GGUFTensors, gguf_config, is_gguf
 from cke_dist.formats.hf import check_file, open_hf_tensors, read_hf_config, read_manifest
 from cke_dist.formats.quant import Quant
@@ -33,7 +34,8 @@ def load_model(model_dir, tp_group=None, stage=None) -> Model:
     With a tp group and/or a pipeline stage, each rank reads only its tensors and its slices of
     them (memory-mapped), never a whole tensor it does not keep. A checkpoint of ours (any layout:
     its manifest.json lists which slices each file holds) loads the same way onto any layout, each
-    file it reads verified against the manifest first."""
+    file it reads verified against the manifest first. A run directory means its newest checkpoint."""
+    model_dir = model_path(model_dir)
     if is_gguf(model_dir):     # llama.cpp's single file: dequantized to float32 tensor by tensor
         config_dict = gguf_config(model_dir)
         files, source, where = GGUFTensors(model_dir, config_dict), os.fspath(model_dir), os.fspath(model_dir)
@@ -67,8 +69,9 @@ def load_model(model_dir, tp_group=None, stage=None) -> Model:
 def load_inference_model(model_dir, quantize: str | None = None, tp_group=None, stage=None) -> InferenceModel:
     """An InferenceModel from an HF directory or checkpoint (float32/16 weights, through load_model),
     a quantized directory of ours, or a GGUF file (its Q8_0 / Q4_0 / Q4_1 weights as stored, K-quants
-    to the nearest of those: GGUFTensors.read_native). `quantize` quantizes float weights at load."""
-    d = Path(model_dir)
+    to the nearest of those: GGUFTensors.read_native). `quantize` quantizes float weights at load.
+    A run directory means its newest checkpoint."""
+    d = model_path(model_dir)
     if is_gguf(d):
         if quantize is not None:       # dequantized to float32, then quantized as asked
             return InferenceModel.from_model(load_model(d, tp_group=tp_group, stage=stage), quantize=quantize)
