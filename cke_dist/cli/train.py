@@ -6,7 +6,7 @@ from cke_dist.formats.checkpoint import CheckpointError
 from cke_dist.formats.hf import HFFormatError
 from cke_dist.train.config import ConfigError, to_toml
 from cke_dist.train.data import DataError
-from cke_dist.train.loop import resolve_config, train
+from cke_dist.train.loop import model_config, resolve_config, train
 
 
 def add_arguments(parser) -> None:
@@ -24,7 +24,7 @@ def run(args) -> int:
     try:
         cfg, resume = resolve_config(args.config, args.overrides, args.resume)
         if args.print_config:
-            print(to_toml(cfg), end="")
+            print(to_toml(cfg, model_config(cfg).to_dict() if cfg.model.init_from else None), end="")
             return 0
         train(cfg, resume=resume, progress=not args.no_progress)
     except (ConfigError, DataError, CheckpointError, HFFormatError, FileNotFoundError) as e:

@@ -134,8 +134,10 @@ class TrainConfig:
         return cfg
 
 
-def to_toml(cfg: TrainConfig) -> str:
-    """The whole config as TOML that `load_config` reads back to an equal config."""
+def to_toml(cfg: TrainConfig, model_config: dict | None = None) -> str:
+    """The whole config as TOML that `load_config` reads back to an equal config. With
+    `model_config` (the config.json of model.init_from), the [model] section shows init_from and,
+    as comments, the model it names instead of the keys init_from makes unused."""
     def value(v):
         if isinstance(v, bool):
             return "true" if v else "false"
@@ -146,7 +148,13 @@ def to_toml(cfg: TrainConfig) -> str:
     lines = []
     for name, section in _sections(cfg).items():
         lines.append(f"[{name}]")
-        lines += [f"{k} = {value(v)}" for k, v in dataclasses.asdict(section).items()]
+        items = dataclasses.asdict(section).items()
+        if name == "model" and model_config is not None:
+            lines.append(f"init_from = {value(cfg.model.init_from)}")
+            lines.append("# the model init_from names (the other [model] keys are not used):")
+            lines += [f"# {k} = {json.dumps(v)}" for k, v in sorted(model_config.items())]
+        else:
+            lines += [f"{k} = {value(v)}" for k, v in items]
         lines.append("")
     return "\n".join(lines)
 
