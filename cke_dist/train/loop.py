@@ -11,7 +11,7 @@ One optimizer step, top to bottom (see `train`):
 Rules this module keeps:
 - Batches depend only on (seed, step) (cke_dist.train.data), and the schedule only on the step, so
   `--resume` restores the model, the optimizer state and the step and reproduces an
-  uninterrupted run exactly (tests/test_train_job.py checks it bitwise).
+  uninterrupted run exactly (tests/integration/test_train_job.py checks it bitwise).
 - Under mpiexec the world is a dp x pp x tp grid (`[parallel] tp, pp`, dp = world size / (tp*pp);
   tp ranks adjacent): a replica holds one model cut into pipeline stages and tp shards
   (cke_dist.model.layout), all its ranks seeing the same rows; each dp replica takes
@@ -154,6 +154,9 @@ def open_data(cfg: TrainConfig, data_path: Path, tokenizer, vocab_size: int, ckp
     seq_len, seed = cfg.data.seq_len, cfg.train.seed
     rows = cfg.data.batch_size * cfg.data.grad_accum
     val_path = resolve_data_path(cfg.data.val_path) if cfg.data.val_path else None
+    # an error about the validation split names it, not the whole file the user knows to be larger
+    val_label = val_path or (f"{data_path}'s validation split (its last data.val_fraction = "
+                             f"{cfg.data.val_fraction:g}; raise it or give data.val_path)")
     if cfg.data.format == "chat":
         if not hasattr(tokenizer, "encode_with_offsets"):
             raise DataError("data.format = \"chat\" needs a model with its own tokenizer and chat template "
@@ -165,12 +168,12 @@ def open_data(cfg: TrainConfig, data_path: Path, tokenizer, vocab_size: int, ckp
             print(f"cke-dist train: {train_rows.truncated} conversation(s) longer than data.seq_len + 1 = "
                   f"{seq_len + 1} tokens are cut", file=sys.stderr)
         return (ChatSampler(train_rows, rows, seed, TRAIN, data_path),
-                ChatSampler(val_rows, cfg.data.batch_size, seed, VAL, val_path or data_path),
+                ChatSampler(val_rows, cfg.data.batch_size, seed, VAL, val_label),
                 {"format": "chat", "unit": "conversations", "train": len(train_rows), "val": len(val_rows)})
     corpus = open_corpus(data_path, cfg.data.format, cfg.data.val_fraction, seq_len, vocab_size, tokenizer,
                          val_path, progress=progress)
     return (BatchSampler(corpus.train, rows, seq_len, seed, TRAIN, data_path),
-            BatchSampler(corpus.val, cfg.data.batch_size, seq_len, seed, VAL, val_path or data_path),
+            BatchSampler(corpus.val, cfg.data.batch_size, seq_len, seed, VAL, val_label),
             {"format": corpus.format, "unit": "tokens", "train": int(len(corpus.train)), "val": int(len(corpus.val))})
 
 

@@ -1,0 +1,545 @@
+"""`cke-dist serve` end to end: the real server as a subprocess (one process, and tp=2 under mpiexec)
+on a tiny random Llama with a real (tiny BPE) Hugging Face tokenizer and a ChatML chat template,
+driven by the official `openai` client and by raw HTTP.
+
+Every expected text is `cke_dist.serving.generate.generate` on the same prompt ids in this process, decoded
+by the same tokenizer. The model is random, so its greedy text is byte soup; that is fine, the
+comparison is exact. Some prompts stop on the EOS id early and some never do: the fixtures pick
+such prompts by running generate here, so every test knows which case it has.
+"""
+import http.client
+import json
+import os
+import re
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from mpirun import REPO, THREAD_VARS, mpiexec
+
+openai = pytest.importorskip("openai")
+pytest.importorskip("jinja2")
+pytest.importorskip("tokenizers")
+
+from tiny import make_tokenizer_dir  # noqa: E402
+
+from cke_dist.formats.tokenizer import load_tokenizer  # noqa: E402
+from cke_dist.model import LlamaConfig, Model  # noqa: E402
+from cke_dist.model.load import load_inference_model
+from cke_dist.serving.chat import ChatTemplateError, load_chat_template  # noqa: E402
+from cke_dist.serving.generate import generate  # noqa: E402
+
+CTX = 512
+CFG = dict(vocab_size=320, hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+           num_key_value_heads=2, max_position_embeddings=CTX, rms_norm_eps=1e-5, tie_word_embeddings=True)
+API_KEY = "sk-test-0123456789"
+LONG = 480          # tokens of the long requests (the disconnect and dead-rank tests)
+
+# SmolLM2-Instruct's template (Qwen2-Instruct's but for the default system prompt), verbatim
+SMOL_TEMPLATE = (
+    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+    "{{ '<|im_start|>system\\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\\n' }}"
+    "{% endif %}{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n'}}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+
+# block tags on lines of their own (trim_blocks / lstrip_blocks decide its whitespace), a
+# namespace, loop controls, tojson on text with < & " and non-ASCII, bos_token, raise_exception
+MULTILINE_TEMPLATE = """{{ bos_token }}
+{% set ns = namespace(turns=0) %}
+{% for message in messages %}
+    {% if message['role'] not in ['system', 'user', 'assistant'] %}
+        {{ raise_exception('Unknown role: ' + message['role']) }}
+    {% endif %}
+    {% if message['role'] == 'system' %}
+<<SYS>>{{ message['content'] | tojson }}<</SYS>>
+        {% continue %}
+    {% endif %}
+    {% set ns.turns = ns.turns + 1 %}
+[{{ message['role'] | upper }} {{ ns.turns }}] {{ message['content'] | trim }}
+{% endfor %}
+{% if add_generation_prompt %}
+[ASSISTANT]{% endif %}"""
+
+
+def make_model_dir(d: Path, template: str | None = SMOL_TEMPLATE) -> Path:
+    Model.from_config(LlamaConfig.from_dict(CFG), seed=0, init_std=0.2).save(d)
+    write_tokenizer(d, template)
+    return d
+
+
+def write_tokenizer(d: Path, template: str | None):
+    from tokenizers import Tokenizer
+    make_tokenizer_dir(d)
+    tok = Tokenizer.from_file(str(d / "tokenizer.json"))
+    tok.add_special_tokens(["<|im_start|>", "<|im_end|>"])      # ids 300, 301, as in a ChatML vocabulary
+    tok.save(str(d / "tokenizer.json"))
+    cfg = {"bos_token": "<|im_start|>", "eos_token": "<|im_end|>", "tokenizer_class": "PreTrainedTokenizerFast"}
+    if template is not None:
+        cfg["chat_template"] = template
+    (d / "tokenizer_config.json").write_text(json.dumps(cfg))
+
+
+class ServerProc:
+    """`cke-dist serve --port 0` (under `mpiexec -n N` when n is given); the port is read from its banner."""
+
+    def __init__(self, model_dir, *extra, n=None, env=None, mpi_flags=(), marker=None, under_sh=False):
+        full = dict(os.environ, CKE_COMM_TIMEOUT="5", CKE_COMM_QUIET="1", PYTHONUNBUFFERED="1", **(env or {}))
+        for var in THREAD_VARS:
+            full[var] = "1"
+        if marker:
+            full["CKE_SERVE_TEST_MARK"] = marker
+        cmd = [sys.executable, "-m", "cke_dist.cli", "serve", "--model", str(model_dir), "--port", "0", *extra]
+        if under_sh:   # a rank's death is then an exit to mpiexec, not a signal it answers by killing the job
+            cmd = ["sh", "-c", " ".join(map(shlex.quote, cmd)) + "; exit $?"]
+        if n:
+            cmd = [mpiexec(), *mpi_flags, "-n", str(n), *cmd]
+        self.marker = marker
+        self.proc = subprocess.Popen(cmd, cwd=REPO, env=full, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                     text=True, start_new_session=True)
+        self.lines: list[str] = []
+        self._ready = threading.Event()
+        self.port = None
+        threading.Thread(target=self._read, daemon=True).start()
+        if not self._ready.wait(90) or self.port is None:
+            self.kill()
+            raise AssertionError(f"server did not come up:\n{self.output()[-6000:]}")
+
+    def _read(self):
+        for line in self.proc.stdout:
+            self.lines.append(line)
+            m = re.search(r"cke-dist serve: http://127\.0\.0\.1:(\d+)/v1", line)
+            if m:
+                self.port = int(m.group(1))
+            if "try: curl" in line:
+                self._ready.set()
+        self._ready.set()
+
+    def output(self) -> str:
+        return "".join(self.lines)
+
+    def wait(self, timeout):
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            return None
+
+    def kill(self):
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+
+    def rank_pid(self, rank: int) -> int:
+        """The pid of an MPI rank of this job (its environment carries our marker and PMI_RANK)."""
+        want = {f"CKE_SERVE_TEST_MARK={self.marker}".encode(), f"PMI_RANK={rank}".encode()}
+        for p in Path("/proc").iterdir():
+            if p.name.isdigit():
+                try:
+                    env = set((p / "environ").read_bytes().split(b"\0"))
+                    argv = (p / "cmdline").read_bytes().split(b"\0")
+                except OSError:
+                    continue
+                if want <= env and argv[1:3] == [b"-m", b"cke_dist.cli"]:     # python, not an sh around it
+                    return int(p.name)
+        raise AssertionError(f"no process for rank {rank}")
+
+
+# ---- fixtures ------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return make_model_dir(tmp_path_factory.mktemp("serve") / "tiny-chat")
+
+
+@pytest.fixture(scope="module")
+def ref(model_dir):
+    """The one-process model and tokenizer, and prompts (ids) picked by what greedy does on them."""
+    im, tok = load_inference_model(model_dir), load_tokenizer(model_dir)
+    eos = tok.eos_token_ids
+    rng = np.random.default_rng(0)
+    cands = [rng.integers(2, 300, n).tolist() for n in rng.integers(3, 12, 80)]
+    outs = [generate(im, p, LONG, temperature=0, stop_ids=eos) for p in cands]
+    never_eos = [p for p, o in zip(cands, outs) if len(o) == LONG and eos[0] not in o]
+    early_eos = [p for p, o in zip(cands, outs) if len(o) <= 40 and o[-1] == eos[0]]
+    assert len(never_eos) >= 6 and early_eos, "the random model no longer gives both kinds of prompt"
+    return dict(im=im, tok=tok, eos=eos, plain=never_eos, eos_prompt=early_eos[0])
+
+
+def expected(ref, ids, n, **sampling):
+    """(text, finish_reason, completion_tokens) the server must give for prompt ids."""
+    sampling.setdefault("temperature", 0)
+    out = generate(ref["im"], ids, n, stop_ids=ref["eos"], **sampling)
+    text = ref["tok"].decode([i for i in out if i not in ref["eos"]])
+    return text, ("stop" if out and out[-1] in ref["eos"] else "length"), len(out)
+
+
+@pytest.fixture(scope="module")
+def server(model_dir):
+    s = ServerProc(model_dir, "--max-batch", "8", env={"CKE_API_KEY": API_KEY})
+    yield s
+    s.proc.send_signal(signal.SIGTERM)           # an orderly stop: exit 0
+    rc = s.wait(30)
+    s.kill()
+    assert rc == 0, f"exit {rc} after SIGTERM:\n{s.output()[-4000:]}"
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=f"http://127.0.0.1:{server.port}/v1", api_key=API_KEY, max_retries=0, timeout=60)
+
+
+def raw(port, method, path, body=None, key=API_KEY, headers=None):
+    """(status, parsed JSON body) by http.client."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    h = dict(headers or {})
+    if key:
+        h["Authorization"] = f"Bearer {key}"
+    if body is not None and not isinstance(body, bytes):
+        body = json.dumps(body).encode()
+        h["Content-Type"] = "application/json"
+    conn.request(method, path, body=body, headers=h)
+    r = conn.getresponse()
+    data = r.read()
+    conn.close()
+    return r.status, (json.loads(data) if data else None)
+
+
+def open_stream(port, body, key=API_KEY, path="/v1/completions"):
+    """A raw socket with a streaming request sent; its response not read yet."""
+    data = json.dumps({**body, "stream": True}).encode()
+    s = socket.create_connection(("127.0.0.1", port), timeout=30)
+    s.sendall(f"POST {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {key}\r\nContent-Type: application/json\r\n"
+              f"Content-Length: {len(data)}\r\n\r\n".encode() + data)
+    return s
+
+
+def read_events(sock, n, got=b""):
+    while got.count(b"data: ") < n:
+        chunk = sock.recv(65536)
+        assert chunk, f"stream ended after {got.count(b'data: ')} events: {got[-500:]!r}"
+        got += chunk
+    return got
+
+
+def read_to_end(sock, limit_s):
+    """Everything until the peer closes (EOF or reset); fails if it is still open after limit_s."""
+    sock.settimeout(limit_s)
+    got = b""
+    try:
+        while True:
+            chunk = sock.recv(65536)
+            if not chunk:
+                return got
+            got += chunk
+    except ConnectionResetError:
+        return got
+    except socket.timeout:
+        raise AssertionError(f"the stream was still open after {limit_s}s: {got[-500:]!r}") from None
+
+
+# ---- chat template ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("template", [SMOL_TEMPLATE, MULTILINE_TEMPLATE], ids=["chatml", "multiline"])
+def test_chat_template_renders_as_transformers(tmp_path, template):
+    transformers = pytest.importorskip("transformers")
+    write_tokenizer(tmp_path, template)
+    hf = transformers.AutoTokenizer.from_pretrained(tmp_path)
+    ours = load_chat_template(tmp_path)
+    chats = [
+        [{"role": "user", "content": "hi"}],
+        [{"role": "system", "content": 'be <brief> & "exact": née ✓'}, {"role": "user", "content": "  a\nb  "},
+         {"role": "assistant", "content": "ok"}, {"role": "user", "content": "more", "name": None}],
+    ]
+    for msgs in chats:
+        want = hf.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+        assert ours.render(msgs) == want
+    if template is MULTILINE_TEMPLATE:
+        assert '"be <brief> & \\"exact\\": née ✓"' in ours.render(chats[1])    # tojson, not HTML-escaped
+        import jinja2
+        with pytest.raises(jinja2.TemplateError, match="Unknown role: tool"):
+            hf.apply_chat_template([{"role": "tool", "content": "x"}], tokenize=False)
+        with pytest.raises(ChatTemplateError, match="Unknown role: tool"):
+            ours.render([{"role": "tool", "content": "x"}])
+
+
+def test_no_template_is_none(tmp_path):
+    write_tokenizer(tmp_path, None)
+    assert load_chat_template(tmp_path) is None
+    (tmp_path / "chat_template.jinja").write_text("{{ messages[0]['content'] }}!")   # transformers' newer file
+    assert load_chat_template(tmp_path).render([{"role": "user", "content": "x"}]) == "x!"
+
+
+# ---- one process, through the openai client ------------------------------------------------------
+
+def test_completions_greedy_equal_generate(client, ref):
+    text = "the quick brown fox"
+    ids = ref["tok"].encode(text)
+    want, finish, n = expected(ref, ids, 24)
+    r = client.completions.create(model="tiny-chat", prompt=text, max_tokens=24, temperature=0)
+    assert (r.choices[0].text, r.choices[0].finish_reason) == (want, finish)
+    assert r.object == "text_completion" and r.id.startswith("cmpl-") and r.model == "tiny-chat"
+    assert (r.usage.prompt_tokens, r.usage.completion_tokens, r.usage.total_tokens) == (len(ids), n, len(ids) + n)
+    # token ids as the prompt, and the stream: the same text
+    p = ref["plain"][0]
+    want, finish, n = expected(ref, p, 30)
+    assert finish == "length" and n == 30
+    r = client.completions.create(model="x", prompt=p, max_tokens=30, temperature=0)
+    assert (r.choices[0].text, r.choices[0].finish_reason, r.usage.completion_tokens) == (want, "length", 30)
+    chunks = list(client.completions.create(model="x", prompt=p, max_tokens=30, temperature=0, stream=True,
+                                            stream_options={"include_usage": True}))
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == want
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 30
+    assert chunks[-1].usage.prompt_tokens == len(p)
+
+
+def test_default_max_tokens_and_eos(client, ref):
+    p = ref["plain"][1]
+    r = client.completions.create(model="x", prompt=p, temperature=0)     # OpenAI's default: 16
+    assert r.usage.completion_tokens == 16 and r.choices[0].finish_reason == "length"
+    assert r.choices[0].text == expected(ref, p, 16)[0]
+    want, finish, n = expected(ref, ref["eos_prompt"], 100)
+    assert finish == "stop" and n < 100
+    r = client.completions.create(model="x", prompt=ref["eos_prompt"], max_tokens=100, temperature=0)
+    assert (r.choices[0].text, r.choices[0].finish_reason, r.usage.completion_tokens) == (want, "stop", n)
+    assert "<|im_end|>" not in r.choices[0].text
+
+
+def test_chat_greedy_equal_generate(client, ref, model_dir):
+    msgs = [{"role": "user", "content": "to be or not to be"}]
+    ids = ref["tok"].encode(load_chat_template(model_dir).render(msgs))
+    assert ids.count(300) == 3          # <|im_start|> is one token: the rendered specials were kept
+    want, finish, n = expected(ref, ids, 20)
+    r = client.chat.completions.create(model="x", messages=msgs, max_tokens=20, temperature=0)
+    assert r.object == "chat.completion" and r.id.startswith("chatcmpl-")
+    assert (r.choices[0].message.role, r.choices[0].message.content) == ("assistant", want)
+    assert r.choices[0].finish_reason == finish
+    assert (r.usage.prompt_tokens, r.usage.completion_tokens) == (len(ids), n)
+    chunks = list(client.chat.completions.create(model="x", messages=msgs, max_tokens=20, temperature=0,
+                                                 stream=True))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == want
+    assert chunks[-1].choices[0].finish_reason == finish and chunks[-1].object == "chat.completion.chunk"
+    # no max_tokens in chat: up to the context
+    r = client.chat.completions.create(model="x", messages=msgs, temperature=0)
+    want, finish, n = expected(ref, ids, CTX - len(ids))
+    assert (r.choices[0].message.content, r.choices[0].finish_reason, r.usage.completion_tokens) == (want, finish, n)
+
+
+def test_concurrent_streams_each_equal_their_own_generate(client, ref):
+    jobs = [(p, 20 + 7 * i) for i, p in enumerate(ref["plain"][:6])]
+    results, errors = [None] * len(jobs), []
+
+    def one(i, p, n):
+        try:
+            parts, finish = [], None
+            for c in client.completions.create(model="x", prompt=p, max_tokens=n, temperature=0, stream=True):
+                parts.append(c.choices[0].text)
+                finish = c.choices[0].finish_reason or finish
+            results[i] = ("".join(parts), finish)
+        except Exception as e:       # reported below with the others
+            errors.append(repr(e))
+
+    threads = [threading.Thread(target=one, args=(i, p, n)) for i, (p, n) in enumerate(jobs)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not errors, errors
+    assert results == [expected(ref, p, n)[:2] for p, n in jobs]
+
+
+def test_seed_reproduces_and_equals_generate(client, ref):
+    p = ref["plain"][2]
+    kw = dict(model="x", prompt=p, max_tokens=25, temperature=0.9, top_p=0.95)
+    a = client.completions.create(seed=7, **kw).choices[0].text
+    b = client.completions.create(seed=7, **kw).choices[0].text
+    c = client.completions.create(seed=8, **kw).choices[0].text
+    assert a == b == expected(ref, p, 25, temperature=0.9, top_p=0.95, seed=7)[0]
+    assert c == expected(ref, p, 25, temperature=0.9, top_p=0.95, seed=8)[0] and c != a
+
+
+def test_stop_strings_cut_the_text(client, ref):
+    p = ref["plain"][3]
+    full = expected(ref, p, 40)[0]
+    stop = full[12:15]
+    cut = full[:full.index(stop)]
+    assert len(cut) >= 5
+    r = client.completions.create(model="x", prompt=p, max_tokens=40, temperature=0, stop=stop)
+    assert (r.choices[0].text, r.choices[0].finish_reason) == (cut, "stop")
+    assert r.usage.completion_tokens < 40
+    other = full[30:33]
+    chunks = list(client.completions.create(model="x", prompt=p, max_tokens=40, temperature=0,
+                                            stop=[other, stop], stream=True))
+    assert "".join(c.choices[0].text for c in chunks) == full[:min(full.index(stop), full.index(other))]
+    assert chunks[-1].choices[0].finish_reason == "stop"
+
+
+def test_context_n_and_types_are_400(client, ref):
+    with pytest.raises(openai.BadRequestError, match=r"maximum context length is 512 tokens; you requested 520 "
+                                                     r"tokens \(500 in the prompt, 20 for the completion\)"):
+        client.completions.create(model="x", prompt=[5] * 500, max_tokens=20)
+    with pytest.raises(openai.BadRequestError, match="'n' must be 1"):
+        client.completions.create(model="x", prompt="hi", n=2)
+    with pytest.raises(openai.BadRequestError, match="'temperature' must be a number >= 0"):
+        client.chat.completions.create(model="x", messages=[{"role": "user", "content": "hi"}], temperature=-1)
+
+
+# ---- raw HTTP: bad input, auth, disconnects --------------------------------------------------------
+
+def test_bad_requests_name_the_field(server):
+    port = server.port
+    for body, field in [({"prompt": "hi", "max_tokens": "ten"}, "max_tokens"),
+                        ({"prompt": "hi", "temperature": -1}, "temperature"),
+                        ({"prompt": "hi", "top_p": 2}, "top_p"),
+                        ({"prompt": "hi", "stop": 5}, "stop"),
+                        ({"prompt": "hi", "seed": "x"}, "seed"),
+                        ({"prompt": "hi", "stream": "yes"}, "stream"),
+                        ({"prompt": {"a": 1}}, "prompt"),
+                        ({"prompt": ["a", "b"]}, "prompt"),
+                        ({"prompt": [1, 99999]}, None)]:       # a token id past the vocabulary
+        status, r = raw(port, "POST", "/v1/completions", body)
+        assert status == 400, (body, r)
+        assert r["error"]["type"] == "invalid_request_error" and r["error"]["param"] == field, (body, r)
+        if field:
+            assert f"'{field}'" in r["error"]["message"], r
+    status, r = raw(port, "POST", "/v1/chat/completions", {"messages": "hi"})
+    assert status == 400 and r["error"]["param"] == "messages"
+    status, r = raw(port, "POST", "/v1/completions", b"{not json")
+    assert status == 400 and "not valid JSON" in r["error"]["message"]
+    status, r = raw(port, "POST", "/v1/completions", b"[1, 2]")
+    assert status == 400 and "JSON object" in r["error"]["message"]
+    status, r = raw(port, "POST", "/v1/completions", {"prompt": [3, 4], "max_tokens": 2, "temperature": 0,
+                                                      "frobnicate": {"x": 1}})   # unknown fields: ignored
+    assert status == 200 and r["usage"]["completion_tokens"] == 2
+    assert raw(port, "GET", "/v1/nothing")[0] == 404
+    assert raw(port, "GET", "/v1/completions")[0] == 405
+    assert raw(port, "DELETE", "/health")[0] == 405
+    # the limit is checked on Content-Length, before a byte of the body is read
+    s = socket.create_connection(("127.0.0.1", port), timeout=30)
+    s.sendall(f"POST /v1/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {API_KEY}\r\n"
+              f"Content-Length: {2 << 20}\r\n\r\n".encode())
+    head = s.recv(4096)
+    s.close()
+    assert head.startswith(b"HTTP/1.1 413"), head
+
+
+def test_api_key(server):
+    port = server.port
+    assert raw(port, "GET", "/health", key=None) == (200, {"status": "ok"})
+    status, r = raw(port, "GET", "/v1/models", key=None)
+    assert status == 401 and r["error"]["code"] == "invalid_api_key"
+    assert raw(port, "POST", "/v1/completions", {"prompt": "hi"}, key="wrong")[0] == 401
+    status, r = raw(port, "GET", "/v1/models")
+    assert status == 200 and r["data"][0]["id"] == "tiny-chat" and r["data"][0]["max_model_len"] == CTX
+
+
+def test_a_client_leaving_mid_stream_is_cancelled(server, client, ref):
+    p = ref["plain"][4]
+    s = open_stream(server.port, {"prompt": p, "max_tokens": LONG, "temperature": 0})
+    got = read_events(s, 3)
+    assert got.startswith(b"HTTP/1.1 200") and b"Transfer-Encoding: chunked" in got
+    s.close()
+    # the others go on being served; the engine is not stuck on the abandoned request
+    q = ref["plain"][5]
+    r = client.completions.create(model="x", prompt=q, max_tokens=10, temperature=0)
+    assert r.choices[0].text == expected(ref, q, 10)[0]
+    deadline = time.monotonic() + 10
+    pat = re.compile(r"client went away: its request was cancelled after (\d+) tokens")
+    while not pat.search(server.output()) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    m = pat.search(server.output())
+    assert m and int(m.group(1)) < LONG, server.output()[-3000:]
+
+
+def test_no_chat_template_is_400_and_the_banner(tmp_path, ref):
+    d = tmp_path / "plain"
+    make_model_dir(d, template=None)
+    s = ServerProc(d, "--max-batch", "2", "--threads", "1")
+    try:
+        out = s.output()
+        assert "layout tp=1 x pp=1" in out and "model 'plain'" in out and "try: curl http://127.0.0.1:" in out
+        status, r = raw(s.port, "POST", "/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}]},
+                        key=None)    # no key configured: open
+        assert status == 400 and "has no chat template" in r["error"]["message"]
+        assert raw(s.port, "POST", "/v1/completions", {"prompt": [3], "max_tokens": 1}, key=None)[0] == 200
+    finally:
+        s.kill()
+
+
+# ---- tp=2 under mpiexec ------------------------------------------------------------------------------
+
+def test_tp2_serves_like_one_process_and_a_killed_rank_ends_the_job(model_dir, ref):
+    s = ServerProc(model_dir, "--tp", "2", n=2, marker=f"tp2-{os.getpid()}")
+    try:
+        assert "layout tp=2 x pp=1 on 2 ranks" in s.output()
+        c = openai.OpenAI(base_url=f"http://127.0.0.1:{s.port}/v1", api_key="unused", max_retries=0, timeout=60)
+        prompts = ref["plain"][:3]
+        outs = [None] * 3
+
+        def one(i):
+            outs[i] = "".join(ch.choices[0].text for ch in c.completions.create(
+                model="x", prompt=prompts[i], max_tokens=24, temperature=0, stream=True))
+
+        threads = [threading.Thread(target=one, args=(i,)) for i in range(3)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert outs == [expected(ref, p, 24)[0] for p in prompts]
+        msgs = [{"role": "user", "content": "hi"}]
+        r = c.chat.completions.create(model="x", messages=msgs, max_tokens=12, temperature=0)
+        ids = ref["tok"].encode(load_chat_template(model_dir).render(msgs))
+        assert r.choices[0].message.content == expected(ref, ids, 12)[0]
+
+        # rank 1 dies mid-request: MPICH's mpiexec ends the whole job; the client is not left hanging
+        sock = open_stream(s.port, {"prompt": ref["plain"][4], "max_tokens": LONG, "temperature": 0})
+        got = read_events(sock, 2)
+        t0 = time.monotonic()
+        os.kill(s.rank_pid(1), signal.SIGKILL)
+        got += read_to_end(sock, 20)
+        assert b"[DONE]" not in got
+        rc = s.wait(20 - (time.monotonic() - t0))
+        assert rc is not None and rc != 0, f"mpiexec: {rc}\n{s.output()[-3000:]}"
+    finally:
+        s.kill()
+
+
+def test_a_dead_rank_is_503_then_a_nonzero_exit(model_dir, ref):
+    """-disable-auto-cleanup and ranks under sh: mpiexec leaves rank 0 running, so what answers is our
+    own failure path."""
+    s = ServerProc(model_dir, "--tp", "2", n=2, mpi_flags=("-disable-auto-cleanup",), marker=f"dead-{os.getpid()}",
+                   under_sh=True)
+    try:
+        inflight = {}
+
+        def whole():
+            inflight["r"] = raw(s.port, "POST", "/v1/completions",
+                                {"prompt": ref["plain"][0], "max_tokens": LONG, "temperature": 0}, key=None)
+
+        t = threading.Thread(target=whole)
+        t.start()
+        sock = open_stream(s.port, {"prompt": ref["plain"][1], "max_tokens": LONG, "temperature": 0})
+        got = read_events(sock, 2)
+        assert t.is_alive(), "the long request finished before the kill: make it longer"
+        t0 = time.monotonic()
+        os.kill(s.rank_pid(1), signal.SIGKILL)
+        t.join(20)
+        status, r = inflight["r"]
+        assert status == 503 and r["error"]["type"] == "server_error", r
+        got += read_to_end(sock, 10)
+        assert b"[DONE]" not in got and b'"code": 503' in got, (got[-600:], s.output()[-3000:])
+        status, r = raw(s.port, "POST", "/v1/completions", {"prompt": [1, 2]}, key=None)
+        assert status == 503, r
+        assert raw(s.port, "GET", "/health", key=None)[0] == 503
+        rc = s.wait(20 - (time.monotonic() - t0))
+        assert rc is not None and rc != 0, f"mpiexec: {rc}\n{s.output()[-3000:]}"
+        assert "answering 503 and ending the job" in s.output()
+    finally:
+        s.kill()

@@ -1,0 +1,112 @@
+"""The serving engine: continuous batching in one process, and at tp / pp / both (tests/ranks/serving_mpi.py)."""
+import numpy as np
+import pytest
+from mpirun import RANKS, REPO, run_pytest_mpi
+
+from cke_dist.model import LlamaConfig, Model
+from cke_dist.model.inference import InferenceModel
+from cke_dist.serving import Engine, EngineError, Params
+from cke_dist.serving.generate import generate, generate_batch
+
+CFG = dict(vocab_size=61, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+           num_key_value_heads=2, max_position_embeddings=40, rms_norm_eps=1e-5)
+
+
+@pytest.mark.parametrize("n", [2, 4])
+def test_serving_suite(n):
+    res = run_pytest_mpi(n, RANKS / "serving_mpi.py", timeout=300)
+    assert "passed" in res.stdout and "failed" not in res.stdout
+
+
+@pytest.fixture
+def engine():
+    from cke_dist.comm import init
+    model = Model.from_config(LlamaConfig.from_dict(CFG), seed=1, init_std=0.2)
+    e = Engine(InferenceModel.from_model(model), init(), max_batch=2, heartbeat=0.05)
+    e.start()
+    yield e
+    e.shutdown(timeout=10)
+
+
+def test_requests_join_and_leave_the_batch_and_equal_generate(engine):
+    rng = np.random.default_rng(0)
+    prompts = [rng.integers(0, 61, n).tolist() for n in (3, 8, 1, 5, 12)]
+    reqs = [engine.submit(p, Params(max_tokens=6 + i, temperature=0)) for i, p in enumerate(prompts)]
+    outs = [list(r.stream(timeout=30)) for r in reqs]
+    assert outs == [generate(engine.im, p, 6 + i, temperature=0) for i, p in enumerate(prompts)]
+    assert [r.finish for r in reqs] == ["length"] * 5
+    # 5 requests through 2 slots: some waited for a slot, all ran
+    assert generate_batch(engine.im, prompts, 6, temperature=0) == [o[:6] for o in outs]
+
+
+def test_stop_ids_cancel_and_context(engine):
+    p = [1, 2, 3]
+    first = generate(engine.im, p, 8, temperature=0)
+    r = engine.submit(p, Params(max_tokens=8, temperature=0, stop_ids=(first[2],)))
+    assert list(r.stream(timeout=30)) == first[:first.index(first[2]) + 1] and r.finish == "stop"
+    ctx = engine.submit(list(range(36)), Params(max_tokens=100, temperature=0))
+    assert len(list(ctx.stream(timeout=30))) == 4 and ctx.finish == "length"   # the context holds 40
+    with pytest.raises(ValueError, match="the prompt has 40 tokens; the context holds 40"):
+        engine.submit(list(range(40)), Params(max_tokens=1))
+
+
+def test_a_cancelled_request_leaves_and_frees_its_slot():
+    from cke_dist.comm import init
+    model = Model.from_config(LlamaConfig.from_dict(CFG), seed=1, init_std=0.2)
+    e = Engine(InferenceModel.from_model(model), init(), max_batch=1, heartbeat=0.05)
+    gone = e.submit([1, 2], Params(max_tokens=30, temperature=0))
+    kept = e.submit([3, 4], Params(max_tokens=5, temperature=0))
+    gone.cancel()                  # before the loop runs: it never takes the one slot
+    e.start()
+    assert list(gone.stream(timeout=30)) == [] and gone.finish == "cancelled"
+    assert list(kept.stream(timeout=30)) == generate(e.im, [3, 4], 5, temperature=0)
+    e.shutdown(timeout=10)
+    assert not e._thread.is_alive() and e.error is None
+
+
+def test_a_failed_engine_fails_its_requests():
+    """What a dead rank does to rank 0's engine (a CommError in its loop): every request, queued or
+    new, raises EngineError with the reason."""
+    from cke_dist.comm import init
+    model = Model.from_config(LlamaConfig.from_dict(CFG), seed=1, init_std=0.2)
+    e = Engine(InferenceModel.from_model(model), init(), max_batch=1, heartbeat=0.05)
+    r = e.submit([1, 2], Params(max_tokens=5, temperature=0))
+    e._fail("the engine stopped: CommError: rank 1 died")
+    with pytest.raises(EngineError, match="rank 1 died"):
+        list(r.stream(timeout=30))
+    with pytest.raises(EngineError, match="rank 1 died"):
+        e.submit([1], Params(max_tokens=1))
+    assert r.finish == "error" and e.error and not e.alive
+
+
+def _generate_cli(n, model, *args):
+    import subprocess
+    import sys
+
+    from mpirun import run_mpi
+    argv = ["-m", "cke_dist.cli", "generate", "--model", str(model), "--temperature", "0", "--max-new-tokens", "12",
+            *args]
+    if n == 1:
+        res = subprocess.run([sys.executable, *argv], capture_output=True, text=True, timeout=120, cwd=REPO)
+        assert res.returncode == 0, res.stderr[-3000:]
+        return res.stdout
+    res = run_mpi(n, argv, timeout=120, env={"CKE_COMM_TIMEOUT": "30", "CKE_COMM_QUIET": "1"})
+    assert res.returncode == 0, res.stdout[-3000:]
+    return res.stdout
+
+
+@pytest.mark.parametrize("n, layout", [(2, ["--tp", "2"]), (4, ["--tp", "2", "--pp", "2"])])
+def test_generate_command_on_a_grid_prints_what_one_process_prints(tmp_path, n, layout):
+    """mpiexec -n N cke-dist generate --tp T --pp P: the same text as one process, streamed (one
+    prompt) and batched (three prompts flowing through the stages together)."""
+    model = Model.from_config(LlamaConfig.from_dict(dict(CFG, vocab_size=256, num_hidden_layers=4)), seed=2,
+                              init_std=0.2)
+    model.save(tmp_path)
+    (tmp_path / "cke_tokenizer.json").write_text('{"type": "bytes"}')
+    one = _generate_cli(1, tmp_path, "--prompt", "hello")
+    assert one.startswith("hello") and len(one) > len("hello\n")
+    assert one in _generate_cli(n, tmp_path, "--prompt", "hello", *layout)
+    three = ["--prompt", "ab", "--prompt", "the cat", "--prompt", "x"]
+    batched = _generate_cli(1, tmp_path, *three)
+    assert batched.count("---") == 3
+    assert batched in _generate_cli(n, tmp_path, *three, *layout)
