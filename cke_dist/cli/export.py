@@ -6,7 +6,7 @@ Writes config.json, the weights as model.safetensors or, past --max-shard-mb, as
 model-0000x-of-0000y.safetensors with model.safetensors.index.json (what `save_pretrained` writes),
 and the tokenizer files the checkpoint carries; no optimizer or trainer state. The checkpoint's
 manifest is verified first; OUT is written beside itself and renamed into place, so it is never
-half there. `transformers` loads the result as it is. Tests: tests/test_export.py.
+half there. `transformers` loads the result as it is. Tests: tests/integration/test_export.py.
 """
 from __future__ import annotations
 

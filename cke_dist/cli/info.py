@@ -4,7 +4,7 @@ Prints the MPI library, the RDMA devices and ports found (or why none), the pyve
 directory, which transport `auto` (or the one asked for) picks for every peer pair and why, and the thread
 settings. Under mpiexec every rank contributes its facts and rank 0 prints; alone it describes one host.
 Exit status 1 when the transport asked for (--transport / CKE_TRANSPORT other than auto) cannot work here.
-Imports no numba or torch. Tests: tests/test_info.py.
+Imports no numba or torch. Tests: tests/integration/test_info.py.
 """
 from __future__ import annotations
 

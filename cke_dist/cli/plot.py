@@ -3,7 +3,7 @@
 Left: train loss and val loss against tokens seen; right: tokens/s against tokens. Several run
 directories go on the same axes, labelled by their names, so runs (layouts, learning rates) compare
 at a glance. Reads `<run>/metrics.jsonl` (written by `cke-dist train`, rank 0); needs matplotlib
-(`pip install -e '.[plot]'`), and says so when it is missing. Tests: tests/test_plot.py.
+(`pip install -e '.[plot]'`), and says so when it is missing. Tests: tests/integration/test_plot.py.
 """
 from __future__ import annotations
 

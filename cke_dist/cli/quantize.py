@@ -8,7 +8,7 @@ model.safetensors in HF names (every 2-D weight as int8 '<name>' + float16
 '<name>_scale', one scale per 32 values, GGML's Q8_0; norms and biases float32)
 and the tokenizer files. `cke-dist generate --model DIR_Q8` reads it; the
 kernels read the int8 blocks directly. Format and kernel: cke_kernels/q8_0.py, cke_kernels/q4.py.
-Tests: tests/test_q8_0.py, tests/test_q4.py.
+Tests: tests/unit/test_q8_0.py, tests/unit/test_q4.py.
 """
 from __future__ import annotations
 

@@ -10,7 +10,7 @@ orderly stop: exit 0)
 or until the engine dies (a rank lost, a failed step): then every request in flight and every new
 one gets 503 for a moment, and the job ends with a non-zero status (MPI Abort under mpiexec, so
 no rank is left waiting).
-Tests: tests/test_serve.py.
+Tests: tests/integration/test_serve.py.
 """
 from __future__ import annotations
 

@@ -22,7 +22,7 @@ Rules this module keeps:
   the whole job through `MPI.COMM_WORLD.Abort(1)` after printing the error. If
   Abort has not ended this process ABORT_GRACE_S later (the launcher cut off),
   SIGALRM does.
-Tests: tests/test_comm_single.py, tests/comm_collectives_mpi.py, tests/test_comm_faults.py.
+Tests: tests/unit/test_comm_single.py, tests/ranks/comm_collectives_mpi.py, tests/cluster/test_comm_faults.py.
 """
 from __future__ import annotations
 

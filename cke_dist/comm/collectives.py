@@ -10,7 +10,7 @@ Rules these keep:
   thread unless it fits `link.eager_bytes`, so no step waits on a full buffer.
 - Buffers are flat, contiguous, already validated (see reduce_ops.check_buffer);
   user data is only written after a frame has been checked by the link.
-Tests: tests/comm_collectives_mpi.py (1..5 ranks), tests/test_comm_single.py.
+Tests: tests/ranks/comm_collectives_mpi.py (1..5 ranks), tests/unit/test_comm_single.py.
 
 `ctx` is the calling group (group.Communicator): `rank`, `size`, `link(r)`,
 `deadline()`, `post(link, [memoryview], tag)` -> handle with `wait()`, and

@@ -4,7 +4,7 @@ Rules: every caller of `combine(op, first, second, out)` fixes the operand
 order by the layout alone (recursive doubling: the lower-ranked side first; the
 ring: the incoming partial first), so a result never depends on timing;
 `avg` is a sum divided once by the group size at the end (float dtypes only).
-Tests: tests/comm_collectives_mpi.py, tests/test_comm_single.py.
+Tests: tests/ranks/comm_collectives_mpi.py, tests/unit/test_comm_single.py.
 """
 from __future__ import annotations
 

@@ -13,7 +13,7 @@ Rules kept:
   so both ranks of a pair (and rank 0's log) see the same outcome. Either every rank raises or none does.
 - Host identity is the fact "host": socket.gethostname(), or CKE_COMM_HOSTNAME (test-only: one machine poses as
   several hosts, so the tcp-between-hosts paths run in CI).
-Tests: tests/test_select.py (plans from facts, the fallback, forced errors) and tests/test_select_mpi.py.
+Tests: tests/integration/test_select.py (plans from facts, the fallback, forced errors) and tests/ranks/select_mpi.py.
 """
 from __future__ import annotations
 

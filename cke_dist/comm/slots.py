@@ -20,7 +20,7 @@ Rules kept here (the backends only say how to publish, release and wait):
 - Waiting (spin, then block or back off) belongs to the backend: shm blocks on a futex, rdma polls its CQ.
 - Deadlines measure lack of progress (as in tcp): the time left when a send or receive of several chunks starts
   is its budget, and each chunk that moves restarts it.
-Covered by tests/test_shm_link.py and tests/test_shm_link_mpi.py (through ShmLink, with real processes).
+Covered by tests/integration/test_shm_link.py and tests/ranks/shm_link_mpi.py (through ShmLink, with real processes).
 """
 from __future__ import annotations
 

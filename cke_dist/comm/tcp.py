@@ -28,8 +28,8 @@ Rules this module keeps:
   catches that.
 - An incoming connection has `handshake_s` in all (not per read) to present its
   hello: a peer that trickles bytes is refused as surely as a silent one.
-Tests: tests/comm_collectives_mpi.py (stray connection, frames), tests/test_comm_faults.py,
-tests/test_comm_fuzz.py (handshake and frame parsers, progress deadlines), tests/test_chaos.py (virtual cluster).
+Tests: tests/ranks/comm_collectives_mpi.py (stray connection, frames), tests/cluster/test_comm_faults.py,
+tests/unit/test_comm_fuzz.py (handshake and frame parsers, progress deadlines), tests/cluster/test_chaos.py (virtual cluster).
 """
 from __future__ import annotations
 

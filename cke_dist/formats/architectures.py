@@ -1,7 +1,7 @@
 """What we read and write, named once: the model types and their Hugging Face architecture names
 (GGUF's `general.architecture` is the model type), the HF names of the tensors outside the layers,
 and the tokenizer files that travel with a model.
-Tests: tests/test_hf_io.py, tests/test_gguf.py.
+Tests: tests/unit/test_hf_io.py, tests/integration/test_gguf.py.
 """
 from __future__ import annotations
 

@@ -30,7 +30,7 @@ Rules this module keeps:
   verifies every file it reads against the manifest first, failing with the file named (missing,
   truncated, corrupted); it never falls back to an older checkpoint silently.
 - Only the newest `keep` step directories are kept.
-Tests: tests/test_checkpoint.py, resume in tests/test_train_job.py, across layouts in tests/test_reshard.py.
+Tests: tests/unit/test_checkpoint.py, resume in tests/integration/test_train_job.py, across layouts in tests/integration/test_reshard.py.
 """
 import json
 import os

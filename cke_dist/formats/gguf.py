@@ -17,7 +17,7 @@ Rules this module keeps:
   from `tokenizer.ggml.pre`) and SentencePiece BPE of `llama` (Llama 2, Mistral, TinyLlama: merges
   recovered from the scores, `▁` for spaces, <0xXX> byte pieces), control tokens and the named
   BOS/EOS/UNK/PAD as specials: ids and decoded text equal transformers' on the same file
-  (tests/test_gguf.py). Two departures, both toward SentencePiece and llama.cpp: a file with
+  (tests/integration/test_gguf.py). Two departures, both toward SentencePiece and llama.cpp: a file with
   `tokenizer.ggml.add_space_prefix = false` gets no leading "▁" (transformers ignores the key),
   and a character with neither a piece nor byte pieces is <unk> (transformers drops it). Like
   transformers, and unlike llama.cpp, text that starts with spaces or follows a special token
@@ -29,7 +29,7 @@ Rules this module keeps:
   files unscaled), so there the reference is llama.cpp and transformers' own RoPE on the config.
   Export writes Llama 3 scaling as llama.cpp's converter does (rope_freqs.weight, plus the
   original context length), linear as `rope.scaling.type = linear`.
-Tests: tests/test_gguf.py.
+Tests: tests/integration/test_gguf.py.
 """
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """A GGUF file's tokenizer, rebuilt from its metadata with the `tokenizers` library the way
 transformers builds it from the same file (formats/gguf.py's docstring says the rules: byte-level
-BPE of `tokenizer.ggml.model = gpt2`, SentencePiece BPE of `llama`). Tests: tests/test_gguf.py.
+BPE of `tokenizer.ggml.model = gpt2`, SentencePiece BPE of `llama`). Tests: tests/integration/test_gguf.py.
 """
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """GGUF files out: our config, tensors (HF names) and tokenizer as llama.cpp's converter writes them
-(formats/gguf.py's docstring says the rules). Tests: tests/test_gguf.py.
+(formats/gguf.py's docstring says the rules). Tests: tests/integration/test_gguf.py.
 """
 from __future__ import annotations
 

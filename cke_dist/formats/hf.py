@@ -11,7 +11,7 @@ Rules this module keeps:
   header is checked here before the `safetensors` package reads the data, so a short file
   is reported as truncated rather than as a deep library error.
 - Files we write carry `{"format": "pt"}` metadata so `transformers.from_pretrained` loads them.
-Tests: tests/test_hf_io.py.
+Tests: tests/unit/test_hf_io.py.
 """
 import hashlib
 import json

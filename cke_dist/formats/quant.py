@@ -2,7 +2,7 @@
 kernels that multiply and gather them (cke_kernels.q8_0, cke_kernels.q4). GGUF files and our
 quantized directories (formats/gguf.py, formats/quantized.py) read into it; the inference model's
 linears (cke_dist.model.inference.Linear) compute with it.
-Tests: tests/test_q8_0.py, tests/test_q4.py.
+Tests: tests/unit/test_q8_0.py, tests/unit/test_q4.py.
 """
 from __future__ import annotations
 

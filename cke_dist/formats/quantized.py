@@ -2,7 +2,7 @@
 `quantization_config` and model.safetensors in HF names, '<name>' the values (int8 for Q8_0,
 uint8 packed nibbles for Q4_0 / Q4_1), '<name>_scale' float16 block scales, '<name>_min' (Q4_1)
 float16 block minimums; norms and biases float32. Each rank reads only its slices.
-Tests: tests/test_q8_0.py, tests/test_q4.py.
+Tests: tests/unit/test_q8_0.py, tests/unit/test_q4.py.
 """
 from __future__ import annotations
 

@@ -18,7 +18,7 @@ Rules it keeps:
   multi-byte character: it holds back text that ends in an unfinished one. Given
   the prompt's ids it prints what the new ids add to the prompt's text (a
   SentencePiece continuation keeps its leading space).
-Tests: tests/test_tokenizer.py.
+Tests: tests/unit/test_tokenizer.py.
 """
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """Conversions that go through the model: a checkpoint to a Hugging Face directory or a GGUF
 file, a float model to a quantized directory. Each writes the tokenizer files the source carries
 (cke_dist.formats.architectures.TOKENIZER_FILES, chat templates included).
-Tests: tests/test_export.py, tests/test_gguf.py, tests/test_q8_0.py.
+Tests: tests/integration/test_export.py, tests/integration/test_gguf.py, tests/unit/test_q8_0.py.
 """
 from __future__ import annotations
 

@@ -25,7 +25,7 @@ Rules it keeps:
   vocab shards are gathered into full logits on every rank, so the TP split adds
   shards, not a second path.
 - positions beyond the cache or the model's context raise, naming both numbers.
-Tests: tests/test_generate.py, tests/test_q8_0.py.
+Tests: tests/integration/test_generate.py, tests/unit/test_q8_0.py.
 """
 from __future__ import annotations
 

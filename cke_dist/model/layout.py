@@ -20,7 +20,8 @@ The Megatron split, as this module cuts it:
   instead): no pad row exists, so none can leak into logits, loss, checkpoints or sampling; the
   only padding is in the buffer that gathers full logits for `Model.forward`.
 - norms (and o_proj's bias, added after the allreduce): replicated; tp rank 0 owns them.
-Tests: tests/test_layout.py, tests/tp_mpi.py.
+Tests: tests/integration/test_tensor_parallel.py, tests/integration/test_pipeline.py,
+tests/ranks/tensor_parallel_mpi.py.
 """
 from __future__ import annotations
 

@@ -21,7 +21,7 @@ Rules this module keeps:
   `on_grad_ready`, so data-parallel buckets overlap that backward (under "zb", its W's).
 - `run_schedule` returns the sum of the micro-batch losses on the last stage (None elsewhere) and
   stats: the peak number of live activation sets and the seconds spent waiting in receives.
-Tests: tests/pp_mpi.py, tests/test_pipeline.py.
+Tests: tests/ranks/pipeline_mpi.py, tests/integration/test_pipeline.py.
 """
 from __future__ import annotations
 

@@ -17,7 +17,7 @@ Rules:
 - The global grad norm counts every parameter once: each rank sums the squares of the ranges it
   owns (cke_dist.model.layout's `owned`), then one (1,) float64 allreduce over tp and one over pp.
   It equals the one-process norm within float64 rounding.
-Tests: tests/tp_mpi.py, tests/pp_mpi.py, tests/test_data_parallel.py.
+Tests: tests/ranks/tensor_parallel_mpi.py, tests/ranks/pipeline_mpi.py, tests/integration/test_data_parallel.py.
 """
 from __future__ import annotations
 

@@ -8,7 +8,7 @@ each tensor is cut, the model calls this group):
 Size 1 (no communication at all) when there is no group, so the model has one code path.
 It knows nothing of models (it sits below cke_dist.model, which holds one); the gradient rows
 that several tp ranks share are summed by cke_dist.parallel.step.
-Tests: tests/tp_mpi.py.
+Tests: tests/ranks/tensor_parallel_mpi.py.
 """
 from __future__ import annotations
 

@@ -11,7 +11,7 @@ an allreduce), the global grad norm from the slices (one scalar allreduce over d
 the optimizer updates its slice, and the slices are allgathered back into every rank's parameters.
 Optimizer memory per rank falls by dp; the parameters stay identical on every dp rank (each slice
 is computed once and copied). Results equal zero = 0 within float32 rounding (the sums run in
-another order). Tests: tests/dp_mpi.py (zero tests), tests/test_data_parallel.py.
+another order). Tests: tests/ranks/data_parallel_mpi.py (zero tests), tests/integration/test_data_parallel.py.
 """
 from __future__ import annotations
 

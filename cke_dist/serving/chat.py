@@ -15,7 +15,7 @@ Rules it keeps:
   eos_token, unk_token, pad_token) as strings. Keys whose value is None are dropped from messages.
 - A template's own raise_exception (e.g. "roles must alternate") is a ChatTemplateError: the
   client's messages are at fault, so the server answers 400 with its message.
-Tests: tests/test_serve.py (against transformers on a ChatML template and a multi-line one).
+Tests: tests/integration/test_serve.py (against transformers on a ChatML template and a multi-line one).
 """
 from __future__ import annotations
 

@@ -16,7 +16,7 @@ Rules it keeps:
 - a batch runs each prompt's prefill in its own cache row, then decodes all
   live rows together; row i samples with seed + i, so it reproduces
   `generate(..., seed=seed + i)`.
-Tests: tests/test_generate.py.
+Tests: tests/integration/test_generate.py.
 """
 from __future__ import annotations
 

@@ -25,7 +25,7 @@ Rules it keeps:
   cancelled; the engine frees the slot at the next tick.
 - A dead engine: every in-flight and new request gets 503 (an `error` event inside a stream
   already started); `serve.py` then ends the process.
-Tests: tests/test_serve.py.
+Tests: tests/integration/test_serve.py.
 """
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """The OpenAI request protocol of `cke-dist serve`: each request body checked field by field into
 what the engine needs, or an ApiError naming the field (OpenAI's error object: message, type,
 param, code). Features we do not have are a 400, never silently dropped; unknown fields are ignored.
-The server (http.py) owns sockets, streaming and the engine. Tests: tests/test_serve.py.
+The server (http.py) owns sockets, streaming and the engine. Tests: tests/integration/test_serve.py.
 """
 from __future__ import annotations
 

@@ -9,7 +9,7 @@ Rules it keeps:
   support never depends on sort order.
 - all randomness comes from one numpy Generator seeded once per Sampler: the
   same seed and logits give the same ids.
-Tests: tests/test_sampling.py.
+Tests: tests/unit/test_sampling.py.
 """
 from __future__ import annotations
 

@@ -8,7 +8,7 @@ Rules this module keeps:
 - `--set` values are parsed as TOML values (`optim.lr=3e-4`, `model.tie_word_embeddings=true`,
   `data.path="a b.txt"`); a value that is not valid TOML is taken as a bare string, which only
   a string key accepts.
-Tests: tests/test_config.py.
+Tests: tests/unit/test_config.py.
 """
 import dataclasses
 import json

@@ -17,7 +17,7 @@ Rules this module keeps:
   of global batches does not depend on how many data-parallel ranks share them, and resuming
   at step s needs nothing but s.
 - Too short a corpus is an error naming the file and the lengths, before any training.
-Tests: tests/test_data.py.
+Tests: tests/unit/test_data.py.
 """
 import fcntl
 import glob

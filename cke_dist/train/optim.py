@@ -2,7 +2,7 @@
 
 Semantics are torch.optim's (AdamW: decoupled weight decay, bias correction;
 SGD: momentum, dampening, nesterov, L2 weight decay added to the gradient), so
-`tests/test_optim.py` checks them parameter for parameter against torch.
+`tests/unit/test_optim.py` checks them parameter for parameter against torch.
 State is flat arrays with the parameter layout plus a step count, so
 data-parallel ranks and checkpoints handle it like the parameters themselves.
 """

@@ -3,7 +3,7 @@
 Rules this module keeps: a pure function of the step (0-based, the optimizer step about to be
 taken), so a resumed run needs nothing but the step; warmup starts at lr/warmup (never 0, so
 step 0 already moves); at and after `total_steps` it stays at `min_lr`.
-Tests: tests/test_train_job.py::test_schedule.
+Tests: tests/integration/test_train_job.py::test_schedule.
 """
 import math
 

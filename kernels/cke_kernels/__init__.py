@@ -3,7 +3,7 @@
 Rules every module keeps: float32 compute; GEMMs through numpy's BLAS with out=,
 everything else in numba (`cache=True, nogil=True`, `prange` over rows/blocks);
 forward/backward pairs side by side, llm.c style, writing into caller-owned
-buffers; each backward says whether it writes or ADDS. Tests: tests/test_kernels.py.
+buffers; each backward says whether it writes or ADDS. Tests: tests/unit/test_kernels.py.
 
     embedding     token embedding
     rmsnorm       RMSNorm

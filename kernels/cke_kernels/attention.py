@@ -17,7 +17,7 @@ them). All outputs are written, not added. `out` (forward) and `dout`
 (backward) may be strided views (e.g. token rows (B, T, H, D) transposed), as
 long as the last axis has unit stride: the model reads and writes its token-row
 buffers directly, with no head merge/split copies.
-Tests: tests/test_kernels.py::test_attention.
+Tests: tests/unit/test_kernels.py::test_attention.
 """
 import numpy as np
 from numba import njit, prange

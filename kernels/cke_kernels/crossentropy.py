@@ -14,7 +14,7 @@ of per-row losses in row order over the count of valid targets (deterministic). 
 ignored target get loss 0 and gradient 0. With no valid target the loss is 0.0 and the
 gradient 0: a fully padded micro-batch adds nothing (torch would return nan).
 `crossentropy_forward` / `crossentropy_fused_backward` run the passes for a whole vocabulary.
-Tests: tests/test_kernels.py::test_crossentropy, tests/tp_mpi.py (the sharded form).
+Tests: tests/unit/test_kernels.py::test_crossentropy, tests/ranks/tensor_parallel_mpi.py (the sharded form).
 """
 import numpy as np
 from numba import njit, prange

@@ -19,7 +19,7 @@ Rules:
   tables of cke_kernels.rope.rope_cos_sin (the ones training uses), one row per query row.
 - parallel over (row, head); each output written by one thread: deterministic.
 - no allocation in the hot path except one score row per (row, head).
-Tests: tests/test_generate.py (cached decode == full recompute == transformers).
+Tests: tests/integration/test_generate.py (cached decode == full recompute == transformers).
 """
 import math
 

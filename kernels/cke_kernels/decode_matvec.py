@@ -9,7 +9,7 @@ one pool. Prefill and training keep BLAS GEMMs (few, long calls; there BLAS wins
 Rules: each output is one thread's sequential float32 sum (deterministic for any thread count);
 weight rows are read once per call for all M rows (M small: the rows stay in L1); no allocation.
 Memory-bound; on one core it measured level with OpenBLAS sgemv from DRAM here (noisy shared machine).
-Tests: tests/test_generate.py (decode == full recompute == transformers), tests/test_q8_0.py.
+Tests: tests/integration/test_generate.py (decode == full recompute == transformers), tests/unit/test_q8_0.py.
 """
 import numpy as np
 from numba import njit, prange

@@ -5,7 +5,7 @@ Rules: tokens are int64 of shape (N,) and already range-checked by the caller; a
 the table's rows gives a zero row (forward) and adds nothing (backward), so the shards' outputs
 sum to the full lookup exactly. Backward ADDS into dwte (gradient accumulation) and runs
 serially so that repeated tokens sum in a fixed order (deterministic).
-Tests: tests/test_kernels.py::test_embedding, tests/tp_mpi.py.
+Tests: tests/unit/test_kernels.py::test_embedding, tests/ranks/tensor_parallel_mpi.py.
 """
 from numba import njit, prange
 

@@ -4,7 +4,7 @@ scalar libm call per element, and exp dominated softmax, SwiGLU and cross-entrop
 Cephes' expf: x = n ln2 + r, a degree-6 polynomial for e^r, 2^n put into the exponent
 bits; about 2 ulp on [-87, 88]; inputs below -87.3 (and -inf) give ~1.2e-38, not 0 (so
 callers mask instead of relying on exp(-inf)); above ~88.4 the result is inf, as exp's is.
-NaN is not expected. Tests: tests/test_kernels.py::test_expf.
+NaN is not expected. Tests: tests/unit/test_kernels.py::test_expf.
 FAST is the fastmath flag set for loops that call it: reassociation and contraction only,
 so -inf and NaN keep their meaning.
 `rowmax` is the max pass of every softmax here (attention, cross-entropy).

@@ -4,7 +4,7 @@ Rules: every GEMM is numpy's BLAS with out= into a preallocated buffer (never a
 numba GEMM). Backward writes dx, and writes (accumulate=False) or ADDS
 (accumulate=True) dw/db: the model writes straight into a freshly zeroed
 gradient buffer and only pays the scratch + add when accumulating micro-batches.
-Tests: tests/test_kernels.py::test_linear.
+Tests: tests/unit/test_kernels.py::test_linear.
 """
 import numpy as np
 from numba import njit, prange

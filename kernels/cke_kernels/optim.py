@@ -4,7 +4,7 @@ Rules: one pass over parameters, gradients and state, in place, parallel over
 fixed blocks; hyper-parameters arrive as plain floats (the caller does bias
 correction bookkeeping). Grad norm sums squares in float64 per fixed block, then
 the blocks in order, so it is deterministic for any thread count.
-Tests: tests/test_kernels.py::test_adamw / test_sgd / test_grad_norm.
+Tests: tests/unit/test_kernels.py::test_adamw / test_sgd / test_grad_norm.
 """
 import numpy as np
 from numba import njit, prange

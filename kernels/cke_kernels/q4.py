@@ -8,14 +8,14 @@ Format of a (N, K) float32 weight, K a multiple of 32, blocks of 32 along K:
   m      (N, K//32) float32 Q4_1 only: the block minimum (float16 value)
 Q4_0: w ~= (q - 8) * d, q in 0..15; Q4_1: w ~= q * d + m.
 Quantization is llama.cpp's reference (and gguf's Python port): Q4_0 takes d = v / -8 of the value
-v of largest magnitude, Q4_1 d = (max - min) / 15; tests/test_q4.py checks bit equality with gguf.
+v of largest magnitude, Q4_1 d = (max - min) / 15; tests/unit/test_q4.py checks bit equality with gguf.
 
 Products: as Q8_0's (cke_kernels/q8_0.py), few activation rows (decode) are quantized to Q8_0
 blocks first and each weight block is an exact integer dot, scaled once (Q4_1 adds m times the
 block's activation sum); each output is one thread's sum in a fixed order. Many rows (prefill)
 dequantize a tile and use BLAS. The dot is LLVM IR (make_q4_dot): two blocks a step, VNNI or
 AVX2 integer multiply-adds, software prefetch PREFETCH bytes ahead, one weight row a task.
-Tests: tests/test_q4.py.
+Tests: tests/unit/test_q4.py.
 """
 import numpy as np
 from llvmlite import ir

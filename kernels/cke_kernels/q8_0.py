@@ -16,7 +16,7 @@ Rules:
   first quantizes the activations to Q8_0 blocks (float32 scales), then per
   block takes an exact int8 x int8 -> int32 dot and scales it once by both
   block scales: the activation rounding (at most half a step per value) is the
-  only error beyond the weight's, bounded in tests/test_q8_0.py. Integer math
+  only error beyond the weight's, bounded in tests/unit/test_q8_0.py. Integer math
   because converting every int8 weight to float was the bottleneck (compute-bound
   at ~6 G weights/s/core; now ~2x faster, near the memory roofline).
 - the block dot is LLVM IR emitted by a numba intrinsic (make_q8_dot): x86
@@ -33,7 +33,7 @@ Rules:
 - no allocation in the hot path beyond the tile scratch and the quantized
   activations (M x K int8); deterministic: each output is summed by one thread in
   a fixed order, whatever the thread count.
-Tests: tests/test_q8_0.py.
+Tests: tests/unit/test_q8_0.py.
 """
 import numpy as np
 from llvmlite import binding as llvm

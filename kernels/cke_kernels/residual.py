@@ -2,7 +2,7 @@
 
 Rules: writes out (which may alias a); the backward of a residual add is the
 identity, so the model passes the gradient through without a kernel.
-Tests: tests/test_kernels.py::test_residual.
+Tests: tests/unit/test_kernels.py::test_residual.
 """
 from numba import njit, prange
 

@@ -3,7 +3,7 @@
 Rules: statistics in float64 per row, stored as rstd (N,) float32 for backward;
 backward ADDS into dx (the residual stream's gradient) and into dw; dw sums
 fixed chunks of rows (independent of the thread count) so results are
-deterministic. Tests: tests/test_kernels.py::test_rmsnorm.
+deterministic. Tests: tests/unit/test_kernels.py::test_rmsnorm.
 """
 import numpy as np
 from numba import njit, prange

@@ -11,7 +11,7 @@ so our tables and HF's agree bit for bit on the angle.
 Rules: qkv rows are (B*T) tokens with columns [q heads | k heads | v heads]; the
 per-head buffers are (B, heads, T, D) so attention GEMMs see contiguous
 (T, D) blocks; query head g*G..(g+1)*G-1 share key/value head g (GQA).
-Tests: tests/test_kernels.py::test_rope.
+Tests: tests/unit/test_kernels.py::test_rope.
 """
 import numpy as np
 from numba import njit, prange

@@ -2,7 +2,7 @@
 buffer (the model computes gate_proj and up_proj as one GEMM).
 
 Rules: silu(g) = g * sigmoid(g) in float32 (vectorized exp, cke_kernels.expf); backward writes dgu (N, 2I).
-Tests: tests/test_kernels.py::test_swiglu.
+Tests: tests/unit/test_kernels.py::test_swiglu.
 """
 import numpy as np
 from numba import njit, prange
