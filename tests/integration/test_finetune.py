@@ -114,6 +114,24 @@ def test_first_chat_loss_equals_transformers(smol2):
     assert ours == pytest.approx(ref, rel=1e-5)
 
 
+def test_first_text_loss_equals_transformers(smol2, tmp_path):
+    """Text read by the data pipeline with the model's tokenizer: the first batch's causal LM loss is
+    transformers' on the same tokens."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    from cke_dist.train.data import TRAIN, BatchSampler, load_tokens
+    (tmp_path / "t.txt").write_text("The capital of France is Paris. " * 20)
+    tokens, fmt = load_tokens(tmp_path / "t.txt", "auto", load_tokenizer(smol2), cache_dir=tmp_path / "cache")
+    assert fmt == "text"
+    x, y = BatchSampler(tokens, 2, 32, 0, TRAIN).micro_batch(0, 0, 2, 0, 1)
+    ours = load_model(smol2).forward_backward(x, y)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(smol2, dtype=torch.float32, attn_implementation="eager")
+    ids = np.concatenate([x, y[:, -1:]], axis=1)
+    with torch.no_grad():
+        ref = hf(torch.from_numpy(ids), labels=torch.from_numpy(ids)).loss.item()
+    assert ours == pytest.approx(ref, rel=1e-5)
+
+
 def test_text_is_read_with_the_models_tokenizer(smol2, tmp_path):
     """`cke-dist prepare` (what train does first): each document is the tokenizer's ids and an EOS."""
     transformers = pytest.importorskip("transformers")
