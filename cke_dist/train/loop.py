@@ -55,7 +55,7 @@ from cke_dist.serving.chat import load_chat_template
 from cke_dist.serving.generate import generate
 from cke_dist.train.config import ConfigError, TrainConfig, load_config
 from cke_dist.train.chat_data import IGNORE, ChatSampler, open_chat
-from cke_dist.train.data import TRAIN, VAL, BatchSampler, DataError, micro_batch_rows, open_corpus
+from cke_dist.train.data import DOCUMENTS, TRAIN, VAL, BatchSampler, DataError, micro_batch_rows, open_corpus
 from cke_dist.train.optim import SGD, AdamW
 from cke_dist.train.schedule import lr_at
 
@@ -321,6 +321,8 @@ def train(cfg: TrainConfig, resume: Path | None = None, progress: bool = True) -
     train_batches, val_batches, data_info = open_data(cfg, data_path, tokenizer, model.config.vocab_size,
                                                       ckpt.path if ckpt is not None else None,
                                                       progress and is_rank0)
+    if ckpt is None and not cfg.model.init_from and data_info["format"] not in DOCUMENTS:
+        tokenizer, tok_files = None, {}   # ids from a token file are not bytes: no tokenizer to carry
     micro_rows, accum, seq_len = cfg.data.batch_size, cfg.data.grad_accum, cfg.data.seq_len
 
     # ZeRO-1: the optimizer sees only this dp rank's slice of the flat buffers
@@ -457,7 +459,8 @@ def train(cfg: TrainConfig, resume: Path | None = None, progress: bool = True) -
 
     sample = None
     if cfg.sample.max_new_tokens and tokenizer is None and is_rank0:
-        print(f"cke-dist train: no sample: {cfg.model.init_from} has no tokenizer", file=sys.stderr)
+        print(f"cke-dist train: no sample: {cfg.model.init_from or 'a model trained on token ids'} has no "
+              f"tokenizer", file=sys.stderr)
     if cfg.sample.max_new_tokens and tokenizer is not None and start_step < steps:
         if grid.shape.pp > 1:
             # the stages' layers live on other ranks: rank 0 samples from the checkpoint it just wrote

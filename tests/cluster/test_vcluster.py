@@ -72,7 +72,7 @@ def test_collectives_suite_across_hosts(hosts, per_host):
         _pytest_on(vc, per_host, "comm_collectives_mpi.py", env={"CKE_TRANSPORT": "auto"})
 
 
-@pytest.mark.parametrize("suite", ["dp_mpi.py", "tp_mpi.py", "pp_mpi.py"])
+@pytest.mark.parametrize("suite", ["data_parallel_mpi.py", "tensor_parallel_mpi.py", "pipeline_mpi.py"])
 def test_parallel_suites_across_hosts_match_one_process(suite):
     """dp, tp and pp training against one process (each suite trains the reference itself): on 2 hosts x 1 rank
     (every pair over tcp) and 2 hosts x 2 ranks (tp/pp groups inside a host over shm, dp across over tcp)."""
@@ -82,7 +82,7 @@ def test_parallel_suites_across_hosts_match_one_process(suite):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("suite", ["dp_mpi.py", "tp_mpi.py", "pp_mpi.py"])
+@pytest.mark.parametrize("suite", ["data_parallel_mpi.py", "tensor_parallel_mpi.py", "pipeline_mpi.py"])
 def test_parallel_suites_on_4_hosts(suite):
     with VirtualCluster(4) as vc:
         _pytest_on(vc, 1, suite)

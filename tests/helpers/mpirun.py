@@ -79,3 +79,16 @@ def run_two_hosts(n_a, n_b, args, timeout=120, env=None):
     their own CKE_COMM_HOSTNAME): one machine tested as two hosts."""
     return run_mpi(n_a, [*args, ":", "-n", str(n_b), "-env", "CKE_COMM_HOSTNAME", "hostB", sys.executable, *args],
                    timeout=timeout, env=env, mpi_flags=["-env", "CKE_COMM_HOSTNAME", "hostA"])
+
+
+# ---- inside a rank ------------------------------------------------------------------------------
+def shared_dir(world, tmp_path_factory):
+    """A directory made by rank 0 whose path every rank learns (one host: the ranks share /tmp)."""
+    import numpy as np
+    buf = np.zeros(512, np.int32)
+    if world.rank == 0:
+        raw = str(tmp_path_factory.mktemp("shared")).encode()
+        buf[:len(raw)] = np.frombuffer(raw, np.uint8)
+    world.broadcast(buf)
+    buf = buf.astype(np.uint8)
+    return Path(bytes(buf).rstrip(b"\0").decode())

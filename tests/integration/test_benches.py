@@ -1,13 +1,11 @@
 """Every bench runs at its --smoke size and prints its table (its speed is measured by hand, not here:
 a bench nothing ran once broke unseen)."""
-import os
 import subprocess
 import sys
 
 import pytest
 
-from cke_kernels import THREAD_VARS
-from mpirun import REPO, run_mpi
+from mpirun import REPO, run_mpi, threads_env
 
 ONE_PROCESS = {
     "train_step.py": "| threads | ours tok/s | torch tok/s | ours/torch | ours vs our first count |",
@@ -19,14 +17,14 @@ ONE_PROCESS = {
     "decode_tp.py": "tp=2 memory per rank / 1 rank",
     "decode_gguf.py": "tiny Q4_0 (ours)",
     "serve.py": "4 clients / 1 client tokens/s",
+    "finetune.py": "| threads | ours tok/s | torch tok/s | ours/torch | ours peak MiB | torch peak MiB |",
 }
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("bench, last", list(ONE_PROCESS.items()))
 def test_bench_smoke(bench, last):
-    env = dict(os.environ, **{v: "1" for v in THREAD_VARS})
-    res = subprocess.run([sys.executable, str(REPO / "bench" / bench), "--smoke"], cwd=REPO, env=env,
+    res = subprocess.run([sys.executable, str(REPO / "bench" / bench), "--smoke"], cwd=REPO, env=threads_env(),
                          capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, (res.stdout + res.stderr)[-4000:]
     assert last in res.stdout, res.stdout[-3000:]

@@ -22,7 +22,7 @@ def test_plot_of_two_runs(tmp_path, corpus):
         assert res.returncode == 0, res.stdout[-2000:]
         assert f"loss curves: cke-dist plot {tmp_path / name}" in res.stdout
     m = read_metrics(tmp_path / "a")
-    assert [t for t, _ in m["train"]] == [128, 256, 384, 512] and [t for t, _ in m["val"]] == [256, 512]
+    assert [t for t, _ in m["train"]] == [128, 256, 384, 512] and [t for t, _ in m["val"]] == [0, 256, 512]
     out = tmp_path / "cmp.png"
     res = subprocess.run([sys.executable, "-m", "cke_dist.cli", "plot", str(tmp_path / "a"), str(tmp_path / "b"),
                           "--out", str(out)], cwd=REPO, capture_output=True, text=True, timeout=120)

@@ -48,7 +48,9 @@ def test_loss_drops_and_metrics_logged(tmp_path):
     losses = [r["loss"] for r in rows if "loss" in r]
     vals = [r["val_loss"] for r in rows if "val_loss" in r]
     assert [r["step"] for r in rows if "loss" in r] == list(range(1, 41))
-    assert len(vals) == 2 and all(math.isfinite(v) for v in vals)
+    # a baseline at step 0, then every eval_every steps
+    assert [r["step"] for r in rows if "val_loss" in r] == [0, 20, 40] and all(math.isfinite(v) for v in vals)
+    assert vals[0] > 5.0
     # starts near ln(256) = 5.55 (uniform over bytes) and learns
     assert losses[0] > 5.0 and np.mean(losses[-5:]) < losses[0] - 1.5, losses
     assert vals[-1] < losses[0] - 1.5

@@ -82,17 +82,17 @@ def install(point, skip, out_dir):
             return orig_swiglu(*args, **kw)
         llama.swiglu_backward = swiglu_backward
     elif point == "checkpoint":
-        import safetensors.numpy as stn
-        orig_save = stn.save_file
+        import cke_dist.formats.checkpoint as ckpt   # its shards go through the name it imported
+        orig_save = ckpt.write_safetensors
 
-        def save_file(tensors, filename, *args, **kw):
+        def write_safetensors(tensors, filename, *args, **kw):
             orig_save(tensors, filename, *args, **kw)
             if trig.hit():
                 size = os.path.getsize(filename)
                 with open(filename, "r+b") as f:
                     f.truncate(size // 2)
                 die(f"mid-checkpoint-write ({Path(filename).name} left at {size // 2} of {size} bytes)")
-        stn.save_file = save_file
+        ckpt.write_safetensors = write_safetensors
     else:
         raise SystemExit(f"chaos_job: unknown point {point!r}: use allreduce, backward or checkpoint")
 

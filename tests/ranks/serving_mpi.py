@@ -23,7 +23,7 @@ def world():
 
 @pytest.fixture(scope="module")
 def model_dir(world, tmp_path_factory):
-    from tp_mpi import shared_dir
+    from mpirun import shared_dir
 
     from cke_dist.model import LlamaConfig, Model
     from cke_dist.model.inference import InferenceModel

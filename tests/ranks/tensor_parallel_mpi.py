@@ -11,6 +11,7 @@ import time
 
 import numpy as np
 import pytest
+from mpirun import shared_dir
 
 pytestmark = pytest.mark.mpi(min_size=2)
 
@@ -50,18 +51,6 @@ def models(cfg, tp_group, seed=0):
             p[...] = rng.standard_normal(p.shape).astype(np.float32) * 0.3
     shard.params[...] = shard.shard_flat(full.params)
     return full, shard
-
-
-def shared_dir(world, tmp_path_factory):
-    """A directory made by rank 0 whose path every rank learns (one host: the ranks share /tmp)."""
-    buf = np.zeros(512, np.int32)
-    if world.rank == 0:
-        raw = str(tmp_path_factory.mktemp("shared")).encode()
-        buf[:len(raw)] = np.frombuffer(raw, np.uint8)
-    world.broadcast(buf)
-    buf = buf.astype(np.uint8)
-    from pathlib import Path
-    return Path(bytes(buf).rstrip(b"\0").decode())
 
 
 def batch(cfg, seed=1):

