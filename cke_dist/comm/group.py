@@ -31,7 +31,8 @@ Rules this module keeps:
 - The first `CommError` breaks every engine of the process: every later op
   raises at once, and (with `abort_on_error`) the job is aborted through MPI
   at exit or when the error goes uncaught, so no rank is left waiting.
-Tests: tests/ranks/comm_collectives_mpi.py, tests/unit/test_comm_single.py, tests/cluster/test_comm_faults.py, tests/ranks/tensor_parallel_mpi.py.
+Tests: tests/ranks/comm_collectives_mpi.py, tests/unit/test_comm_single.py, tests/cluster/test_comm_faults.py,
+tests/ranks/tensor_parallel_mpi.py.
 """
 from __future__ import annotations
 

@@ -18,8 +18,8 @@ Rules kept:
   and raises PeerLost; a receiver waiting on a dead peer sees its deadline (CommTimeout). Waiting polls, then
   sleeps with backoff up to 1 ms (ranks may be oversubscribed).
 - Settings: CKE_RDMA_DEVICE (name), CKE_RDMA_PORT (number), CKE_RDMA_GID_INDEX (RoCE GID table index).
-Not run on RDMA hardware in CI (none exists there): tests/integration/test_rdma.py covers probe and the fallback everywhere,
-and the link itself only where a device exists (marked `rdma`).
+Not run on RDMA hardware in CI (none exists there): tests/integration/test_rdma.py covers probe and the fallback
+everywhere, and the link itself only where a device exists (marked `rdma`).
 """
 from __future__ import annotations
 

@@ -27,8 +27,8 @@ Rules kept:
 - No segment outlives setup: the attacher unlinks the name as soon as it has mapped it, the creator unlinks it
   after the attach round (whichever comes first wins), names still owned at exit are unlinked by atexit, and
   setup sweeps names left by creators that are dead (a rank killed inside the setup window).
-Covered by tests/integration/test_shm_link.py and tests/ranks/shm_link_mpi.py; close() and the slot header parser also by
-tests/unit/test_comm_fuzz.py.
+Covered by tests/integration/test_shm_link.py and tests/ranks/shm_link_mpi.py; close() and the slot header
+parser also by tests/unit/test_comm_fuzz.py.
 """
 from __future__ import annotations
 

@@ -29,7 +29,8 @@ Rules this module keeps:
 - An incoming connection has `handshake_s` in all (not per read) to present its
   hello: a peer that trickles bytes is refused as surely as a silent one.
 Tests: tests/ranks/comm_collectives_mpi.py (stray connection, frames), tests/cluster/test_comm_faults.py,
-tests/unit/test_comm_fuzz.py (handshake and frame parsers, progress deadlines), tests/cluster/test_chaos.py (virtual cluster).
+tests/unit/test_comm_fuzz.py (handshake and frame parsers, progress deadlines), tests/cluster/test_chaos.py
+(virtual cluster).
 """
 from __future__ import annotations
 

@@ -30,7 +30,8 @@ Rules this module keeps:
   verifies every file it reads against the manifest first, failing with the file named (missing,
   truncated, corrupted); it never falls back to an older checkpoint silently.
 - Only the newest `keep` step directories are kept.
-Tests: tests/unit/test_checkpoint.py, resume in tests/integration/test_train_job.py, across layouts in tests/integration/test_reshard.py.
+Tests: tests/unit/test_checkpoint.py, resume in tests/integration/test_train_job.py, across layouts in
+tests/integration/test_reshard.py.
 """
 import json
 import os
@@ -42,7 +43,8 @@ from pathlib import Path
 import numpy as np
 
 from cke_dist.comm.shm import pid_alive
-from cke_dist.formats.hf import (CONFIG_NAME, INDEX_NAME, MANIFEST, HFFormatError, check_file, fsync_path, open_hf_tensors, read_manifest, sha256_file, verify_manifest, write_safetensors)
+from cke_dist.formats.hf import (CONFIG_NAME, INDEX_NAME, MANIFEST, HFFormatError, check_file, fsync_path,
+                                 open_hf_tensors, read_manifest, sha256_file, verify_manifest, write_safetensors)
 
 TRAINER_STATE = "trainer_state.json"
 FORMAT = "cke-dist checkpoint 2"

@@ -11,8 +11,8 @@ view. Backward fills the gradient buffer back to front and reports each finished
 range through `on_grad_ready(start, stop)` (data-parallel buckets overlap with it).
 
 Tensor parallelism (Megatron): the model takes `tp_group` (a comm group, or None) and holds
-only its shards; every tp collective goes through `self.tp` (cke_dist.parallel.tensor_parallel) (cke_dist.model.layout says which): q/k/v and
-gate/up are column-parallel, o/down row-parallel, the embedding, LM head and cross-entropy
+only its shards (cke_dist.model.layout says which); every tp collective goes through `self.tp`
+(cke_dist.parallel.tensor_parallel). q/k/v and gate/up are column-parallel, o/down row-parallel, the embedding, LM head and cross-entropy
 vocab-parallel. Per layer 2 allreduces of (tokens x hidden) forward and 2 backward, plus the
 embedding's, the LM head input gradient's and three (tokens,) ones in the cross-entropy; with a
 group of size 1 (or None) they vanish and this is the plain model.

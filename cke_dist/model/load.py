@@ -5,7 +5,8 @@ rank reads only its slices (its tp shard of its pipeline stage), never a whole t
     model = load_model("hf_dir", tp_group=g, stage=s)
     im = load_inference_model("SmolLM2.Q4_1.gguf")          # GGUF weights stay in their blocks
     save_quantized(im.to_quantized("q8_0"), "dir_q8")       # read back by load_inference_model
-Tests: tests/unit/test_hf_io.py, tests/integration/test_generate.py, tests/unit/test_q8_0.py, tests/integration/test_gguf.py.
+Tests: tests/unit/test_hf_io.py, tests/integration/test_generate.py, tests/unit/test_q8_0.py,
+tests/integration/test_gguf.py.
 """
 from __future__ import annotations
 

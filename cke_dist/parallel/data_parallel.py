@@ -23,7 +23,8 @@ Rules this module keeps:
   (`ready_times`, `launch_times`, `backward_end`) so a test can prove the
   overlap is real: buckets launch before backward has reported its last slice.
   `overlap=False` launches every bucket only after backward (the baseline).
-Tests: tests/integration/test_data_parallel.py (drives tests/ranks/data_parallel_mpi.py at 2 and 4 ranks; kills a rank of the train job).
+Tests: tests/integration/test_data_parallel.py (drives tests/ranks/data_parallel_mpi.py at 2 and 4 ranks; kills
+a rank of the train job).
 """
 from __future__ import annotations
 

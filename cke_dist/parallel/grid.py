@@ -7,7 +7,8 @@ tensor-parallel group sits on one host when hosts hold consecutive ranks:
 
 Every rank builds every group with no communication (`split` needs none); each group gets its
 own comm engine, so tp traffic never waits behind dp buckets (cke_dist.comm.group).
-Tests: tests/unit/test_grid.py (one process), tests/ranks/data_parallel_mpi.py::test_grid_groups_on_four_ranks, tests/integration/test_info.py.
+Tests: tests/unit/test_grid.py (one process), tests/ranks/data_parallel_mpi.py::test_grid_groups_on_four_ranks,
+tests/integration/test_info.py.
 """
 from __future__ import annotations
 

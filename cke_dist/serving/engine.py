@@ -30,7 +30,8 @@ How a tick goes (`Engine.run`):
 - With nothing to do rank 0 still sends an empty plan every `heartbeat` seconds, so no rank sits
   in a receive past the comm deadline; a dead rank surfaces as a CommError in the next tick:
   the engine fails every request with it and stops.
-Tests: tests/integration/test_serving.py (one process), tests/ranks/serving_mpi.py via tests/integration/test_serving.py.
+Tests: tests/integration/test_serving.py (one process), tests/ranks/serving_mpi.py via
+tests/integration/test_serving.py.
 """
 from __future__ import annotations
 

@@ -1,9 +1,10 @@
 """`cke-dist compare` as a user runs it: a subprocess, its table and its exit status."""
-from mpirun import threads_env
 import subprocess
 import sys
 
+import numpy as np
 import pytest
+from mpirun import threads_env
 
 
 def compare(*args, timeout=120):
@@ -26,6 +27,19 @@ def test_fails_when_tolerance_is_zero():
     assert "beyond tolerance" in r.stderr
     for row in ("logits", "loss", "grads", "params after 1 AdamW"):
         assert any(line.strip().startswith(row) and "FAIL" in line for line in r.stdout.splitlines()), row
+
+
+def test_tolerance_scales_with_each_tensor_and_still_fails_a_wrong_one():
+    """A real 30-layer model's logits differ from torch's by ~1.4e-4 on values of ~7, some of them near
+    zero: within tolerance. A model off by 1% of the scale (a wrong weight) is not."""
+    from cke_dist.cli.compare import _diff
+    rng = np.random.default_rng(0)
+    ref = rng.standard_normal((4, 64, 512)) * 7.0
+    close = ref + rng.standard_normal(ref.shape) * 1.4e-4
+    assert _diff(close, ref, rtol=1e-4, atol=1e-5)[2] < 1.0
+    wrong = ref.copy()
+    wrong[0, 0, :8] += 0.07          # 1% of the scale, in 8 of 131,072 logits
+    assert _diff(wrong, ref, rtol=1e-4, atol=1e-5)[2] > 10.0
 
 
 def test_transformers_checkpoint_dir(tmp_path):

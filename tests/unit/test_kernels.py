@@ -1,9 +1,10 @@
 """Each kernel's forward and backward against torch autograd, float32, small shapes."""
-from mpirun import run_program
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from mpirun import run_program
+
 from cke_kernels import attention, crossentropy, embedding, linear, optim, residual, rmsnorm, rope, swiglu
 from cke_kernels.threads import set_num_threads
 
