@@ -2,6 +2,10 @@
 
 Several MPI ranks share two cores here: each process gets one BLAS and one numba
 thread before numpy is imported, or they fight over the cores.
+
+`slow` (left out of the inner loop, `pytest -m "not slow"`) is set here for whole kinds, so that the
+rule is in one place: everything in cluster/, the multi-rank suites of SLOW_MODULES, and every test
+of the real model (the smollm2 fixture); a single test elsewhere may carry the mark itself.
 """
 import os
 
@@ -13,6 +17,18 @@ for var in THREAD_VARS:
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
+
+
+SLOW_MODULES = {"test_pipeline", "test_comm_mpi", "test_compare", "test_shm_collectives", "test_serving",
+                "test_data_parallel", "test_tensor_parallel", "test_reshard", "test_serve", "test_select",
+                "test_shm_link"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        path = item.path
+        if path.parent.name == "cluster" or path.stem in SLOW_MODULES or "smollm2" in item.fixturenames:
+            item.add_marker(pytest.mark.slow)
 
 
 @pytest.fixture
