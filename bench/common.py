@@ -104,6 +104,47 @@ def training_threads(threads: int) -> None:
     training_pool_env()
 
 
+# ---- one training step, ours and torch's --------------------------------------------------------
+def our_train_step(model, x, y, lr):
+    """A step function: zero the gradients, forward + backward on (x, y), AdamW; returns the loss."""
+    from cke_dist.train.optim import AdamW
+    opt = AdamW(model, lr=lr, weight_decay=0.1)
+
+    def step():
+        model.zero_grad()
+        loss = model.forward_backward(x, y)
+        opt.step()
+        return loss
+    return step
+
+
+def torch_train_step(model, x, y, lr, threads, attn_implementation=None):
+    """The same step in transformers' LlamaForCausalLM (torch eager) holding a copy of `model`'s weights;
+    the closure keeps no reference to `model`, so a caller may free it."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+    torch.set_num_threads(threads)
+    extra = {"attn_implementation": attn_implementation} if attn_implementation else {}
+    hf = AutoModelForCausalLM.from_config(AutoConfig.for_model(**model.config.to_dict()), dtype=torch.float32,
+                                          **extra)
+    sd = hf.state_dict()
+    with torch.no_grad():
+        for name, v in model.named_params.items():
+            sd[name].copy_(torch.from_numpy(v))
+    hf.train()
+    topt = torch.optim.AdamW(hf.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.1)
+    tx, ty = torch.from_numpy(x), torch.from_numpy(y)
+
+    def step():
+        topt.zero_grad(set_to_none=True)
+        logits = hf(tx).logits
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), ty.reshape(-1))
+        loss.backward()
+        topt.step()
+        return loss.item()
+    return step
+
+
 # ---- launching configurations ---------------------------------------------------------------------
 def mpiexec() -> str:
     found = Path(sys.executable).with_name("mpiexec")   # the mpich wheel's, beside this interpreter

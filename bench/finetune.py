@@ -16,7 +16,8 @@ import subprocess
 import sys
 import time
 
-from common import REPO, machine_line, median, report, smollm2, training_threads
+from common import (REPO, machine_line, median, our_train_step, report, smollm2, torch_train_step,
+                    training_threads)
 
 CHATS = [("What is the capital of France?", "Paris is the capital of France."),
          ("Name a primary colour.", "Blue is a primary colour."),
@@ -81,36 +82,10 @@ def worker(a):
     del full
     x, y = batch(smollm2(), a.batch, a.seq)
     if a.worker == "ours":
-        from cke_dist.train.optim import AdamW
-        opt = AdamW(model, lr=1e-5, weight_decay=0.1)
-
-        def step():
-            model.zero_grad()
-            loss = model.forward_backward(x, y)
-            opt.step()
-            return loss
+        step = our_train_step(model, x, y, lr=1e-5)
     else:
-        import torch
-        from transformers import AutoConfig, AutoModelForCausalLM
-        torch.set_num_threads(int(a.threads))
-        hf = AutoModelForCausalLM.from_config(AutoConfig.for_model(**model.config.to_dict()), dtype=torch.float32,
-                                              attn_implementation="eager")
-        sd = hf.state_dict()
-        with torch.no_grad():
-            for name, v in model.named_params.items():
-                sd[name].copy_(torch.from_numpy(v))
+        step = torch_train_step(model, x, y, lr=1e-5, threads=int(a.threads), attn_implementation="eager")
         del model
-        hf.train()
-        topt = torch.optim.AdamW(hf.parameters(), lr=1e-5, betas=(0.9, 0.95), weight_decay=0.1)
-        tx, ty = torch.from_numpy(x), torch.from_numpy(y)
-
-        def step():
-            topt.zero_grad(set_to_none=True)
-            logits = hf(tx).logits
-            loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), ty.reshape(-1))
-            loss.backward()
-            topt.step()
-            return loss.item()
     first = [step() for _ in range(a.warmup)]
     times = []
     for _ in range(a.repeats):
@@ -127,7 +102,8 @@ def main(a):
     print(f"fine-tune bench: SmolLM2-135M-Instruct{f' (first {a.layers} layers)' if a.layers else ''}, chat rows "
           f"{a.batch} x {a.seq}, full fine-tune (AdamW), {a.repeats} timed steps (median), each run its own process",
           flush=True)
-    print(machine_line(), flush=True)
+    # SmolLM2-135M's GEMMs at this batch (hidden 576, MLP 1536, vocab 49152): the matmul peak they reach
+    print(machine_line(dict(batch=a.batch, seq=a.seq, hidden=576, intermediate=1536, vocab=49152)), flush=True)
     rows = []
     for t in counts:
         got = {}

@@ -16,7 +16,7 @@ import sys
 import time
 
 from common import (SHAPE_KEYS, TRAIN_TINY, add_shape_args, describe, gemm_shapes, llama_config, matmul_peak,
-                    random_batch, training_threads)
+                    our_train_step, random_batch, torch_train_step, training_threads)
 
 
 def parse():
@@ -82,7 +82,6 @@ training_threads(args.threads)
 import numpy as np  # noqa: E402
 
 from cke_dist.model import Model  # noqa: E402
-from cke_dist.train.optim import AdamW  # noqa: E402
 from cke_kernels.threads import set_num_threads  # noqa: E402
 
 
@@ -95,35 +94,8 @@ def main():
     x, y = random_batch(s, 0)
     flops_per_step = 6.0 * model.num_params * tokens
 
-    opt = AdamW(model, lr=1e-4, weight_decay=0.1)
-
-    def ours_step():
-        model.zero_grad()
-        loss = model.forward_backward(x, y)
-        opt.step()
-        return loss
-
-    torch_step = None
-    if not args.no_torch:
-        import torch
-        from transformers import AutoConfig, AutoModelForCausalLM
-        torch.set_num_threads(args.threads)
-        hf = AutoModelForCausalLM.from_config(AutoConfig.for_model(**cfg.to_dict()), dtype=torch.float32)
-        sd = hf.state_dict()
-        with torch.no_grad():
-            for name, v in model.named_params.items():
-                sd[name].copy_(torch.from_numpy(v))
-        hf.train()
-        topt = torch.optim.AdamW(hf.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1)
-        tx, ty = torch.from_numpy(x), torch.from_numpy(y)
-
-        def torch_step():
-            topt.zero_grad(set_to_none=True)
-            logits = hf(tx).logits
-            loss = torch.nn.functional.cross_entropy(logits.reshape(-1, cfg.vocab_size), ty.reshape(-1))
-            loss.backward()
-            topt.step()
-            return loss.item()
+    ours_step = our_train_step(model, x, y, lr=1e-4)
+    torch_step = None if args.no_torch else torch_train_step(model, x, y, lr=1e-4, threads=args.threads)
 
     print(f"train step bench: {describe(s, model.num_params)}, threads {args.threads}, {args.repeats} repeats "
           f"(median)", flush=True)
