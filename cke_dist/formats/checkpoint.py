@@ -6,6 +6,9 @@ A checkpoint is `<run>/checkpoints/step_<8 digits>/` holding
     or model-0000k-of-0000n.*      (n = pp x tp writers, dp replica 0's ranks), each holding the
                                    slices its rank owns (a KV head or norm shared by tp ranks is
                                    written once, by the rank that owns it)
+    or adapter_model*.safetensors  a LoRA run's adapters only (PEFT's names), with adapter_config.json
+                                   naming the base model (cke_dist.model.lora): one process writes
+                                   an adapter directory `peft` loads as it is
   optimizer.safetensors            the optimizer's per-parameter state as "<state>/<HF name>" tensors,
     or optimizer-0000k-of-0000n.*  the same slices as the weights
   tokenizer files                  the model's tokenizer as it came (tokenizer.json, tokenizer_config.json,
@@ -60,11 +63,11 @@ def _write_json(path: Path, obj) -> None:
     path.write_text(json.dumps(obj, indent=2) + "\n")
 
 
-def file_names(k: int, n: int) -> tuple[str, str]:
-    """(weights, optimizer) file names of writer k of n."""
+def file_names(k: int, n: int, stem: str = "model") -> tuple[str, str]:
+    """(weights, optimizer) file names of writer k of n; stem "adapter_model" for LoRA adapters."""
     if n == 1:
-        return "model.safetensors", "optimizer.safetensors"
-    return f"model-{k + 1:05d}-of-{n:05d}.safetensors", f"optimizer-{k + 1:05d}-of-{n:05d}.safetensors"
+        return f"{stem}.safetensors", "optimizer.safetensors"
+    return f"{stem}-{k + 1:05d}-of-{n:05d}.safetensors", f"optimizer-{k + 1:05d}-of-{n:05d}.safetensors"
 
 
 def owned_region(spec):
@@ -91,6 +94,7 @@ class Shard:
     specs: list
     params: np.ndarray
     optimizer: dict = field(default_factory=dict)
+    stem: str = "model"          # "adapter_model": a LoRA run's adapters (PEFT's file name)
 
     def tensors(self, flat: np.ndarray):
         """(name, region, contiguous owned part) of each tensor of a flat buffer in this layout."""
@@ -105,7 +109,7 @@ class Shard:
 
 def _write_shard(tmp: Path, shard: Shard) -> None:
     """Write one rank's weights and optimizer files, fsynced, and its part list (.part-k.json)."""
-    model_name, optim_name = file_names(shard.index, shard.count)
+    model_name, optim_name = file_names(shard.index, shard.count, shard.stem)
     part = {"index": shard.index, "count": shard.count, "files": {}, "tensors": {"model": {}, "optimizer": {}}}
     arrays = {"model": {}, "optimizer": {}}
     for name, full, region, data in shard.tensors(shard.params):
@@ -167,7 +171,7 @@ def _finish(tmp: Path, step: int, config, trainer_state: dict, tokenizer: dict[s
     for name, data in tokenizer.items():
         (tmp / name).write_bytes(data)
     _write_json(tmp / TRAINER_STATE, dict(trainer_state, step=step))
-    if count > 1 and all(e["region"] == [[0, n] for n in e["full"]]
+    if count > 1 and all(f.startswith("model") for f in tensors["model"]) and all(e["region"] == [[0, n] for n in e["full"]]
                          for entries in tensors["model"].values() for e in entries.values()):
         # whole tensors in several files (pp, tp = 1): an HF index makes the checkpoint a model directory too
         weight_map = {name: fname for fname, entries in tensors["model"].items() for name in entries}

@@ -1,5 +1,6 @@
 """Conversions that go through the model: a checkpoint to a Hugging Face directory or a GGUF
-file, a float model to a quantized directory. Each writes the tokenizer files the source carries
+file (a LoRA checkpoint's adapters merged into its base), or its adapters alone as PEFT's adapter
+directory; a float model to a quantized directory. Each writes the tokenizer files the source carries
 (cke_dist.formats.architectures.TOKENIZER_FILES, chat templates included).
 Tests: tests/integration/test_export.py, tests/integration/test_gguf.py, tests/unit/test_q8_0.py.
 """
@@ -12,10 +13,11 @@ from pathlib import Path
 from cke_dist.formats.architectures import TOKENIZER_FILES
 from cke_dist.formats.checkpoint import find_checkpoint
 from cke_dist.formats.gguf_write import write_gguf
-from cke_dist.formats.hf import fsync_path, write_hf_dir
+from cke_dist.formats.hf import fsync_path, open_hf_tensors, verify_manifest, write_hf_dir, write_safetensors
 from cke_dist.formats.gguf import is_gguf
 from cke_dist.formats.tokenizer import chat_template_source, load_tokenizer, tokenizer_files
 from cke_dist.model.load import load_inference_model, load_model, save_quantized
+from cke_dist.model.lora import ADAPTER_CONFIG, ADAPTER_STEM
 
 
 def _source(path) -> Path:
@@ -38,6 +40,34 @@ def export_hf(checkpoint, out, max_shard_mb: float = 2048.0) -> Path:
     for name, data in tokenizer_files(src).items():
         (tmp / name).write_bytes(data)
         fsync_path(tmp / name)
+    fsync_path(tmp)
+    if out.exists():
+        out.rmdir()
+    tmp.rename(out)
+    fsync_path(out.parent)
+    return out
+
+
+def export_peft(checkpoint, out) -> Path:
+    """A LoRA checkpoint's adapters as PEFT's adapter directory (adapter_config.json naming the base,
+    adapter_model.safetensors with whole tensors), whatever layout wrote it; with the tokenizer."""
+    src, out = find_checkpoint(checkpoint), Path(out)
+    if not (src / ADAPTER_CONFIG).is_file():
+        raise ValueError(f"{src}: not a LoRA checkpoint (no {ADAPTER_CONFIG}); export it with --format hf or gguf")
+    if out.exists() and any(out.iterdir()):
+        raise FileExistsError(f"{out}: exists and is not empty; export writes a new directory")
+    verify_manifest(src)
+    tensors = open_hf_tensors(src)
+    tmp = out.with_name(f".tmp-export-{out.name}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    write_safetensors({name: tensors.read(name) for name in sorted(tensors)}, tmp / f"{ADAPTER_STEM}.safetensors",
+                      metadata={"format": "pt"})
+    files = {ADAPTER_CONFIG: (src / ADAPTER_CONFIG).read_bytes(), **tokenizer_files(src)}
+    for name, data in files.items():
+        (tmp / name).write_bytes(data)
+    for p in tmp.iterdir():
+        fsync_path(p)
     fsync_path(tmp)
     if out.exists():
         out.rmdir()

@@ -82,11 +82,12 @@ def _attend(a, j, heads, scale, forward, dy=None):
         [(slice(b, b + 1), *seg) for b in range(B) for seg in segs]
     for b, q0, q1, k0, k1 in calls:
         q, k, v = a.q[j][b, q0:q1], a.k[j][b, k0:k1], a.v[j][b, k0:k1]
+        starts = None if a.starts is None else a.starts[b]
         if forward:
-            attention_forward(q, k, v, scale, a.att[j][b, q0:q1], y[b, q0:q1])
+            attention_forward(q, k, v, scale, a.att[j][b, q0:q1], y[b, q0:q1], starts=starts)
         else:
             attention_backward(y[b, q0:q1], q, k, v, a.att[j][b, q0:q1], scale,
-                               a.dq[b, q0:q1], a.dk[b, k0:k1], a.dv[b, k0:k1], a.datt[b, q0:q1])
+                               a.dq[b, q0:q1], a.dk[b, k0:k1], a.dv[b, k0:k1], a.datt[b, q0:q1], starts=starts)
 
 
 class Activations:
@@ -115,7 +116,8 @@ class Activations:
         # scratch, shared by all layers
         self.qkv = e((N, (H + 2 * KV) * D), F32)
         self.tmp = e((N, C), F32)
-        self.cos, self.sin = rope_tables(D, cfg.rope_theta, np.arange(T), cfg.rope_scaling)
+        self.cos_t, self.sin_t = rope_tables(D, cfg.rope_theta, np.arange(T), cfg.rope_scaling)
+        self.use_positions(None)
         if keep:
             self.dresid = e((N, C), F32)
             self.dln = e((N, C), F32)
@@ -124,6 +126,18 @@ class Activations:
             self.datt = e((B, H, T, T), F32)
             self.dgu = e((N, 2 * I), F32)
             self.dh = e((N, I), F32)
+
+    def use_positions(self, positions):
+        """Set the rope tables and attention mask of the batch about to run (backward reuses them):
+        None, the plain causal 0..T-1; or checked (B, T) positions (Model._check_positions), each
+        token's position in its document: per-token tables, and each query's first key."""
+        if positions is None:
+            self.cos, self.sin, self.starts = self.cos_t, self.sin_t, None
+            return
+        flat = positions.reshape(-1)
+        # rows of the per-position tables: the very numbers an unpacked document gets
+        self.cos, self.sin = self.cos_t[flat], self.sin_t[flat]
+        self.starts = np.arange(self.T) - positions
 
 
 class Model:
@@ -157,6 +171,12 @@ class Model:
         self._acts_train: Activations | None = None
         self._acts_eval: Activations | None = None
         self._scratch = None
+        self.adapter = None       # a LoraModel adding its adapters after each target projection
+
+    def freeze(self) -> None:
+        """No gradients for these weights (a LoRA base): the gradient buffer goes, backward computes
+        only what flows to the inputs."""
+        self.grads = self.named_grads = self._g = None
 
     # ---- construction -------------------------------------------------------------------------
 
@@ -330,19 +350,44 @@ class Model:
         schedule keeps one per micro-batch between its forward and its backward."""
         return Activations(self, B, T, keep=True)
 
-    def _forward(self, tokens, keep, a=None, hidden=None):
+    def _check_positions(self, tokens, positions):
+        """None, or (B, T) int64 positions that restart at 0 where a document starts and otherwise
+        count up by one; a batch of whole rows 0..T-1 is None (the plain causal kernels)."""
+        if positions is None:
+            return None
+        p = np.asarray(positions)
+        if p.shape != tokens.shape:
+            raise ValueError(f"positions shape {p.shape} differs from tokens shape {tokens.shape}")
+        if not np.issubdtype(p.dtype, np.integer):
+            raise ValueError(f"positions must be integers, got dtype {p.dtype}")
+        p = np.ascontiguousarray(p, dtype=np.int64)
+        ok = np.empty(p.shape, bool)
+        ok[:, 0] = p[:, 0] == 0
+        ok[:, 1:] = (p[:, 1:] == 0) | (p[:, 1:] == p[:, :-1] + 1)
+        if not ok.all():
+            b, t = np.argwhere(~ok)[0]
+            raise ValueError(f"positions[{b}, {t}] = {p[b, t]}: a position is 0 (a document starts) or the "
+                             f"previous position + 1{'' if t == 0 else f' (here {p[b, t - 1]})'}")
+        return None if (p == np.arange(p.shape[1])).all() else p
+
+    def _forward(self, tokens, keep, a=None, hidden=None, positions=None):
         """This stage's forward of a (B, T) batch: from the tokens (first stage) or from the previous
-        stage's output `hidden` (B*T, C); the last stage ends in this rank's logits columns."""
+        stage's output `hidden` (B*T, C); the last stage ends in this rank's logits columns.
+        positions: None (0..T-1 in every row) or each token's position in its document (packed rows:
+        attention stays inside a document)."""
         cfg, P, st = self.config, self._p, self.stage
         B, T = tokens.shape
+        positions = self._check_positions(tokens, positions)
         if T > cfg.max_position_embeddings:
             raise ValueError(f"sequence length {T} exceeds max_position_embeddings={cfg.max_position_embeddings}")
         lo, hi = int(tokens.min()), int(tokens.max())
         if lo < 0 or hi >= cfg.vocab_size:
             raise ValueError(f"token id {lo if lo < 0 else hi} is outside the vocabulary [0, {cfg.vocab_size})")
         a = a or self._activations(B, T, keep)
+        a.use_positions(positions)
         H, KV = self.heads.n_q, self.heads.n_kv
         scale = 1.0 / math.sqrt(cfg.head_dim)
+        ad = self.adapter
         if st.first:
             embedding_forward(tokens.reshape(-1), P["embed"], a.resid[0], self.vocab_range[0])
             self.tp.allreduce(a.resid[0])                # vocab-parallel embedding: each row from one rank
@@ -353,18 +398,26 @@ class Model:
             x = a.resid[l]
             rmsnorm_forward(x, W.ln1, cfg.rms_norm_eps, a.ln1[j], a.rstd1[j])
             linear_forward(a.ln1[j], W.w_qkv, W.b_qkv, a.qkv)          # column-parallel: local heads
+            if ad:
+                ad.adapter_forward(a, l, "qkv", a.ln1[j], a.qkv)
             qkv_rope_forward(a.qkv, a.cos, a.sin, H, KV, a.q[j], a.k[j], a.v[j])
             _attend(a, j, self.heads, scale, forward=True)
             linear_forward(a.y[j], W.w_o, None, a.tmp)                 # row-parallel: partial sums
             self.tp.allreduce(a.tmp)
+            if ad:
+                ad.adapter_forward(a, l, "o", a.y[j], a.tmp)
             if W.b_o is not None:                                      # the bias once, after the sum
                 a.tmp += W.b_o
             residual_forward(x, a.tmp, a.xmid[j])
             rmsnorm_forward(a.xmid[j], W.ln2, cfg.rms_norm_eps, a.ln2[j], a.rstd2[j])
             linear_forward(a.ln2[j], W.w_gu, None, a.gu[j])            # column-parallel
+            if ad:
+                ad.adapter_forward(a, l, "gate_up", a.ln2[j], a.gu[j])
             swiglu_forward(a.gu[j], a.h[j])
             linear_forward(a.h[j], W.w_down, None, a.tmp)              # row-parallel
             self.tp.allreduce(a.tmp)
+            if ad:
+                ad.adapter_forward(a, l, "down", a.h[j], a.tmp)
             residual_forward(a.xmid[j], a.tmp, a.resid[l + 1])
         if st.last:
             rmsnorm_forward(a.resid[-1], P["norm"], cfg.rms_norm_eps, a.lnf, a.rstdf)
@@ -375,30 +428,31 @@ class Model:
         if not (self.stage.first and self.stage.last):
             raise ValueError(f"{what} runs a whole model; a pipeline stage runs through cke_dist.parallel.pipeline")
 
-    def forward(self, tokens) -> np.ndarray:
-        """tokens (B, T) ints -> logits (B, T, V) float32 (a new array; gathered over tp)."""
+    def forward(self, tokens, positions=None) -> np.ndarray:
+        """tokens (B, T) ints -> logits (B, T, V) float32 (a new array; gathered over tp).
+        positions (B, T): each token's position in its document (packed rows), or None."""
         self._whole("forward")
         tokens = self._check_tokens(tokens)
-        a = self._forward(tokens, keep=False)
+        a = self._forward(tokens, keep=False, positions=positions)
         B, T = tokens.shape
         V = self.config.vocab_size
         logits = self.tp.gather_vocab(a.logits, V)
         return logits.reshape(B, T, V)
 
-    def loss(self, tokens, targets, ignore_index: int = -100) -> float:
+    def loss(self, tokens, targets, ignore_index: int = -100, positions=None) -> float:
         """Mean cross-entropy over non-ignored targets, forward only (for evaluation)."""
         self._whole("loss")
         tokens = self._check_tokens(tokens)
         targets = self._check_targets(tokens, targets)
-        a = self._forward(tokens, keep=False)
+        a = self._forward(tokens, keep=False, positions=positions)
         return self._cross_entropy(a, targets.reshape(-1), ignore_index)
 
-    def stage_loss(self, tokens, targets, hidden=None, ignore_index: int = -100):
+    def stage_loss(self, tokens, targets, hidden=None, ignore_index: int = -100, positions=None):
         """Forward only through this stage: the loss (last stage) or the output hidden states (a view,
         valid until the next forward)."""
         tokens = self._check_tokens(tokens)
         targets = self._check_targets(tokens, targets)
-        a = self._forward(tokens, keep=False, hidden=hidden)
+        a = self._forward(tokens, keep=False, hidden=hidden, positions=positions)
         return self._cross_entropy(a, targets.reshape(-1), ignore_index) if self.stage.last else a.resid[-1]
 
     def _check_targets(self, tokens, targets):
@@ -421,8 +475,9 @@ class Model:
         return self._scratch
 
     def forward_backward(self, tokens, targets, ignore_index: int = -100, grad_scale: float = 1.0,
-                         on_grad_ready=None) -> float:
+                         on_grad_ready=None, positions=None) -> float:
         """Mean cross-entropy over non-ignored targets; ADDS grad_scale * dloss/dparams into self.grads.
+        positions (B, T): each token's position in its document (packed rows), or None.
 
         on_grad_ready(start, stop) is called as soon as grads[start:stop] are final for this call,
         last layer first; the calls cover the flat buffer exactly once. With tp, the gradients of
@@ -431,19 +486,20 @@ class Model:
         self._whole("forward_backward")
         tokens = self._check_tokens(tokens)
         targets = self._check_targets(tokens, targets)
-        a = self._forward(tokens, keep=True)
+        a = self._forward(tokens, keep=True, positions=positions)
         return self.backward(a, tokens, targets, ignore_index, grad_scale, on_grad_ready)
 
-    def stage_forward(self, tokens, a: Activations, hidden=None):
+    def stage_forward(self, tokens, a: Activations, hidden=None, positions=None):
         """Forward of one micro-batch through this stage into `a` (see new_activations); its output for
-        the next stage is a.resid[-1] (B*T, C)."""
-        return self._forward(self._check_tokens(tokens), keep=True, a=a, hidden=hidden)
+        the next stage is a.resid[-1] (B*T, C). `a` keeps the positions' tables for its backward."""
+        return self._forward(self._check_tokens(tokens), keep=True, a=a, hidden=hidden, positions=positions)
 
     def backward(self, a: Activations, tokens, targets, ignore_index: int = -100, grad_scale: float = 1.0,
                  on_grad_ready=None, dout=None, defer: list | None = None):
         """Backward of the micro-batch whose forward filled `a`: from the loss (last stage; returns it)
         or from `dout`, the next stage's gradient of this stage's output (returns None). Leaves the
-        gradient of this stage's input in a.dresid (non-first stages send it back).
+        gradient of this stage's input in a.dresid (non-first stages send it back). The forward's
+        positions (rope tables, document mask) come with `a`.
 
         defer: a list, for a zero-bubble schedule: the weight-gradient GEMMs (and the embedding's) are
         not run but appended as jobs (the W pass), one per layer, each reporting its range to
@@ -452,13 +508,19 @@ class Model:
         tokens = self._check_tokens(tokens)
         scale = 1.0 / math.sqrt(cfg.head_dim)
         acc = not self._grads_zero or defer is not None
-        sizes = [G["lm_head"].size if st.last else 0] + [x for g in G["layers"][:1] for x in (g.w_gu.size, g.w_qkv.size)]
-        scratch = self._scratch_for(max(sizes)) if acc else None
+        frozen, ad = G is None, self.adapter
+        if frozen:
+            # a frozen base: input gradients only; the norms' weight gradients land in a throwaway row
+            acc, scratch = False, None
+            G = {"lm_head": None, "norm": np.empty(cfg.hidden_size, F32), "layers": [_NoGrads(cfg.hidden_size)] * len(P["layers"])}
+        else:
+            sizes = [G["lm_head"].size if st.last else 0] + [x for g in G["layers"][:1] for x in (g.w_gu.size, g.w_qkv.size)]
+            scratch = self._scratch_for(max(sizes)) if acc else None
         notify = on_grad_ready or (lambda start, stop: None)
         jobs: list = []
 
         def lin(dout_, x, w, dx, dw, db, stable=False):
-            if defer is None:
+            if defer is None or (dw is None and db is None):
                 linear_backward(dout_, x, w, dx, dw, db, acc, scratch)
                 return
             linear_backward(dout_, x, w, dx, None, None, acc, scratch)
@@ -466,6 +528,8 @@ class Model:
             jobs.append(lambda: linear_backward(kept, x, None, None, dw, db, True, scratch))
 
         def done(start, stop):
+            if frozen:
+                return
             if defer is None:
                 notify(start, stop)
             else:
@@ -495,20 +559,28 @@ class Model:
             W, GW = P["layers"][l], G["layers"][l]
             # MLP: resid[l+1] = xmid + down(swiglu(gate_up(ln2(xmid))))
             lin(a.dresid, a.h[l], W.w_down, a.dh, GW.w_down, None)
+            if ad:
+                ad.adapter_backward(a, l, "down", a.dresid, a.h[l], a.dh)
             swiglu_backward(a.dh, a.gu[l], a.dgu)
             lin(a.dgu, a.ln2[l], W.w_gu, a.dln, GW.w_gu, None)
+            if ad:
+                ad.adapter_backward(a, l, "gate_up", a.dgu, a.ln2[l], a.dln)
             self.tp.allreduce(a.dln)
             rmsnorm_backward(a.dln, a.xmid[l], W.ln2, a.rstd2[l], a.dresid, GW.ln2)
             # attention: xmid = x + o(attn(rope(qkv(ln1(x)))))
             lin(a.dresid, a.y[l], W.w_o, a.dy, GW.w_o, GW.b_o)
+            if ad:
+                ad.adapter_backward(a, l, "o", a.dresid, a.y[l], a.dy)
             _attend(a, l, self.heads, scale, forward=False, dy=a.dy)
             qkv_rope_backward(a.dq, a.dk, a.dv, a.cos, a.sin, a.qkv)
             lin(a.qkv, a.ln1[l], W.w_qkv, a.dln, GW.w_qkv, GW.b_qkv)
+            if ad:
+                ad.adapter_backward(a, l, "qkv", a.qkv, a.ln1[l], a.dln)
             self.tp.allreduce(a.dln)
             rmsnorm_backward(a.dln, a.resid[l], W.ln1, a.rstd1[l], a.dresid, GW.ln1)
             done(GW.start, GW.stop)
 
-        if st.first:
+        if st.first and not frozen:
             if defer is None:
                 embedding_backward(tokens.reshape(-1), a.dresid, G["embed"], self.vocab_range[0])
             else:
@@ -517,6 +589,15 @@ class Model:
             done(0, self.param_offsets[EMBED][1])
         self._grads_zero = False
         return loss
+
+
+class _NoGrads:
+    """A frozen layer's gradient views: no weight gradients, one throwaway row for the norms'."""
+
+    def __init__(self, C):
+        self.ln1 = self.ln2 = np.empty(C, F32)
+        self.w_qkv = self.b_qkv = self.w_o = self.b_o = self.w_gu = self.w_down = None
+        self.start = self.stop = 0
 
 
 def check_names(expected: set, names: set, source: str) -> None:

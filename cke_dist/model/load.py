@@ -19,13 +19,14 @@ import numpy as np
 from cke_dist.formats.architectures import check_architecture
 from cke_dist.formats.checkpoint import model_path
 from cke_dist.formats.gguf import GGUFTensors, gguf_config, is_gguf
-from cke_dist.formats.hf import check_file, open_hf_tensors, read_hf_config, read_manifest
+from cke_dist.formats.hf import check_file, open_hf_tensors, read_hf_config, read_manifest, read_safetensors
 from cke_dist.formats.quant import Quant
 from cke_dist.formats.quantized import quantized_kind, read_quantized, write_quantized
 from cke_dist.model.config import LlamaConfig
 from cke_dist.model.inference import InferenceModel, Linear
 from cke_dist.model.layout import EMBED, LM_HEAD, NORM, layer_names, param_specs
 from cke_dist.model.llama import Model, check_names
+from cke_dist.model.lora import ADAPTER_CONFIG, ADAPTER_STEM, merge_adapter, read_adapter_config
 
 
 def load_model(model_dir, tp_group=None, stage=None) -> Model:
@@ -37,6 +38,8 @@ def load_model(model_dir, tp_group=None, stage=None) -> Model:
     its manifest.json lists which slices each file holds) loads the same way onto any layout, each
     file it reads verified against the manifest first. A run directory means its newest checkpoint."""
     model_dir = model_path(model_dir)
+    if not is_gguf(model_dir) and (model_dir / ADAPTER_CONFIG).is_file():
+        return _load_merged(model_dir, tp_group, stage)
     if is_gguf(model_dir):     # llama.cpp's single file: dequantized to float32 tensor by tensor
         config_dict = gguf_config(model_dir)
         files, source, where = GGUFTensors(model_dir, config_dict), os.fspath(model_dir), os.fspath(model_dir)
@@ -64,6 +67,25 @@ def load_model(model_dir, tp_group=None, stage=None) -> Model:
             raise ValueError(f"{source}: tensor {spec.name} has shape {files.shape(spec.name)}, "
                              f"the config expects {spec.full}")
         model.named_params[spec.name][...] = files.read(spec.name, spec.index)
+    return model
+
+
+def _load_merged(adapter_dir: Path, tp_group, stage) -> Model:
+    """A LoRA checkpoint (or PEFT adapter directory): its base model with the adapters merged in."""
+    settings = read_adapter_config(adapter_dir)
+    base = json.loads((adapter_dir / ADAPTER_CONFIG).read_text()).get("base_model_name_or_path") or ""
+    if not base or not Path(base).exists():
+        raise FileNotFoundError(f"{adapter_dir / ADAPTER_CONFIG}: its base model {base!r} is not there; "
+                                f"put it back or edit base_model_name_or_path")
+    if read_manifest(adapter_dir) is not None:
+        tensors = open_hf_tensors(adapter_dir)                 # ours: each file verified, any layout
+    else:
+        tensors = read_safetensors(adapter_dir / f"{ADAPTER_STEM}.safetensors")   # PEFT's own
+    model = load_model(base, tp_group=tp_group, stage=stage)
+    try:
+        merge_adapter(model, tensors, settings)
+    except KeyError as e:
+        raise ValueError(f"{adapter_dir}: the adapter lacks {e.args[0]} that {ADAPTER_CONFIG} promises") from None
     return model
 
 

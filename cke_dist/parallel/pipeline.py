@@ -83,6 +83,7 @@ def stage_tag(i: int, direction: int) -> int:
 def run_schedule(model, grid, micro_batches, kind: str = "1f1b", grad_scale=None, on_grad_ready=None):
     """Forward and backward of every micro-batch through this stage by the schedule; grads ADD into
     model.grads (scaled by grad_scale: one number, a list of one per micro-batch, or default 1/m).
+    micro_batches: (inputs, targets) or, packed, (inputs, targets, positions), on every stage.
     Returns (sum of micro-batch losses on the last stage, else None; {"peak_live": .., "wait_s": ..,
     "ops": .., "losses": each micro-batch's loss on the last stage, else []})."""
     st, pg = model.stage, grid.pp_group
@@ -118,7 +119,7 @@ def run_schedule(model, grid, micro_batches, kind: str = "1f1b", grad_scale=None
         stats["wait_s"] += time.perf_counter() - t0
 
     for op, i in ops:
-        x, y = micro_batches[i]
+        x, y, *pos = micro_batches[i]
         last_b = i == m - 1
         if op == "F":
             a = acts_for()
@@ -128,7 +129,7 @@ def run_schedule(model, grid, micro_batches, kind: str = "1f1b", grad_scale=None
             if not st.first:
                 hidden = a.resid[0]
                 recv(hidden, s - 1, stage_tag(i, FORWARD))
-            model.stage_forward(x, a, hidden=hidden)
+            model.stage_forward(x, a, hidden=hidden, positions=pos[0] if pos else None)
             if not st.last:
                 sends[id(a)] = [pg.send(a.resid[-1], s + 1, tag=stage_tag(i, FORWARD), async_op=True)]
         elif op == "B":
@@ -159,15 +160,16 @@ def run_schedule(model, grid, micro_batches, kind: str = "1f1b", grad_scale=None
     return loss_sum, stats
 
 
-def pipeline_loss(model, grid, tokens, targets) -> float:
-    """Forward only (evaluation): the mean loss of one batch through every stage, on every stage."""
+def pipeline_loss(model, grid, tokens, targets, positions=None) -> float:
+    """Forward only (evaluation): the mean loss of one batch through every stage, on every stage
+    (positions: packed rows', on every stage)."""
     st, pg, s = model.stage, grid.pp_group, grid.pp_rank
     B, T = np.asarray(tokens).shape
     hidden = None
     if not st.first:
         hidden = np.empty((B * T, model.config.hidden_size), np.float32)
         pg.recv(hidden, s - 1, tag=stage_tag(0, FORWARD))
-    out = model.stage_loss(tokens, targets, hidden=hidden)
+    out = model.stage_loss(tokens, targets, hidden=hidden, positions=positions)
     buf = np.zeros(1, np.float64)
     if st.last:
         buf[0] = out

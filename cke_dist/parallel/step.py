@@ -85,10 +85,13 @@ class ParallelGrads:
         self.tp = model.tp.group
         self.pp = grid.pp_group if grid is not None and grid.shape.pp > 1 else None
         self.shared = []       # (group, [flat ranges]) whose gradients are summed over the group
-        for holders, ranges in replica_ranges(model):
+        # a LoRA model's own partial sums (cke_dist.model.lora); a whole model's KV-head replicas
+        sums = model.grad_sums() if hasattr(model, "grad_sums") else replica_ranges(model)
+        for holders, ranges in sums:
             self.shared.append((model.tp.group.split(list(holders)), ranges))
         st = model.stage
-        if self.pp is not None and model.config.tie_word_embeddings and (st.first or st.last):
+        if self.pp is not None and model.config.tie_word_embeddings and (st.first or st.last) \
+                and EMBED in model.param_offsets:
             emb = self.pp.split([0, grid.shape.pp - 1])
             self.shared.append((emb, [model.param_offsets[EMBED]]))
         self.buffers = [np.empty(sum(b - a for a, b in r), np.float32) for _, r in self.shared]
@@ -121,8 +124,9 @@ def train_step(model, opt, grid, micro_batches, lr: float, clip: float, buckets,
                schedule: str = "1f1b", stats: dict | None = None, zero=None, scales=None):
     """One optimizer step; returns (the loss averaged over micro-batches and dp, grad norm or None).
 
-    micro_batches: this dp rank's K (inputs, targets) pairs (the same on every rank of a tp group and
-    of a pipeline). A non-finite loss raises FloatingPointError on every rank before the
+    micro_batches: this dp rank's K (inputs, targets) pairs, or (inputs, targets, positions) triples
+    for packed rows (see Model.forward_backward), the same on every rank of a tp group and of a
+    pipeline. A non-finite loss raises FloatingPointError on every rank before the
     parameters change. `stats`, when given, receives the pipeline schedule's (run_schedule).
     zero: a cke_dist.parallel.zero.Zero1 (opt then updates its slice only; buckets must not reduce).
     scales: each micro-batch's weight (default 1/K): its mean loss and gradient count that much
@@ -148,12 +152,13 @@ def train_step(model, opt, grid, micro_batches, lr: float, clip: float, buckets,
     model.zero_grad()
     if grid.shape.pp == 1:
         losses = []
-        for i, (x, y) in enumerate(micro_batches):
+        for i, (x, y, *pos) in enumerate(micro_batches):
             last = i == k - 1
             if last:
                 buckets.start_step()
             losses.append(model.forward_backward(x, y, grad_scale=1.0 / k if scales is None else scales[i],
-                                                 on_grad_ready=buckets.on_grad_ready if last else None))
+                                                 on_grad_ready=buckets.on_grad_ready if last else None,
+                                                 positions=pos[0] if pos else None))
     else:
         buckets.start_step()   # only the last micro-batch's backward reports ranges to it
         _, sched = run_schedule(model, grid, micro_batches, schedule, grad_scale=scales,

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from cke_dist.formats.architectures import ARCHITECTURES
+from cke_dist.model.lora import LoraSettings
 
 
 class ConfigError(ValueError):
@@ -62,6 +63,9 @@ class DataSection:
     batch_size: int = 16         # sequences per micro-batch, summed over data-parallel ranks
     seq_len: int = 128
     grad_accum: int = 1          # micro-batches per optimizer step
+    # several documents (text: split at end-of-text) or conversations (chat) per row, positions
+    # restarting per document and attention kept inside it; the loss is the unpacked rows'
+    pack: bool = False
 
 
 @dataclass
@@ -107,6 +111,15 @@ class ParallelSection:
 
 
 @dataclass
+class LoraSection:
+    """LoRA on a frozen model.init_from (cke_dist.model.lora; PEFT's names and files)."""
+    rank: int = 0                # r; 0 = no LoRA: every weight trains
+    alpha: float = 16.0          # the adapters' output is scaled by alpha / rank
+    dropout: float = 0.0         # on each adapter's input, training only
+    targets: str = "q_proj,v_proj"   # a comma list of q/k/v/o/gate/up/down _proj, or "all-linear"
+
+
+@dataclass
 class SampleSection:
     """The sample printed after training, with the model's tokenizer."""
     prompt: str = "ROMEO:\n"
@@ -122,6 +135,7 @@ class TrainConfig:
     optim: OptimSection = field(default_factory=OptimSection)
     train: TrainSection = field(default_factory=TrainSection)
     parallel: ParallelSection = field(default_factory=ParallelSection)
+    lora: LoraSection = field(default_factory=LoraSection)
     sample: SampleSection = field(default_factory=SampleSection)
 
     def to_dict(self) -> dict:
@@ -285,6 +299,16 @@ def validate(cfg: TrainConfig) -> None:
         need(heads % cfg.parallel.tp == 0, "parallel.tp",
              f"must divide model.num_attention_heads ({heads}): one of "
              f"{[t for t in range(1, heads + 1) if heads % t == 0]}")
+    need(cfg.lora.rank >= 0, "lora.rank", "must be >= 0 (0 = no LoRA)")
+    need(cfg.lora.alpha > 0, "lora.alpha", "must be > 0")
+    need(0.0 <= cfg.lora.dropout < 1.0, "lora.dropout", "must be in [0, 1)")
+    if cfg.lora.rank:
+        need(bool(cfg.model.init_from), "lora.rank", "LoRA adapts a model: set model.init_from to it (an HF "
+             "directory, a checkpoint or a GGUF file)")
+        try:
+            LoraSettings.parse_targets(cfg.lora.targets)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
     need(cfg.sample.max_new_tokens >= 0, "sample.max_new_tokens", "must be >= 0")
     need(cfg.sample.temperature >= 0, "sample.temperature", "must be >= 0 (0 = greedy)")
     need(cfg.sample.top_k >= 0, "sample.top_k", "must be >= 0")

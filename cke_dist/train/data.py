@@ -16,6 +16,9 @@ Rules this module keeps:
   within a step. A rank takes a contiguous block of rows of it (`rows_for_rank`), so the sequence
   of global batches does not depend on how many data-parallel ranks share them, and resuming
   at step s needs nothing but s.
+- Packing (`data.pack`, the sampler given the end-of-text id): a window's documents keep to
+  themselves: batches carry positions that restart after each end-of-text token (which ends its
+  document), and the model's attention never crosses them.
 - Too short a corpus is an error naming the file and the lengths, before any training.
 Tests: tests/unit/test_data.py.
 """
@@ -238,11 +241,24 @@ def rows_for_rank(batch_size: int, rank: int, world_size: int) -> slice:
     return slice(rank * per, (rank + 1) * per)
 
 
-class BatchSampler:
-    """Global batches of `rows` sequences of seq_len (+1 for the targets) from one split."""
+def doc_positions(inputs: np.ndarray, eos_id: int) -> np.ndarray:
+    """(rows, T) token ids -> each token's position in its document: 0 at a row's start and after
+    every eos_id (the end-of-text token closes its own document)."""
+    T = inputs.shape[1]
+    t = np.arange(T)
+    begins = np.zeros(inputs.shape, np.int64)
+    begins[:, 1:] = np.where(inputs[:, :-1] == eos_id, t[1:], 0)
+    return t - np.maximum.accumulate(begins, axis=1)
 
-    def __init__(self, tokens: np.ndarray, rows: int, seq_len: int, seed: int, split: int, path=None):
+
+class BatchSampler:
+    """Global batches of `rows` sequences of seq_len (+1 for the targets) from one split: (inputs,
+    targets), or with `eos_id` (packing) (inputs, targets, positions) restarting after each eos_id."""
+
+    def __init__(self, tokens: np.ndarray, rows: int, seq_len: int, seed: int, split: int, path=None,
+                 eos_id: int | None = None):
         self.tokens, self.rows, self.seq_len, self.seed, self.split = tokens, rows, seq_len, seed, split
+        self.eos_id = eos_id
         self.n_starts = len(tokens) - seq_len  # valid start offsets: start + seq_len + 1 <= len
         if self.n_starts < rows:
             raise DataError(
@@ -250,25 +266,26 @@ class BatchSampler:
                 f"of {seq_len} + 1, fewer than the {rows} rows of one global batch; use a longer corpus, "
                 f"a smaller data.seq_len or a smaller data.batch_size * data.grad_accum")
 
-    def fixed_set(self, n_tokens: int) -> tuple[np.ndarray, np.ndarray]:
-        """(inputs, targets) of the first n_tokens of the split in consecutive seq_len windows: the
-        validation set, the same whatever the batch size or layout (at least one window)."""
-        n = max(1, min(n_tokens // self.seq_len, (len(self.tokens) - 1) // self.seq_len))
-        idx = np.arange(n)[:, None] * self.seq_len + np.arange(self.seq_len + 1)
+    def _rows(self, idx):
         seqs = np.asarray(self.tokens[idx], dtype=np.int64)
-        return seqs[:, :-1], seqs[:, 1:]
+        x, y = seqs[:, :-1], seqs[:, 1:]
+        return (x, y) if self.eos_id is None else (x, y, doc_positions(x, self.eos_id))
+
+    def fixed_set(self, n_tokens: int) -> tuple[np.ndarray, ...]:
+        """(inputs, targets[, positions]) of the first n_tokens of the split in consecutive seq_len
+        windows: the validation set, the same whatever the batch size or layout (at least one window)."""
+        n = max(1, min(n_tokens // self.seq_len, (len(self.tokens) - 1) // self.seq_len))
+        return self._rows(np.arange(n)[:, None] * self.seq_len + np.arange(self.seq_len + 1))
 
     def offsets(self, step: int) -> np.ndarray:
         """Start offsets of every row of the global batch at `step` (the same on every rank)."""
         rng = np.random.default_rng([self.seed, self.split, step])
         return rng.choice(self.n_starts, size=self.rows, replace=False)
 
-    def batch(self, step: int, rows: slice = slice(None)) -> tuple[np.ndarray, np.ndarray]:
-        """(inputs, targets), int64 (rows, seq_len), for the selected rows of the global batch."""
+    def batch(self, step: int, rows: slice = slice(None)) -> tuple[np.ndarray, ...]:
+        """(inputs, targets[, positions]), int64 (rows, seq_len), for the selected rows of the global batch."""
         starts = self.offsets(step)[rows]
-        idx = starts[:, None] + np.arange(self.seq_len + 1)
-        seqs = np.asarray(self.tokens[idx], dtype=np.int64)
-        return seqs[:, :-1], seqs[:, 1:]
+        return self._rows(starts[:, None] + np.arange(self.seq_len + 1))
 
     def micro_batch(self, step: int, micro: int, micro_rows: int, rank: int = 0, world_size: int = 1):
         """Rank `rank`'s share of micro-batch `micro` (micro_rows rows each) of the global batch at `step`."""

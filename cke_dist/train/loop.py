@@ -41,11 +41,13 @@ from cke_kernels.threads import set_num_threads
 
 from cke_dist.comm import init
 from cke_dist.formats.checkpoint import CheckpointError, Shard, find_checkpoint, load_checkpoint, save_checkpoint
-from cke_dist.formats.hf import HFFormatError
+from cke_dist.formats.hf import HFFormatError, open_hf_tensors
 from cke_dist.formats.gguf import is_gguf
 from cke_dist.formats.tokenizer import BYTES_FILE, HF_FILE, ByteTokenizer, load_tokenizer, tokenizer_files
 from cke_dist.model import LlamaConfig, Model, load_model, param_specs
 from cke_dist.model.load import read_model_config
+from cke_dist.model.lora import (ADAPTER_CONFIG, ADAPTER_STEM, LoraModel, LoraSettings, lora_specs,
+                                 read_adapter_config)
 from cke_dist.parallel.data_parallel import GradBuckets, check_params_in_sync, sync_params
 from cke_dist.parallel.grid import ProcessGrid
 from cke_dist.parallel.pipeline import grid_stage, pipeline_loss
@@ -133,6 +135,8 @@ def build_model(cfg: TrainConfig, grid, ckpt_dir: Path | None = None):
         raise ConfigError(f"parallel.pp = {cfg.parallel.pp}: {e}") from e
     src = ckpt_dir or (cfg.model.init_from or None)
     try:
+        if cfg.lora.rank:
+            return build_lora(cfg, grid, stage, ckpt_dir)
         if src is not None:
             return load_model(src, tp_group=grid.tp_group, stage=stage)
         return Model.from_config(llama, seed=cfg.train.seed, tp_group=grid.tp_group, stage=stage)
@@ -140,6 +144,27 @@ def build_model(cfg: TrainConfig, grid, ckpt_dir: Path | None = None):
         if ckpt_dir is not None:
             raise CheckpointError(f"{ckpt_dir}: {e}") from e
         raise ConfigError(f"parallel.tp = {cfg.parallel.tp}: {e}") from e
+
+
+def lora_settings(cfg: TrainConfig) -> LoraSettings:
+    return LoraSettings(cfg.lora.rank, cfg.lora.alpha, cfg.lora.dropout, LoraSettings.parse_targets(cfg.lora.targets))
+
+
+def build_lora(cfg: TrainConfig, grid, stage, ckpt_dir: Path | None) -> LoraModel:
+    """Adapters on the frozen model.init_from: fresh (PEFT's init from the seed) or the checkpoint's."""
+    settings = lora_settings(cfg)
+    base = load_model(cfg.model.init_from, tp_group=grid.tp_group, stage=stage)
+    model = LoraModel(base, settings, seed=cfg.train.seed)
+    if ckpt_dir is not None:
+        if not (ckpt_dir / ADAPTER_CONFIG).is_file():
+            raise CheckpointError(f"{ckpt_dir}: a full fine-tune's checkpoint, not LoRA adapters; resume it "
+                                  f"with --set lora.rank=0")
+        saved = read_adapter_config(ckpt_dir)
+        if (saved.rank, saved.targets) != (settings.rank, settings.targets):
+            raise CheckpointError(f"{ckpt_dir}: adapters of rank {saved.rank} on {','.join(saved.targets)}; "
+                                  f"this run asks rank {settings.rank} on {','.join(settings.targets)}")
+        model.load_adapter(open_hf_tensors(ckpt_dir), ckpt_dir)
+    return model
 
 
 def build_optimizer(cfg: TrainConfig, model):
@@ -163,17 +188,24 @@ def open_data(cfg: TrainConfig, data_path: Path, tokenizer, vocab_size: int, ckp
                             "(model.init_from an HF directory or a GGUF file)")
         src = ckpt_dir or cfg.model.init_from
         train_rows, val_rows = open_chat(data_path, load_chat_template(src), tokenizer, seq_len,
-                                         cfg.data.val_fraction, val_path)
+                                         cfg.data.val_fraction, val_path, pack=cfg.data.pack)
         if train_rows.truncated and progress:
             print(f"cke-dist train: {train_rows.truncated} conversation(s) longer than data.seq_len + 1 = "
                   f"{seq_len + 1} tokens are cut", file=sys.stderr)
         return (ChatSampler(train_rows, rows, seed, TRAIN, data_path),
                 ChatSampler(val_rows, cfg.data.batch_size, seed, VAL, val_label),
-                {"format": "chat", "unit": "conversations", "train": len(train_rows), "val": len(val_rows)})
+                {"format": "chat", "unit": "conversations", "train": train_rows.conversations,
+                 "val": val_rows.conversations})
+    eos = None
+    if cfg.data.pack:
+        eos = getattr(tokenizer, "eos_token_id", None)
+        if eos is None:
+            raise DataError(f"data.pack = true splits text at the end-of-text token, but "
+                            f"{cfg.model.init_from or 'this model'}'s tokenizer has none; set data.pack = false")
     corpus = open_corpus(data_path, cfg.data.format, cfg.data.val_fraction, seq_len, vocab_size, tokenizer,
                          val_path, progress=progress)
-    return (BatchSampler(corpus.train, rows, seq_len, seed, TRAIN, data_path),
-            BatchSampler(corpus.val, cfg.data.batch_size, seq_len, seed, VAL, val_label),
+    return (BatchSampler(corpus.train, rows, seq_len, seed, TRAIN, data_path, eos_id=eos),
+            BatchSampler(corpus.val, cfg.data.batch_size, seq_len, seed, VAL, val_label, eos_id=eos),
             {"format": corpus.format, "unit": "tokens", "train": int(len(corpus.train)), "val": int(len(corpus.val))})
 
 
@@ -181,7 +213,7 @@ def token_scales(sampler, step: int, micro_rows: int, accum: int, dp_rank: int, 
     """Each of this rank's micro-batches weighted by its share of the step's valid targets (see
     parallel.step.train_step), so the step's loss is the mean over every assistant token of the
     global batch whatever the layout."""
-    _, targets = sampler.batch(step)
+    targets = sampler.batch(step)[1]
     valid = (targets != IGNORE).sum(axis=1)
     total = int(valid.sum())
     mine = [int(valid[micro_batch_rows(m, micro_rows, dp_rank, dp_size)].sum()) for m in range(accum)]
@@ -215,16 +247,19 @@ class StopSignal:
             self._old = None
 
 
-def evaluate(model, inputs: np.ndarray, targets: np.ndarray, grid, chunk: int) -> float:
+def evaluate(model, inputs: np.ndarray, targets: np.ndarray, grid, chunk: int, positions=None) -> float:
     """The mean loss over every valid target of the fixed validation set, the same number in every
     layout: each dp rank scores its block of rows (through the pipeline when pp > 1) in chunks of
-    `chunk` rows, and the sums of the losses and of the targets are added over dp."""
+    `chunk` rows, and the sums of the losses and of the targets are added over dp. positions: the
+    packed rows' (data.pack), or None."""
     rows = np.array_split(np.arange(len(inputs)), grid.dp)[grid.dp_rank]
     acc = np.zeros(2, np.float64)
     for i in range(0, len(rows), chunk):
         x, y = inputs[rows[i:i + chunk]], targets[rows[i:i + chunk]]
+        pos = None if positions is None else positions[rows[i:i + chunk]]
         n = int((y != IGNORE).sum())
-        mean = pipeline_loss(model, grid, x, y) if grid.shape.pp > 1 else model.loss(x, y)
+        mean = pipeline_loss(model, grid, x, y, positions=pos) if grid.shape.pp > 1 \
+            else model.loss(x, y, positions=pos)
         acc += (mean * n, n)
     if grid.dp > 1:
         grid.dp_group.allreduce(acc, op="sum")
@@ -345,6 +380,10 @@ def train(cfg: TrainConfig, resume: Path | None = None, progress: bool = True) -
     if is_rank0:
         out_dir.mkdir(parents=True, exist_ok=True)
         n_params = sum(s.size for s in param_specs(model.config))
+        if cfg.lora.rank:
+            n_lora = sum(s.size for s in lora_specs(model.config, model.settings))
+            print(f"cke-dist train: LoRA rank {cfg.lora.rank} on {cfg.lora.targets}: {n_lora / 1e6:.3f}M "
+                  f"trainable of {n_params / 1e6:.2f}M, the base frozen", file=sys.stderr)
         print(f"cke-dist train: grid dp={grid.dp} x pp={grid.shape.pp} x tp={grid.shape.tp} "
               f"({describe_transports(grid)})", file=sys.stderr)
         print(f"cke-dist train: {n_params / 1e6:.2f}M parameters, {data_info['train']:,} train / "
@@ -363,10 +402,13 @@ def train(cfg: TrainConfig, resume: Path | None = None, progress: bool = True) -
             with open(metrics_path, "a") as f:
                 f.write(json.dumps(record) + "\n")
 
-    val_inputs, val_targets = val_batches.fixed_set(cfg.train.eval_tokens)
+    val_inputs, val_targets, *val_positions = val_batches.fixed_set(cfg.train.eval_tokens)
+    # a LoRA checkpoint is a PEFT adapter directory: its config names the base by absolute path
+    adapter_files = {ADAPTER_CONFIG: (json.dumps(model.settings.peft_config(
+        str(Path(cfg.model.init_from).resolve())), indent=2) + "\n").encode()} if cfg.lora.rank else {}
 
     def validate(step: int) -> float:
-        v = evaluate(model, val_inputs, val_targets, grid, micro_rows)
+        v = evaluate(model, val_inputs, val_targets, grid, micro_rows, *val_positions)
         log({"step": step, "val_loss": v, "time": time.time()})
         return v
 
@@ -376,7 +418,7 @@ def train(cfg: TrainConfig, resume: Path | None = None, progress: bool = True) -
         shard = None
         if writer_group:
             shard = Shard(grid.pp_rank * grid.shape.tp + grid.tp_rank, grid.shape.pp * grid.shape.tp,
-                          model.specs, model.params, opt_state)
+                          model.specs, model.params, opt_state, stem=ADAPTER_STEM if cfg.lora.rank else "model")
         state = {
             "config": cfg.to_dict(),
             # batches are a function of (seed, split, step): the data position is the step itself
@@ -390,7 +432,8 @@ def train(cfg: TrainConfig, resume: Path | None = None, progress: bool = True) -
         }
         # the barriers inside wait under train.checkpoint_timeout: a write may take longer than the
         # comm deadline without the waiting ranks timing out
-        return save_checkpoint(root or out_dir / "checkpoints", step, model.config, shard, state, tok_files,
+        return save_checkpoint(root or out_dir / "checkpoints", step, model.config, shard, state,
+                               dict(tok_files, **adapter_files),
                                keep=keep or cfg.train.keep_checkpoints, world=world,
                                timeout=cfg.train.checkpoint_timeout)
 
@@ -410,6 +453,8 @@ def train(cfg: TrainConfig, resume: Path | None = None, progress: bool = True) -
         for step in range(start_step, steps):
             t0 = time.perf_counter()
             lr = lr_at(step, cfg.optim.lr, cfg.optim.min_lr, cfg.optim.warmup_steps, steps)
+            if isinstance(model, LoraModel):
+                model.step = step     # its dropout masks follow the step
             micro_batches = [train_batches.micro_batch(step, micro, micro_rows, dp_rank, dp_size)
                              for micro in range(accum)]
             scales = token_scales(train_batches, step, micro_rows, accum, dp_rank, dp_size) \
@@ -465,6 +510,9 @@ def train(cfg: TrainConfig, resume: Path | None = None, progress: bool = True) -
         if grid.shape.pp > 1:
             # the stages' layers live on other ranks: rank 0 samples from the checkpoint it just wrote
             sample = _sample(cfg, load_model(last_ckpt), tokenizer) if is_rank0 else None
+        elif writer_group and isinstance(model, LoraModel):
+            with model.merged() as merged:
+                sample = _sample(cfg, merged, tokenizer)
         elif writer_group:
             sample = _sample(cfg, model, tokenizer)   # collective over tp: every rank draws the same tokens
         if is_rank0:

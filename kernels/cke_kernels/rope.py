@@ -10,7 +10,10 @@ so our tables and HF's agree bit for bit on the angle.
 
 Rules: qkv rows are (B*T) tokens with columns [q heads | k heads | v heads]; the
 per-head buffers are (B, heads, T, D) so attention GEMMs see contiguous
-(T, D) blocks; query head g*G..(g+1)*G-1 share key/value head g (GQA).
+(T, D) blocks; query head g*G..(g+1)*G-1 share key/value head g (GQA). The
+cos/sin tables have a row per position (T, D/2), shared by every sequence, or a
+row per token (B*T, D/2) when positions differ between rows (packed sequences,
+positions restarting at each document): token bt reads row bt % rows.
 Tests: tests/unit/test_kernels.py::test_rope.
 """
 import numpy as np
@@ -55,13 +58,16 @@ def rope_cos_sin(positions, inv_freq):
 
 @njit(cache=True, nogil=True, parallel=True)
 def qkv_rope_forward(qkv, cos, sin, n_head, n_kv, q, k, v):
-    """qkv (B*T, (n_head + 2 n_kv) * D) -> q (B, n_head, T, D), k, v (B, n_kv, T, D); RoPE on q, k."""
+    """qkv (B*T, (n_head + 2 n_kv) * D) -> q (B, n_head, T, D), k, v (B, n_kv, T, D); RoPE on q, k.
+    cos, sin: (T, D/2) or (B*T, D/2)."""
     B, _, T, D = q.shape
     h2 = D // 2
     nh = n_head + 2 * n_kv
+    rows = cos.shape[0]
     for bt in prange(B * T):
         b = bt // T
         t = bt % T
+        ct = bt % rows
         for hh in range(nh):
             base = hh * D
             if hh < n_head + n_kv:
@@ -70,8 +76,8 @@ def qkv_rope_forward(qkv, cos, sin, n_head, n_kv, q, k, v):
                 else:
                     dst = k[b, hh - n_head, t]
                 for i in range(h2):
-                    c = cos[t, i]
-                    s = sin[t, i]
+                    c = cos[ct, i]
+                    s = sin[ct, i]
                     x1 = qkv[bt, base + i]
                     x2 = qkv[bt, base + h2 + i]
                     dst[i] = x1 * c - x2 * s
@@ -89,9 +95,11 @@ def qkv_rope_backward(dq, dk, dv, cos, sin, dqkv):
     n_kv = dk.shape[1]
     h2 = D // 2
     nh = n_head + 2 * n_kv
+    rows = cos.shape[0]
     for bt in prange(B * T):
         b = bt // T
         t = bt % T
+        ct = bt % rows
         for hh in range(nh):
             base = hh * D
             if hh < n_head + n_kv:
@@ -100,8 +108,8 @@ def qkv_rope_backward(dq, dk, dv, cos, sin, dqkv):
                 else:
                     src = dk[b, hh - n_head, t]
                 for i in range(h2):
-                    c = cos[t, i]
-                    s = sin[t, i]
+                    c = cos[ct, i]
+                    s = sin[ct, i]
                     g1 = src[i]
                     g2 = src[h2 + i]
                     dqkv[bt, base + i] = g1 * c + g2 * s

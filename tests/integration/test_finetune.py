@@ -5,7 +5,6 @@ checkpointed with its tokenizer, generated from, exported; stopped by SIGTERM an
 `smol2` is the real model cut to its first 2 layers (its real embedding, tokenizer and chat template),
 so several ranks train it in seconds; the full model is loaded where only reading is tested.
 """
-import dataclasses
 import json
 import signal
 import subprocess
@@ -14,70 +13,12 @@ import time
 
 import numpy as np
 import pytest
-from mpirun import REPO, run_mpi, threads_env
+from finetune_job import chats, metrics, run_train, train_args, write_chats
+from mpirun import REPO, threads_env
 
 from cke_dist.formats.checkpoint import find_checkpoint
 from cke_dist.formats.tokenizer import load_tokenizer
 from cke_dist.model import load_model
-
-QUESTIONS = ["What is the capital of France?", "Name a primary colour.", "How many legs has a spider?",
-             "What do bees make?", "Which planet is red?", "What is 2 + 2?", "Say hello in Spanish.",
-             "What is ice made of?"]
-ANSWERS = ["Paris.", "Blue.", "Eight.", "Honey.", "Mars.", "Four.", "Hola.", "Frozen water."]
-
-
-def chats():
-    """Conversations: plain, with a system prompt, and two turns (two assistant spans)."""
-    out = [{"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}
-           for q, a in zip(QUESTIONS, ANSWERS)]
-    out[1]["messages"].insert(0, {"role": "system", "content": "Answer in one word."})
-    out[2]["messages"] += [{"role": "user", "content": "And an insect?"}, {"role": "assistant", "content": "Six."}]
-    return out
-
-
-def write_chats(path):
-    path.write_text("".join(json.dumps(c) + "\n" for c in chats()))
-    return path
-
-
-@pytest.fixture(scope="module")
-def smol2(smollm2, tmp_path_factory):
-    """SmolLM2's first 2 layers as a Hugging Face directory with the real tokenizer files."""
-    from cke_dist.formats.tokenizer import tokenizer_files
-    from cke_dist.model import Model
-    full = load_model(smollm2)
-    small = Model.from_config(dataclasses.replace(full.config, num_hidden_layers=2))
-    for name, p in small.named_params.items():
-        p[...] = full.named_params[name]
-    d = tmp_path_factory.mktemp("smol2")
-    small.save(d)
-    for name, data in tokenizer_files(smollm2).items():
-        (d / name).write_bytes(data)
-    return d
-
-
-def train_args(model, data, out, *sets, fmt="chat"):
-    args = ["-m", "cke_dist.cli", "train", "--no-progress"]
-    for s in [f"model.init_from={model}", f"data.path={data}", f"data.format={fmt}", f"train.out_dir={out}",
-              "data.seq_len=48", "data.batch_size=4", "data.grad_accum=1", "train.steps=3", "train.eval_every=0",
-              "train.log_every=1", "optim.warmup_steps=0", "optim.lr=1e-3", "optim.min_lr=1e-3",
-              "sample.max_new_tokens=0", *sets]:
-        args += ["--set", s]
-    return args
-
-
-def run_train(n, args, timeout=300):
-    if n == 1:
-        res = subprocess.run([sys.executable, *args], cwd=REPO, capture_output=True, text=True, timeout=timeout,
-                             env=threads_env())
-        res.stdout += res.stderr
-        return res
-    return run_mpi(n, args, timeout=timeout, env={"CKE_COMM_TIMEOUT": "60"})
-
-
-def metrics(out):
-    return [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
-
 
 def _ids(x):
     return list(x["input_ids"] if hasattr(x, "keys") else x)
@@ -213,6 +154,41 @@ def test_keep_best_and_sigterm_stop_with_a_checkpoint_that_resumes(corpus, tmp_p
     assert steps == list(range(1, step + 4)), steps
 
 
+PACKED = ["data.pack=true", "data.seq_len=95"]   # the 8 conversations (28 to 58 tokens) in 5 rows of 96
+
+
+def test_packed_chat_fine_tune_equals_unpacked(smol2, tmp_path):
+    """data.pack = true: the packed rows' loss and every gradient equal the same conversations'
+    unpacked; from the CLI, the step-0 validation loss, the first step's loss (the global batch is
+    every conversation, packed or not) and the validation loss after that step agree."""
+    from cke_dist.serving.chat import load_chat_template
+    from cke_dist.train.chat_data import open_chat
+    data = write_chats(tmp_path / "chat.jsonl")
+    tok, template = load_tokenizer(smol2), load_chat_template(smol2)
+    packed, _ = open_chat(data, template, tok, 95, 0.1, val_path=data, pack=True)
+    plain, _ = open_chat(data, template, tok, 95, 0.1, val_path=data)
+    assert (len(packed), len(plain), packed.conversations) == (5, 8, 8)
+    model = load_model(smol2)
+    x, y, pos = packed.rows(slice(None))
+    loss = model.forward_backward(x, y, positions=pos)
+    grads = model.grads.copy()
+    model.zero_grad()
+    assert loss == pytest.approx(model.forward_backward(*plain.rows(slice(None))), rel=1e-5)
+    np.testing.assert_allclose(grads, model.grads, rtol=1e-4, atol=1e-5 * np.abs(grads).max())
+
+    job = ["train.steps=1", "train.eval_every=1", "train.eval_tokens=10000", f"data.val_path={data}"]
+    runs = {}
+    for name, sets in (("plain", ["data.seq_len=95", "data.batch_size=8"]), ("packed", [*PACKED, "data.batch_size=5"])):
+        res = run_train(1, train_args(smol2, data, tmp_path / name, *job, *sets))
+        assert res.returncode == 0, res.stdout[-3000:]
+        runs[name] = {(r["step"], "val_loss" if "val_loss" in r else "loss"): r.get("val_loss", r.get("loss"))
+                      for r in metrics(tmp_path / name)}
+    assert runs["packed"].keys() == runs["plain"].keys() == {(0, "val_loss"), (1, "loss"), (1, "val_loss")}
+    for key, want in runs["plain"].items():
+        assert runs["packed"][key] == pytest.approx(want, rel=1e-5), key
+    assert runs["plain"][1, "loss"] == pytest.approx(loss, rel=1e-5)
+
+
 # ---- every layout trains the real model as one process does ------------------------------------------
 
 def _params(out):
@@ -220,21 +196,25 @@ def _params(out):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("layout", [("dp2", 2, []), ("tp3", 3, ["parallel.tp=3"]), ("pp2", 2, ["parallel.pp=2"])],
+@pytest.mark.parametrize("layout", [("dp2", 2, []), ("tp3", 3, ["parallel.tp=3"]), ("pp2", 2, ["parallel.pp=2"]),
+                                    ("pp2-packed", 2, ["parallel.pp=2", *PACKED])],
                          ids=lambda x: x[0])
 def test_chat_fine_tune_on_a_layout_equals_one_process(smol2, tmp_path_factory, layout):
     """The same chat job (seed, data, 3 AdamW steps) in one process and in the layout: every parameter
-    agrees. Conversations differ in length, so each micro-batch's loss is weighted by its tokens."""
+    agrees. Conversations differ in length, so each micro-batch's loss is weighted by its tokens.
+    A packed layout is compared with one packed process."""
     name, n, sets = layout
     tmp = tmp_path_factory.getbasetemp() / "finetune_layouts"
     tmp.mkdir(exist_ok=True)
     data = write_chats(tmp / "chat.jsonl")
     job = ["data.batch_size=2", "data.grad_accum=2", f"data.val_path={data}"]
-    if not (tmp / "one").is_dir():
-        one = run_train(1, train_args(smol2, data, tmp / "one", *job))
-        assert one.returncode == 0, one.stdout[-3000:]
+    packing = [s for s in sets if s in PACKED]
+    one = "one-packed" if packing else "one"
+    if not (tmp / one).is_dir():
+        res = run_train(1, train_args(smol2, data, tmp / one, *job, *packing))
+        assert res.returncode == 0, res.stdout[-3000:]
     res = run_train(n, train_args(smol2, data, tmp / name, *job, *sets))
     assert res.returncode == 0, res.stdout[-3000:]
-    ref, got = _params(tmp / "one"), _params(tmp / name)
+    ref, got = _params(tmp / one), _params(tmp / name)
     assert np.abs(got - ref).max() < 1e-4 * np.abs(ref).max(), np.abs(got - ref).max()
     assert np.abs(ref - load_model(smol2).params).max() > 1e-4   # the steps moved the weights

@@ -141,6 +141,34 @@ def test_cli_bad_input_exits_2_with_a_named_cause(tmp_path, capsys):
     assert code == 2 and "nothing" in err
 
 
+def test_packed_text_restarts_positions_after_each_end_of_text(tmp_path, capsys):
+    """data.pack on text read with the model's tokenizer: the first step's loss is the model's on the
+    same windows with positions restarting after each end-of-text; bytes (no end-of-text) refuse it."""
+    from tiny import SENTENCES, make_hf_checkpoint, make_tokenizer_dir
+
+    from cke_dist.formats.tokenizer import load_tokenizer
+    from cke_dist.train.data import TRAIN, BatchSampler, doc_positions, open_corpus
+    d = tmp_path / "m"
+    make_hf_checkpoint(d, max_pos=64)
+    make_tokenizer_dir(d)
+    docs = tmp_path / "docs.jsonl"
+    docs.write_text("".join(json.dumps({"text": t}) + "\n" for t in SENTENCES * 30))
+    result = train(_cfg(tmp_path, "train.steps=1", "train.log_every=1", "train.eval_every=0", "optim.warmup_steps=0",
+                        f"model.init_from={d}", f"data.path={docs}", "data.pack=true"), progress=False)
+    tok = load_tokenizer(d)
+    corpus = open_corpus(docs, "auto", 0.1, 32, 300, tok, cache_dir=tmp_path / "cache", progress=False)
+    x, y, pos = BatchSampler(corpus.train, 4, 32, 0, TRAIN, eos_id=tok.eos_token_id).batch(0)
+    np.testing.assert_array_equal(pos, doc_positions(x, tok.eos_token_id))
+    assert (pos == 0).sum() > 4                      # windows hold several documents
+    model = load_model(d)
+    want = model.loss(x, y, positions=pos)
+    assert _metrics(result["out_dir"])[0]["loss"] == pytest.approx(want, rel=1e-5)
+    assert abs(model.loss(x, y) - want) > 1e-4      # the positions mattered
+    code, err = _cli(capsys, *sum((["--set", s] for s in TINY), []), "--set", "data.pack=true",
+                     "--set", f"train.out_dir={tmp_path / 'bytes'}")
+    assert code == 2 and "data.pack" in err and "end-of-text" in err
+
+
 def test_cli_resume_rejects_corruption_and_model_change(tmp_path, capsys):
     result = train(_cfg(tmp_path, "train.steps=2"), progress=False)
     ckpt = result["checkpoint"]

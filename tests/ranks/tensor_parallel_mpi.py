@@ -97,6 +97,28 @@ def test_logits_loss_and_every_gradient_match_one_process(world, name):
     assert tg.norm() == pytest.approx(float(np.sqrt((full.grads.astype(np.float64) ** 2).sum())), rel=1e-6)
 
 
+@pytest.mark.parametrize("name", ["llama-kv1-obias", "llama-straddle"])
+def test_packed_rows_match_one_process(world, name):
+    """Packed rows (positions restarting per document, data.pack): the shards' loss and every gradient
+    are the one-process model's, also where GQA groups straddle ranks (one attention call per row)."""
+    from cke_dist.parallel import ParallelGrads
+
+    cfg = config(name)
+    full, shard = models(cfg, world)
+    x, y = batch(cfg)
+    pos = np.array([[0, 1, 2, 3, 4, 0, 1, 2, 0, 1, 2, 3], [0, 1, 0, 1, 2, 3, 4, 5, 6, 7, 0, 1]])
+    np.testing.assert_allclose(shard.forward(x, positions=pos), full.forward(x, positions=pos), rtol=1e-5, atol=1e-5)
+    full.zero_grad()
+    shard.zero_grad()
+    assert shard.forward_backward(x, y, positions=pos) == pytest.approx(full.forward_backward(x, y, positions=pos),
+                                                                         rel=1e-6)
+    ParallelGrads(shard).sum_shared()
+    got = shard.gather_flat(shard.grads)
+    for n, (a, b) in full.param_offsets.items():
+        ref = full.grads[a:b]
+        np.testing.assert_allclose(got[a:b], ref, rtol=1e-4, atol=1e-5 * max(1e-3, np.abs(ref).max()), err_msg=n)
+
+
 def test_replicas_are_summed_where_kv_heads_are_shared(world):
     """The KV-replica case really has replicas (so the sum above was tested), and the aligned case none."""
     from cke_dist.parallel.step import replica_ranges

@@ -152,6 +152,90 @@ def test_attention(H, KV, block):
     close(dv, tv.grad)
 
 
+def _doc_starts(B, T, cuts):
+    """starts (B, T) int64 of rows cut into documents at the given positions (row b: cuts[b])."""
+    starts = np.zeros((B, T), np.int64)
+    for b, row in enumerate(cuts):
+        for c in row:
+            starts[b, c:] = c
+    return starts
+
+
+@pytest.mark.parametrize("H,KV,block", [(4, 2, 64), (6, 3, 4), (4, 1, 3)])
+def test_attention_with_document_starts(H, KV, block):
+    """Packed rows: query t sees keys starts[t]..t only. Against a numpy softmax with that mask and
+    torch autograd through it; the probabilities and score gradients outside a document are exactly 0."""
+    B, T, D = 3, 11, 8
+    starts = _doc_starts(B, T, [[4, 9], [1], []])   # a row of three documents, of two, of one
+    q, k, v = randn(B, H, T, D), randn(B, KV, T, D), randn(B, KV, T, D)
+    scale = 1.0 / np.sqrt(D)
+    att, out = np.full((B, H, T, T), np.nan, np.float32), np.full((B, H, T, D), np.nan, np.float32)
+    attention.attention_forward(q, k, v, scale, att, out, block=block, starts=starts)
+    j = np.arange(T)
+    seen = (j[None, None, :] >= starts[:, :, None]) & (j[None, None, :] <= j[None, :, None])   # (B, t, key)
+    kr = np.repeat(k, H // KV, axis=1)
+    scores = np.where(seen[:, None], np.einsum("bhtd,bhsd->bhts", q, kr) * scale, -np.inf)
+    ref_att = np.exp(scores - scores.max(-1, keepdims=True))
+    ref_att /= ref_att.sum(-1, keepdims=True)
+    np.testing.assert_allclose(att, ref_att, rtol=1e-5, atol=1e-6)
+    assert np.all(att[~np.broadcast_to(seen[:, None], att.shape)] == 0.0)
+    tq, tk, tv = leaf(q), leaf(k), leaf(v)
+    ref = F.scaled_dot_product_attention(tq, tk.repeat_interleave(H // KV, 1), tv.repeat_interleave(H // KV, 1),
+                                         attn_mask=torch.from_numpy(seen[:, None]))
+    close(out, ref)
+    dout = randn(B, H, T, D)
+    ref.backward(torch.from_numpy(dout))
+    dq, dk, dv = (np.full_like(a, np.nan) for a in (q, k, v))
+    datt = np.full_like(att, np.nan)
+    attention.attention_backward(dout, q, k, v, att, scale, dq, dk, dv, datt, block=block, starts=starts)
+    close(dq, tq.grad)
+    close(dk, tk.grad)
+    close(dv, tv.grad)
+    assert np.all(datt[~np.broadcast_to(seen[:, None], datt.shape)] == 0.0)
+    # every row one document: the causal kernel's numbers
+    att0, out0 = np.empty_like(att), np.empty_like(out)
+    attention.attention_forward(q, k, v, scale, att0, out0, block=block)
+    attention.attention_forward(q, k, v, scale, att, out, block=block, starts=np.zeros((B, T), np.int64))
+    np.testing.assert_allclose(out, out0, rtol=1e-6, atol=1e-7)
+    with pytest.raises(ValueError, match="starts must be int64 of shape"):
+        attention.attention_forward(q, k, v, scale, att, out, starts=np.zeros((B, T - 1), np.int64))
+
+
+def test_rope_per_token_tables():
+    """Tables with a row per token (positions restarting in packed rows) rotate each token by its own
+    position: the same as a (T, D/2) table when the positions are 0..T-1 in every row."""
+    B, T, H, KV, D = 2, 6, 2, 1, 8
+    qkv = randn(B * T, (H + 2 * KV) * D)
+    pos = np.array([[0, 1, 2, 0, 1, 2], [0, 1, 0, 1, 2, 3]])
+    cos, sin = rope.rope_tables(D, 10000.0, pos.reshape(-1))
+    q, k, v = (np.empty((B, n, T, D), np.float32) for n in (H, KV, KV))
+    rope.qkv_rope_forward(qkv, cos, sin, H, KV, q, k, v)
+    for b in range(B):       # each token alone, through a one-position table of its own position
+        for t in range(T):
+            c1, s1 = rope.rope_tables(D, 10000.0, np.array([pos[b, t]]))
+            q1, k1, v1 = (np.empty((1, n, 1, D), np.float32) for n in (H, KV, KV))
+            rope.qkv_rope_forward(qkv[b * T + t:b * T + t + 1], c1, s1, H, KV, q1, k1, v1)
+            np.testing.assert_array_equal(q[b, :, t], q1[0, :, 0])
+            np.testing.assert_array_equal(k[b, :, t], k1[0, :, 0])
+    dq, dk, dv = randn(B, H, T, D), randn(B, KV, T, D), randn(B, KV, T, D)
+    dqkv = np.empty_like(qkv)
+    rope.qkv_rope_backward(dq, dk, dv, cos, sin, dqkv)
+    tc, ts = torch.from_numpy(cos).view(B, 1, T, -1), torch.from_numpy(sin).view(B, 1, T, -1)
+    t = leaf(qkv)
+    tq, tk, tv = t.view(B, T, H + 2 * KV, D).transpose(1, 2).split([H, KV, KV], dim=1)
+    torch.autograd.backward([_torch_rope(tq, tc, ts), _torch_rope(tk, tc, ts), tv],
+                            [torch.from_numpy(a) for a in (dq, dk, dv)])
+    close(dqkv, t.grad)
+    plain = np.tile(np.arange(T), B)
+    c2, s2 = rope.rope_tables(D, 10000.0, plain)
+    ct, st = rope.rope_tables(D, 10000.0, np.arange(T))
+    q2, k2, v2, q3, k3, v3 = (np.empty((B, n, T, D), np.float32) for n in (H, KV, KV) * 2)
+    rope.qkv_rope_forward(qkv, c2, s2, H, KV, q2, k2, v2)
+    rope.qkv_rope_forward(qkv, ct, st, H, KV, q3, k3, v3)
+    np.testing.assert_array_equal(q2, q3)
+    np.testing.assert_array_equal(k2, k3)
+
+
 def test_attention_threads_split_the_batch_exactly(tmp_path):
     """3 threads over 5 sequences (uneven parts) give the 1-thread results bit for bit.
 
