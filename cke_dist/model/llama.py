@@ -34,6 +34,7 @@ from cke_kernels.rope import qkv_rope_backward, qkv_rope_forward, rope_tables
 from cke_kernels.swiglu import swiglu_backward, swiglu_forward
 
 from cke_dist.formats.hf import write_hf_dir
+from cke_dist.formats.quant import Quant
 from cke_dist.model.config import LlamaConfig
 from cke_dist.parallel.tensor_parallel import TensorParallel
 from cke_dist.model.layout import (EMBED, LM_HEAD, NORM, Stage, attention_heads, head_name, layer_names, offsets,
@@ -88,6 +89,28 @@ def _attend(a, j, heads, scale, forward, dy=None):
         else:
             attention_backward(y[b, q0:q1], q, k, v, a.att[j][b, q0:q1], scale,
                                a.dq[b, q0:q1], a.dk[b, k0:k1], a.dv[b, k0:k1], a.datt[b, q0:q1], starts=starts)
+
+
+class QuantizedLayer:
+    """A frozen layer with its projections quantized (Model.quantize_frozen): the norms and biases
+    as float32 copies, each projection dequantized to a new float32 array when read (one layer's
+    worth lives at a time)."""
+
+    def __init__(self, W: LayerViews, kind: str):
+        copy = lambda v: None if v is None else v.copy()     # noqa: E731
+        self.ln1, self.ln2, self.b_qkv, self.b_o = copy(W.ln1), copy(W.ln2), copy(W.b_qkv), copy(W.b_o)
+        self._q = {}
+        for role in ("w_qkv", "w_o", "w_gu", "w_down"):
+            w = getattr(W, role)
+            if w.shape[1] % 32:
+                raise ValueError(f"a {kind} base needs rows in blocks of 32; this rank's {role} rows have "
+                                 f"{w.shape[1]} (use another tp or no base quantization)")
+            self._q[role] = Quant.of(np.ascontiguousarray(w), kind)
+
+    w_qkv = property(lambda self: self._q["w_qkv"].dequantized())
+    w_o = property(lambda self: self._q["w_o"].dequantized())
+    w_gu = property(lambda self: self._q["w_gu"].dequantized())
+    w_down = property(lambda self: self._q["w_down"].dequantized())
 
 
 class Activations:
@@ -177,6 +200,21 @@ class Model:
         """No gradients for these weights (a LoRA base): the gradient buffer goes, backward computes
         only what flows to the inputs."""
         self.grads = self.named_grads = self._g = None
+
+    def quantize_frozen(self, kind: str) -> None:
+        """Hold the q/k/v, o, gate/up and down projections of a frozen model as `kind` blocks
+        (QLoRA): the float32 flat buffer goes, the other tensors are kept as copies, and each
+        projection is dequantized when forward or backward reads it."""
+        if self.grads is not None:
+            raise ValueError("quantize_frozen: only a frozen model (freeze()) is held quantized")
+        cfg, st = self.config, self.stage
+        layers = [QuantizedLayer(W, kind) for W in self._p["layers"]]
+        proj = {n for i in range(st.l0, st.l1) for role in ("qkv", "o", "gate_up", "down")
+                for n in layer_names(cfg, i)[role]}
+        self.named_params = {n: v.copy() for n, v in self.named_params.items() if n not in proj}
+        self._p = {"embed": self.named_params.get(EMBED) if st.first else None, "norm": self.named_params.get(NORM),
+                   "lm_head": self.named_params[head_name(cfg)] if st.last else None, "layers": layers}
+        self.params = None
 
     # ---- construction -------------------------------------------------------------------------
 

@@ -20,13 +20,16 @@ over the tp group with the KV replicas (`grad_sums`). Row-parallel targets (o, d
 input columns like W, B replicated; A x is summed over tp (one allreduce of tokens x r) and B's
 product added after the base's own allreduce, as its bias is.
 
+QLoRA: `Model.quantize_frozen("q8_0" | "q4_0" | "q4_1")` holds the frozen projections as GGML blocks,
+dequantized when read (lora.quantize_base); the adapters train in float32 as above.
+
 Dropout draws a row's mask from (seed, step, the row's tokens, layer, target group): the same mask in
-every layout, and a resumed run draws what the uninterrupted one would have.
+every layout, and a resumed run draws what the uninterrupted one would have. The targets of one group
+(q/k/v, gate/up) share their input and its mask; PEFT draws one per target.
 Tests: tests/integration/test_lora.py.
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import zlib
@@ -106,7 +109,7 @@ def lora_specs(cfg, settings: LoraSettings, tp_size: int = 1, tp_rank: int = 0,
     for i in range(stage.l0, stage.l1):
         names = layer_names(cfg, i)
         for group, targets in GROUPS:
-            hf = names["o" if group == "o" else group]
+            hf = names[group]
             chosen = [(t, base[n]) for t, n in zip(targets, hf) if t in settings.targets]
             for t, w in chosen:
                 if group in COLUMN_PARALLEL:
@@ -195,17 +198,6 @@ class LoraModel:
                 if spec.name in mine:
                     self.named_params[spec.name][...] = mine[spec.name].take(full)
 
-    def load_state_dict(self, tensors: dict, source: str = "adapter") -> None:
-        """Full adapter tensors by PEFT name (any superset of this rank's) -> this rank's cuts."""
-        for s in self.specs:
-            if s.name not in tensors:
-                raise ValueError(f"{source}: no tensor {s.name}; the adapter's targets or rank differ")
-            arr = np.asarray(tensors[s.name])
-            if tuple(arr.shape) != s.full:
-                raise ValueError(f"{source}: {s.name} has shape {tuple(arr.shape)}, expected {s.full} "
-                                 f"(lora.rank = {self.settings.rank})")
-            self.named_params[s.name][...] = s.take(arr)
-
     def load_adapter(self, source, where) -> None:
         """This rank's cuts from a TensorSource of full adapter tensors (a checkpoint's files)."""
         for s in self.specs:
@@ -216,28 +208,6 @@ class LoraModel:
                 raise ValueError(f"{where}: {s.name} has shape {tuple(source.shape(s.name))}, expected {s.full} "
                                  f"(lora.rank = {self.settings.rank})")
             self.named_params[s.name][...] = source.read(s.name, s.index)
-
-    @contextlib.contextmanager
-    def merged(self):
-        """The base with the adapters merged in for the block (generation); its weights restored exactly
-        after (the targets' originals are kept aside, not un-merged by subtraction)."""
-        kept = {name: w.copy() for name, w in self._targets()}
-        merge_adapter(self.base, self.named_params, self.settings)
-        adapter, self.base.adapter = self.base.adapter, None
-        try:
-            yield self.base
-        finally:
-            self.base.adapter = adapter
-            for name, w in kept.items():
-                self.base.named_params[name][...] = w
-
-    def _targets(self):
-        for i in range(self.stage.l0, self.stage.l1):
-            names = layer_names(self.config, i)
-            for group, targets in GROUPS:
-                for t, n in zip(targets, names["o" if group == "o" else group]):
-                    if t in self.settings.targets:
-                        yield n, self.base.named_params[n]
 
     # ---- the training interface -----------------------------------------------------------------
 
@@ -383,7 +353,7 @@ def merge_adapter(model, tensors, settings: LoraSettings) -> None:
     for i in range(model.stage.l0, model.stage.l1):
         names = layer_names(model.config, i)
         for group, targets in GROUPS:
-            hf = names["o" if group == "o" else group]
+            hf = names[group]
             for t, w in zip(targets, hf):
                 if t in settings.targets:
                     model.named_params[w] += s * (read(peft_name(i, t, "B")) @ read(peft_name(i, t, "A")))

@@ -117,6 +117,7 @@ class LoraSection:
     alpha: float = 16.0          # the adapters' output is scaled by alpha / rank
     dropout: float = 0.0         # on each adapter's input, training only
     targets: str = "q_proj,v_proj"   # a comma list of q/k/v/o/gate/up/down _proj, or "all-linear"
+    quantize_base: str = ""      # "" (float32) | "q8_0" | "q4_0" | "q4_1": the frozen projections held quantized (QLoRA)
 
 
 @dataclass
@@ -302,6 +303,9 @@ def validate(cfg: TrainConfig) -> None:
     need(cfg.lora.rank >= 0, "lora.rank", "must be >= 0 (0 = no LoRA)")
     need(cfg.lora.alpha > 0, "lora.alpha", "must be > 0")
     need(0.0 <= cfg.lora.dropout < 1.0, "lora.dropout", "must be in [0, 1)")
+    need(cfg.lora.quantize_base in ("", "q8_0", "q4_0", "q4_1"), "lora.quantize_base",
+         "must be \"\" (float32), q8_0, q4_0 or q4_1")
+    need(not cfg.lora.quantize_base or cfg.lora.rank, "lora.quantize_base", "quantizes a LoRA base: set lora.rank too")
     if cfg.lora.rank:
         need(bool(cfg.model.init_from), "lora.rank", "LoRA adapts a model: set model.init_from to it (an HF "
              "directory, a checkpoint or a GGUF file)")

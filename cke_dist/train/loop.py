@@ -155,6 +155,8 @@ def build_lora(cfg: TrainConfig, grid, stage, ckpt_dir: Path | None) -> LoraMode
     settings = lora_settings(cfg)
     base = load_model(cfg.model.init_from, tp_group=grid.tp_group, stage=stage)
     model = LoraModel(base, settings, seed=cfg.train.seed)
+    if cfg.lora.quantize_base:
+        base.quantize_frozen(cfg.lora.quantize_base)
     if ckpt_dir is not None:
         if not (ckpt_dir / ADAPTER_CONFIG).is_file():
             raise CheckpointError(f"{ckpt_dir}: a full fine-tune's checkpoint, not LoRA adapters; resume it "
@@ -507,12 +509,10 @@ def train(cfg: TrainConfig, resume: Path | None = None, progress: bool = True) -
         print(f"cke-dist train: no sample: {cfg.model.init_from or 'a model trained on token ids'} has no "
               f"tokenizer", file=sys.stderr)
     if cfg.sample.max_new_tokens and tokenizer is not None and start_step < steps:
-        if grid.shape.pp > 1:
-            # the stages' layers live on other ranks: rank 0 samples from the checkpoint it just wrote
+        if grid.shape.pp > 1 or cfg.lora.rank:
+            # the stages' layers live on other ranks, or the adapters are not merged into a (maybe
+            # quantized) base: rank 0 samples from the checkpoint it just wrote
             sample = _sample(cfg, load_model(last_ckpt), tokenizer) if is_rank0 else None
-        elif writer_group and isinstance(model, LoraModel):
-            with model.merged() as merged:
-                sample = _sample(cfg, merged, tokenizer)
         elif writer_group:
             sample = _sample(cfg, model, tokenizer)   # collective over tp: every rank draws the same tokens
         if is_rank0:

@@ -64,6 +64,38 @@ def test_logits_and_adapter_gradients_equal_peft(smol2):
     assert lm.base.grads is None            # the base keeps no gradient buffer
 
 
+@pytest.mark.parametrize("kind", ["q8_0", "q4_0"])
+def test_quantized_base_is_lora_on_its_dequantized_weights(smol2, kind):
+    """QLoRA: a base held as `kind` blocks trains exactly as LoRA on a float base whose projections
+    are those blocks dequantized (same loss, same adapter gradients), and it holds far fewer bytes."""
+    from cke_dist.formats.quant import Quant
+    from cke_dist.model.layout import layer_names
+    settings = LoraSettings(4, 8.0, 0.0, TARGETS)
+    quant = LoraModel(load_model(smol2), settings, seed=3)
+    float_bytes = sum(v.nbytes for v in quant.base.named_params.values())
+    quant.base.quantize_frozen(kind)
+    ref_base = load_model(smol2)
+    for i in range(ref_base.config.num_hidden_layers):
+        for role in ("qkv", "o", "gate_up", "down"):
+            for name in layer_names(ref_base.config, i)[role]:
+                w = ref_base.named_params[name]
+                w[...] = Quant.of(np.ascontiguousarray(w), kind).dequantized()
+    ref = LoraModel(ref_base, settings, seed=3)
+    r = np.random.default_rng(1)
+    for name, v in ref.named_params.items():
+        if ".lora_B." in name:
+            v[...] = quant.named_params[name][...] = 0.02 * r.standard_normal(v.shape)
+    x, y = _batch(ref.config.vocab_size)
+    for m in (quant, ref):
+        m.zero_grad()
+    assert quant.forward_backward(x, y) == pytest.approx(ref.forward_backward(x, y), rel=1e-6)
+    assert np.abs(quant.grads - ref.grads).max() <= 1e-5 * np.abs(ref.grads).max()
+    rest = sum(v.nbytes for v in quant.base.named_params.values())     # embedding, norms: float32
+    assert quant.base.params is None                                    # the float32 buffer is gone
+    held = sum(q.nbytes for W in quant.base._p["layers"] for q in W._q.values())
+    assert held < (0.29 if kind == "q8_0" else 0.16) * (float_bytes - rest)   # 9 or 5 bits a weight
+
+
 def test_bad_lora_settings_are_one_line_errors(smol2, tmp_path):
     data = write_chats(tmp_path / "chat.jsonl")
     for sets, want in ((["lora.rank=4", "lora.targets=q_proj,wq"], "unknown 'wq'"),
@@ -77,16 +109,16 @@ def test_bad_lora_settings_are_one_line_errors(smol2, tmp_path):
 
 
 def test_lora_fine_tune_checkpoint_is_a_peft_adapter(smol2, tmp_path):
-    """The CLI trains adapters only; the checkpoint is an adapter directory peft loads onto the base
+    """The CLI trains adapters only (on a Q8_0 base); the checkpoint is an adapter directory peft loads onto the base
     with our logits; export merges it (hf: transformers reads it with the same logits) or writes
     PEFT's files; generate runs on it; a resumed run continues its steps."""
     data = write_chats(tmp_path / "chat.jsonl")
     out = tmp_path / "run"
     sets = ["lora.rank=8", "lora.alpha=16", "lora.targets=all-linear", "optim.lr=1e-2", "optim.min_lr=1e-2",
-            f"data.val_path={data}"]
+            f"data.val_path={data}", "lora.quantize_base=q8_0", "sample.max_new_tokens=4"]
     res = run_train(1, train_args(smol2, data, out, *sets))
     assert res.returncode == 0, res.stdout[-3000:]
-    assert "trainable of" in res.stdout
+    assert "trainable of" in res.stdout and "--- sample" in res.stdout
     ckpt = find_checkpoint(out)
     files = {p.name for p in ckpt.iterdir()}
     assert {"adapter_model.safetensors", "adapter_config.json", "tokenizer.json"} <= files
@@ -120,6 +152,31 @@ def test_lora_fine_tune_checkpoint_is_a_peft_adapter(smol2, tmp_path):
         smol2, torch_dtype=torch.float32, attn_implementation="eager"), adapters)
     with torch.no_grad():
         assert np.abs(pm2(input_ids=torch.from_numpy(x)).logits.numpy() - ref).max() < 1e-4 * np.abs(ref).max()
+
+    # the merged GGUF: transformers' GGUF loader reads our logits; llama.cpp (where installed) our
+    # token ids and our greedy tokens
+    gguf = tmp_path / "tuned.gguf"
+    exp = subprocess.run([sys.executable, "-m", "cke_dist.cli", "export", str(out), str(gguf), "--format", "gguf"],
+                         cwd=REPO, capture_output=True, text=True, timeout=300, env=threads_env())
+    assert exp.returncode == 0, exp.stderr[-2000:]
+    with torch.no_grad():
+        got = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=gguf.name,
+                                                                torch_dtype=torch.float32)(
+            input_ids=torch.from_numpy(x)).logits.numpy()
+    assert np.abs(got - ref).max() < 1e-4 * np.abs(ref).max()
+    try:
+        import llama_cpp
+    except ImportError:
+        llama_cpp = None
+    if llama_cpp is not None:
+        from cke_dist.formats.tokenizer import load_tokenizer
+        from cke_dist.serving.generate import generate
+        prompt = "<|im_start|>user\nWhat do bees make?<|im_end|>\n<|im_start|>assistant\n"
+        ids = load_tokenizer(gguf).encode(prompt)
+        llm = llama_cpp.Llama(model_path=str(gguf), n_ctx=64, verbose=False)
+        assert llm.tokenize(prompt.encode(), add_bos=False, special=True) == ids
+        theirs = [t for _, t in zip(range(4), llm.generate(ids, temp=0.0, top_k=1))]
+        assert theirs == generate(load_model(gguf), ids, 4, temperature=0)
 
     gen = subprocess.run([sys.executable, "-m", "cke_dist.cli", "generate", "--model", str(out), "--prompt", "Hi",
                           "--max-new-tokens", "3", "--temperature", "0"], cwd=REPO, capture_output=True, text=True,
