@@ -25,6 +25,30 @@ def _source(path) -> Path:
     return Path(path) if is_gguf(path) else find_checkpoint(path)
 
 
+def _write_dir(out: Path, fill) -> Path:
+    """A new directory `out`, filled by fill(tmp) beside it, every file fsynced, then renamed into
+    place: never half there."""
+    if out.exists() and any(out.iterdir()):
+        raise FileExistsError(f"{out}: exists and is not empty; export writes a new directory")
+    tmp = out.with_name(f".tmp-export-{out.name}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    fill(tmp)
+    for p in tmp.iterdir():
+        fsync_path(p)
+    fsync_path(tmp)
+    if out.exists():
+        out.rmdir()
+    tmp.rename(out)
+    fsync_path(out.parent)
+    return out
+
+
+def _write_files(d: Path, files: dict[str, bytes]) -> None:
+    for name, data in files.items():
+        (d / name).write_bytes(data)
+
+
 def export_hf(checkpoint, out, max_shard_mb: float = 2048.0) -> Path:
     """A checkpoint (or a run directory's newest, or a GGUF file) as a plain HF directory with its
     tokenizer, written beside `out` and renamed into place so it is never half there."""
@@ -34,18 +58,11 @@ def export_hf(checkpoint, out, max_shard_mb: float = 2048.0) -> Path:
     if not max_shard_mb > 0:
         raise ValueError(f"--max-shard-mb {max_shard_mb}: must be > 0")
     model = load_model(src)                       # verifies the manifest
-    tmp = out.with_name(f".tmp-export-{out.name}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    write_hf_dir(tmp, model.config.to_dict(), dict(model.named_params), max_shard_bytes=int(max_shard_mb * 2**20))
-    for name, data in tokenizer_files(src).items():
-        (tmp / name).write_bytes(data)
-        fsync_path(tmp / name)
-    fsync_path(tmp)
-    if out.exists():
-        out.rmdir()
-    tmp.rename(out)
-    fsync_path(out.parent)
-    return out
+
+    def fill(tmp):
+        write_hf_dir(tmp, model.config.to_dict(), dict(model.named_params), max_shard_bytes=int(max_shard_mb * 2**20))
+        _write_files(tmp, tokenizer_files(src))
+    return _write_dir(out, fill)
 
 
 def export_peft(checkpoint, out) -> Path:
@@ -58,22 +75,12 @@ def export_peft(checkpoint, out) -> Path:
         raise FileExistsError(f"{out}: exists and is not empty; export writes a new directory")
     verify_manifest(src)
     tensors = open_hf_tensors(src)
-    tmp = out.with_name(f".tmp-export-{out.name}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    write_safetensors({name: tensors.read(name) for name in sorted(tensors)}, tmp / f"{ADAPTER_STEM}.safetensors",
-                      metadata={"format": "pt"})
-    files = {ADAPTER_CONFIG: (src / ADAPTER_CONFIG).read_bytes(), **tokenizer_files(src)}
-    for name, data in files.items():
-        (tmp / name).write_bytes(data)
-    for p in tmp.iterdir():
-        fsync_path(p)
-    fsync_path(tmp)
-    if out.exists():
-        out.rmdir()
-    tmp.rename(out)
-    fsync_path(out.parent)
-    return out
+
+    def fill(tmp):
+        write_safetensors({name: tensors.read(name) for name in sorted(tensors)},
+                          tmp / f"{ADAPTER_STEM}.safetensors", metadata={"format": "pt"})
+        _write_files(tmp, {ADAPTER_CONFIG: (src / ADAPTER_CONFIG).read_bytes(), **tokenizer_files(src)})
+    return _write_dir(out, fill)
 
 
 def export_gguf(checkpoint, out, kind: str = "f32") -> Path:

@@ -339,7 +339,7 @@ class LoraModel:
 
 def merge_adapter(model, tensors, settings: LoraSettings) -> None:
     """W += alpha/r * B @ A for every adapted projection of `model` (its tp cut and stage), from a
-    source of full adapter tensors (`tensors.read(name, index)` or a dict)."""
+    source of full adapter tensors (`tensors.read(name, index)`, or a dict of them)."""
     s = F32(settings.scale)
     mine = {sp.name: sp for sp in lora_specs(model.config, settings, model.tp_size, model.tp_rank, model.stage)}
 
@@ -347,8 +347,7 @@ def merge_adapter(model, tensors, settings: LoraSettings) -> None:
         sp = mine[name]
         if hasattr(tensors, "read"):
             return np.asarray(tensors.read(name, sp.index), F32)
-        t = np.asarray(tensors[name], F32)
-        return t if t.shape == sp.shape and t.shape != sp.full else sp.take(t)   # a local cut, or full
+        return np.asarray(sp.take(np.asarray(tensors[name])), F32)
 
     for i in range(model.stage.l0, model.stage.l1):
         names = layer_names(model.config, i)
