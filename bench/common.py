@@ -93,15 +93,22 @@ def thread_env(threads: int, env=None, keep: bool = False):
 
 
 def training_threads(threads: int) -> None:
-    """This process as a training bench at `threads`: BLAS and OpenMP pools of `threads`, numba's of at
-    least that (set_num_threads picks below it), and the pool wait policies `cke-dist train` sets
+    """This process as a training bench of ours at `threads`: BLAS and OpenMP pools of `threads`, numba's
+    of at least that (set_num_threads picks below it), and the pool wait policies `cke-dist train` sets
     (OpenBLAS's and libgomp's workers block when their call ends, so neither spins on the core the
-    other needs next; cke_kernels' docstring). torch shares numba's libgomp in one process (the first
-    one loaded serves both), so its OpenMP threads get the same wait policy."""
+    other needs next; cke_kernels' docstring). A peer (torch) runs in its own process with its own
+    defaults: `peer_env`."""
     numba = max(threads, int(os.environ.get("NUMBA_NUM_THREADS", "1")))
     thread_env(threads)
     os.environ["NUMBA_NUM_THREADS"] = str(numba)
     training_pool_env()
+
+
+def peer_env(threads: int) -> dict:
+    """The environment of a peer's process: this one's, thread counts at `threads`, none of our pool
+    policies (TRAINING_POOL_ENV), so the peer runs with its own defaults."""
+    from cke_kernels import TRAINING_POOL_ENV
+    return thread_env(threads, {k: v for k, v in os.environ.items() if k not in TRAINING_POOL_ENV})
 
 
 # ---- one training step, ours and torch's --------------------------------------------------------

@@ -17,8 +17,8 @@ import subprocess
 import sys
 import time
 
-from common import (REPO, machine_line, median, our_train_step, report, smollm2, torch_train_step,
-                    training_threads)
+from common import (REPO, machine_line, median, our_train_step, peer_env, report, smollm2, thread_env,
+                    torch_train_step, training_threads)
 
 CHATS = [("What is the capital of France?", "Paris is the capital of France."),
          ("Name a primary colour.", "Blue is a primary colour."),
@@ -69,9 +69,11 @@ def batch(model_path, rows, seq):
 
 
 def worker(a):
-    training_threads(int(a.threads))
+    if a.worker == "ours":
+        training_threads(int(a.threads))
+    else:   # the peer with its own defaults: thread counts only, none of our pool policies
+        thread_env(int(a.threads))
     import resource
-
 
     from cke_dist.model import Model, load_model
     from cke_kernels.threads import set_num_threads
@@ -128,7 +130,8 @@ def main(a):
                     str(a.seq), "--repeats", str(a.repeats), "--warmup", str(a.warmup), "--mode", mode,
                     "--rank", str(a.rank)]
             argv += ["--layers", str(a.layers)] if a.layers else []
-            res = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=3600)
+            res = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=3600,
+                                 env=peer_env(t) if impl == "torch" else None)
             lines = [x for x in res.stdout.splitlines() if x.startswith("RESULT ")]
             if res.returncode or not lines:
                 print((res.stdout + res.stderr)[-4000:], file=sys.stderr)

@@ -1,5 +1,6 @@
 """Training-step bench: tokens/s of forward + backward + AdamW, ours against transformers'
-LlamaForCausalLM in torch eager mode, same weights, same thread count, in one run.
+LlamaForCausalLM in torch eager mode, same weights, same thread count, in one run. torch runs in a
+process of its own with its own defaults (none of our pool settings), stepping when this one tells it.
 
     python bench/train_step.py --threads 1
     python bench/train_step.py --threads 2
@@ -8,15 +9,16 @@ LlamaForCausalLM in torch eager mode, same weights, same thread count, in one ru
 Also prints the model FLOP/s (6 * params * tokens / time) of each against a numpy
 float32 matmul peak measured in the same run (the best of the GEMM shapes this
 model runs). Steps alternate ours / torch so that both see the same machine
-noise; we report medians over --repeats. The ratio is ours / torch in tokens/s. The matmul peak is the
+noise (the idle one waits on a pipe); we report medians over --repeats. The ratio is ours / torch in tokens/s. The matmul peak is the
 best GEMM time seen between the steps.
 """
 import argparse
+import subprocess
 import sys
 import time
 
 from common import (SHAPE_KEYS, TRAIN_TINY, add_shape_args, describe, gemm_shapes, llama_config, matmul_peak,
-                    our_train_step, random_batch, torch_train_step, training_threads)
+                    our_train_step, peer_env, random_batch, torch_train_step, training_threads)
 
 
 def parse():
@@ -28,6 +30,7 @@ def parse():
     add_shape_args(p)   # the ~32M config by default
     p.add_argument("--no-torch", action="store_true", help="time ours only")
     p.add_argument("--smoke", action="store_true", help="a tiny model, one step each: checks that it runs")
+    p.add_argument("--peer", action="store_true", help=argparse.SUPPRESS)   # the torch process (PeerStep)
     a = p.parse_args()
     if a.threads is None:
         a.threads = "1,2" if a.smoke else "1"
@@ -75,14 +78,58 @@ def sweep(counts):
 if "," in args.threads:
     sys.exit(sweep([int(t) for t in args.threads.split(",")]))
 args.threads = int(args.threads)
-# thread counts must be fixed before numpy / numba / torch start their pools; and the pool wait
-# policies `cke-dist train` sets
-training_threads(args.threads)
+# thread counts must be fixed before numpy / numba / torch start their pools; ours with the pool wait
+# policies `cke-dist train` sets, the torch peer (started with peer_env) with its own
+if not args.peer:
+    training_threads(args.threads)
 
 import numpy as np  # noqa: E402
 
 from cke_dist.model import Model  # noqa: E402
 from cke_kernels.threads import set_num_threads  # noqa: E402
+
+
+def peer():
+    """The torch process: the same weights (seed 0) and batch; one step per "step" line on stdin, its
+    loss and seconds on stdout."""
+    s = vars(args)
+    x, y = random_batch(s, 0)
+    step = torch_train_step(Model.from_config(llama_config(s), seed=0), x, y, lr=1e-4, threads=args.threads)
+    print("ready", flush=True)
+    for line in sys.stdin:
+        if line.strip() != "step":
+            break
+        t0 = time.perf_counter()
+        loss = step()
+        print(f"{loss} {time.perf_counter() - t0}", flush=True)
+    return 0
+
+
+class PeerStep:
+    """torch's step in its own process (peer_env: its own pool defaults); calling it runs one step
+    there and returns the loss; .seconds holds the step's time measured in that process."""
+
+    def __init__(self):
+        shape = [x for k in SHAPE_KEYS for x in ("--" + k.replace("_", "-"), str(getattr(args, k)))]
+        self.proc = subprocess.Popen([sys.executable, __file__, *shape, "--threads", str(args.threads), "--peer"],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                                     env=peer_env(args.threads))
+        if self.proc.stdout.readline().strip() != "ready":
+            raise SystemExit(f"the torch peer failed to start (exit {self.proc.wait()})")
+        self.seconds = None
+
+    def __call__(self):
+        self.proc.stdin.write("step\n")
+        self.proc.stdin.flush()
+        line = self.proc.stdout.readline().split()
+        if len(line) != 2:
+            raise SystemExit(f"the torch peer failed (exit {self.proc.wait()})")
+        self.seconds = float(line[1])
+        return float(line[0])
+
+    def close(self):
+        self.proc.stdin.close()
+        self.proc.wait(timeout=60)
 
 
 def main():
@@ -95,7 +142,7 @@ def main():
     flops_per_step = 6.0 * model.num_params * tokens
 
     ours_step = our_train_step(model, x, y, lr=1e-4)
-    torch_step = None if args.no_torch else torch_train_step(model, x, y, lr=1e-4, threads=args.threads)
+    torch_step = None if args.no_torch else PeerStep()
 
     print(f"train step bench: {describe(s, model.num_params)}, threads {args.threads}, {args.repeats} repeats "
           f"(median)", flush=True)
@@ -115,9 +162,10 @@ def main():
         ours_step()
         times["ours"].append(time.perf_counter() - t0)
         if torch_step:
-            t0 = time.perf_counter()
             torch_step()
-            times["torch"].append(time.perf_counter() - t0)
+            times["torch"].append(torch_step.seconds)
+    if torch_step:
+        torch_step.close()
 
     rows = [("cke-dist (numpy+numba)", times["ours"])]
     if torch_step:
@@ -137,4 +185,4 @@ def main():
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(peer() if args.peer else main())

@@ -32,6 +32,7 @@ from cke_kernels.residual import residual_forward
 from cke_kernels.rmsnorm import rmsnorm_backward, rmsnorm_forward
 from cke_kernels.rope import qkv_rope_backward, qkv_rope_forward, rope_tables
 from cke_kernels.swiglu import swiglu_backward, swiglu_forward
+from cke_kernels.threads import use_training_pools
 
 from cke_dist.formats.hf import write_hf_dir
 from cke_dist.formats.quant import Quant
@@ -41,6 +42,7 @@ from cke_dist.model.layout import (EMBED, LM_HEAD, NORM, Stage, attention_heads,
                      param_specs, split_range)
 
 F32 = np.float32
+RECOMPUTE = ("none", "attention", "full")
 
 
 def _heads_view(rows, B, T, H):
@@ -72,11 +74,12 @@ class LayerViews:
         self.stop = offsets[names["down"][0]][1]
 
 
-def _attend(a, j, heads, scale, forward, dy=None):
-    """Attention of layer cache j on this rank's heads. Heads whose GQA groups straddle ranks come
+def _attend(a, l, heads, scale, forward, dy=None):
+    """Attention of layer l's caches on this rank's heads. Heads whose GQA groups straddle ranks come
     in segments of different group sizes: one kernel call per (sequence, segment) then, so each
     call's probabilities block is contiguous (the kernels reshape it in place)."""
     B, T = a.B, a.T
+    j, ja = a.slot(l)
     y = _heads_view(a.y[j] if forward else dy, B, T, heads.n_q)
     segs = heads.segments()
     calls = [(slice(None), *segs[0])] if len(segs) == 1 else \
@@ -85,9 +88,9 @@ def _attend(a, j, heads, scale, forward, dy=None):
         q, k, v = a.q[j][b, q0:q1], a.k[j][b, k0:k1], a.v[j][b, k0:k1]
         starts = None if a.starts is None else a.starts[b]
         if forward:
-            attention_forward(q, k, v, scale, a.att[j][b, q0:q1], y[b, q0:q1], starts=starts)
+            attention_forward(q, k, v, scale, a.att[ja][b, q0:q1], y[b, q0:q1], starts=starts)
         else:
-            attention_backward(y[b, q0:q1], q, k, v, a.att[j][b, q0:q1], scale,
+            attention_backward(y[b, q0:q1], q, k, v, a.att[ja][b, q0:q1], scale,
                                a.dq[b, q0:q1], a.dk[b, k0:k1], a.dv[b, k0:k1], a.datt[b, q0:q1], starts=starts)
 
 
@@ -117,11 +120,21 @@ class Activations:
     """Every buffer one forward/backward of a (B, T) batch needs on this rank, allocated once per shape."""
 
     def __init__(self, model: "Model", B: int, T: int, keep: bool):
+        if keep:    # a training batch: training's pool settings, even in a script that imported numpy first
+            use_training_pools()
+            if model.recompute not in RECOMPUTE:
+                raise ValueError(f"recompute must be one of {', '.join(RECOMPUTE)}, got {model.recompute!r}")
         cfg = model.config
         N, C, D, L = B * T, cfg.hidden_size, cfg.head_dim, model.stage.l1 - model.stage.l0
         H, KV = model.heads.n_q, model.heads.n_kv
         I, V = model.inter_range[1] - model.inter_range[0], model.vocab_range[1] - model.vocab_range[0]
-        Lk = L if keep else 1   # forward-only runs reuse one layer's worth of caches
+        # Layer caches kept for backward: every layer's, or (forward-only runs, and training with
+        # recompute="full") one layer's worth that each layer reuses; recompute="attention" keeps one
+        # layer's (B, H, T, T) probabilities, the largest cache at long sequences.
+        self.recompute = model.recompute if keep else "none"
+        self.per_layer = keep and self.recompute != "full"
+        Lk = L if self.per_layer else 1
+        La = L if self.per_layer and self.recompute == "none" else 1
         e = np.empty
         self.B, self.T, self.keep = B, T, keep
         self.resid = e((L + 1, N, C), F32)        # input of layer l; resid[L] feeds the final norm
@@ -129,7 +142,7 @@ class Activations:
         self.ln1, self.ln2 = e((Lk, N, C), F32), e((Lk, N, C), F32)
         self.rstd1, self.rstd2 = e((Lk, N), F32), e((Lk, N), F32)
         self.q, self.k, self.v = e((Lk, B, H, T, D), F32), e((Lk, B, KV, T, D), F32), e((Lk, B, KV, T, D), F32)
-        self.att = e((Lk, B, H, T, T), F32)
+        self.att = e((La, B, H, T, T), F32)
         self.y = e((Lk, N, H * D), F32)           # attention output in token rows (o_proj input), written in place
         self.gu = e((Lk, N, 2 * I), F32)
         self.h = e((Lk, N, I), F32)
@@ -149,6 +162,10 @@ class Activations:
             self.datt = e((B, H, T, T), F32)
             self.dgu = e((N, 2 * I), F32)
             self.dh = e((N, I), F32)
+
+    def slot(self, l):
+        """The index of layer l's caches (and of its attention probabilities)."""
+        return (l if self.per_layer else 0), (l if self.att.shape[0] > 1 else 0)
 
     def use_positions(self, positions):
         """Set the rope tables and attention mask of the batch about to run (backward reuses them):
@@ -195,6 +212,10 @@ class Model:
         self._acts_eval: Activations | None = None
         self._scratch = None
         self.adapter = None       # a LoraModel adding its adapters after each target projection
+        # activation recomputation in training: "none" keeps every layer's caches for backward,
+        # "attention" recomputes each layer's attention probabilities, "full" its whole forward
+        # from the layer's input (RECOMPUTE)
+        self.recompute = "none"
 
     def freeze(self) -> None:
         """No gradients for these weights (a LoRA base): the gradient buffer goes, backward computes
@@ -371,7 +392,7 @@ class Model:
         # Two sets: training caches (every layer) and a lean forward-only set, so an evaluation
         # batch of another shape between training steps does not reallocate the training set.
         tr = self._acts_train
-        if tr is not None and tr.B == B and tr.T == T:
+        if tr is not None and tr.B == B and tr.T == T and (not keep or tr.recompute == self.recompute):
             return tr
         if keep:
             self._acts_train = None   # free the old set before allocating the new one
@@ -423,44 +444,49 @@ class Model:
             raise ValueError(f"token id {lo if lo < 0 else hi} is outside the vocabulary [0, {cfg.vocab_size})")
         a = a or self._activations(B, T, keep)
         a.use_positions(positions)
-        H, KV = self.heads.n_q, self.heads.n_kv
-        scale = 1.0 / math.sqrt(cfg.head_dim)
-        ad = self.adapter
         if st.first:
             embedding_forward(tokens.reshape(-1), P["embed"], a.resid[0], self.vocab_range[0])
             self.tp.allreduce(a.resid[0])                # vocab-parallel embedding: each row from one rank
         else:
             a.resid[0][...] = hidden.reshape(a.resid[0].shape)
         for l, W in enumerate(P["layers"]):
-            j = l if a.keep else 0
-            x = a.resid[l]
-            rmsnorm_forward(x, W.ln1, cfg.rms_norm_eps, a.ln1[j], a.rstd1[j])
-            linear_forward(a.ln1[j], W.w_qkv, W.b_qkv, a.qkv)          # column-parallel: local heads
-            if ad:
-                ad.adapter_forward(a, l, "qkv", a.ln1[j], a.qkv)
-            qkv_rope_forward(a.qkv, a.cos, a.sin, H, KV, a.q[j], a.k[j], a.v[j])
-            _attend(a, j, self.heads, scale, forward=True)
-            linear_forward(a.y[j], W.w_o, None, a.tmp)                 # row-parallel: partial sums
-            self.tp.allreduce(a.tmp)
-            if ad:
-                ad.adapter_forward(a, l, "o", a.y[j], a.tmp)
-            if W.b_o is not None:                                      # the bias once, after the sum
-                a.tmp += W.b_o
-            residual_forward(x, a.tmp, a.xmid[j])
-            rmsnorm_forward(a.xmid[j], W.ln2, cfg.rms_norm_eps, a.ln2[j], a.rstd2[j])
-            linear_forward(a.ln2[j], W.w_gu, None, a.gu[j])            # column-parallel
-            if ad:
-                ad.adapter_forward(a, l, "gate_up", a.ln2[j], a.gu[j])
-            swiglu_forward(a.gu[j], a.h[j])
-            linear_forward(a.h[j], W.w_down, None, a.tmp)              # row-parallel
-            self.tp.allreduce(a.tmp)
-            if ad:
-                ad.adapter_forward(a, l, "down", a.h[j], a.tmp)
-            residual_forward(a.xmid[j], a.tmp, a.resid[l + 1])
+            self._layer_forward(a, l, W)
         if st.last:
             rmsnorm_forward(a.resid[-1], P["norm"], cfg.rms_norm_eps, a.lnf, a.rstdf)
             linear_forward(a.lnf, P["lm_head"], None, a.logits)       # vocab-parallel LM head
         return a
+
+    def _layer_forward(self, a, l, W):
+        """Layer l from a.resid[l] to a.resid[l + 1], its caches in a.slot(l) (also the recomputation
+        of a layer in backward: the same ops on the same input give the same caches)."""
+        cfg, ad = self.config, self.adapter
+        H, KV = self.heads.n_q, self.heads.n_kv
+        scale = 1.0 / math.sqrt(cfg.head_dim)
+        j, _ = a.slot(l)
+        x = a.resid[l]
+        rmsnorm_forward(x, W.ln1, cfg.rms_norm_eps, a.ln1[j], a.rstd1[j])
+        linear_forward(a.ln1[j], W.w_qkv, W.b_qkv, a.qkv)          # column-parallel: local heads
+        if ad:
+            ad.adapter_forward(a, l, "qkv", a.ln1[j], a.qkv)
+        qkv_rope_forward(a.qkv, a.cos, a.sin, H, KV, a.q[j], a.k[j], a.v[j])
+        _attend(a, l, self.heads, scale, forward=True)
+        linear_forward(a.y[j], W.w_o, None, a.tmp)                 # row-parallel: partial sums
+        self.tp.allreduce(a.tmp)
+        if ad:
+            ad.adapter_forward(a, l, "o", a.y[j], a.tmp)
+        if W.b_o is not None:                                      # the bias once, after the sum
+            a.tmp += W.b_o
+        residual_forward(x, a.tmp, a.xmid[j])
+        rmsnorm_forward(a.xmid[j], W.ln2, cfg.rms_norm_eps, a.ln2[j], a.rstd2[j])
+        linear_forward(a.ln2[j], W.w_gu, None, a.gu[j])            # column-parallel
+        if ad:
+            ad.adapter_forward(a, l, "gate_up", a.ln2[j], a.gu[j])
+        swiglu_forward(a.gu[j], a.h[j])
+        linear_forward(a.h[j], W.w_down, None, a.tmp)              # row-parallel
+        self.tp.allreduce(a.tmp)
+        if ad:
+            ad.adapter_forward(a, l, "down", a.h[j], a.tmp)
+        residual_forward(a.xmid[j], a.tmp, a.resid[l + 1])
 
     def _whole(self, what):
         if not (self.stage.first and self.stage.last):
@@ -563,7 +589,8 @@ class Model:
                 return
             linear_backward(dout_, x, w, dx, None, None, acc, scratch)
             kept = dout_ if stable else dout_.copy()   # the B pass reuses its buffers layer after layer
-            jobs.append(lambda: linear_backward(kept, x, None, None, dw, db, True, scratch))
+            xk = x if a.per_layer or stable else x.copy()   # recompute="full": the next layer's reuse x's slot
+            jobs.append(lambda: linear_backward(kept, xk, None, None, dw, db, True, scratch))
 
         def done(start, stop):
             if frozen:
@@ -595,27 +622,32 @@ class Model:
 
         for l in range(len(P["layers"]) - 1, -1, -1):
             W, GW = P["layers"][l], G["layers"][l]
+            if a.recompute == "full":          # this layer's caches again, from its kept input
+                self._layer_forward(a, l, W)
+            elif a.recompute == "attention":   # its probabilities again (y is rewritten with the same values)
+                _attend(a, l, self.heads, scale, forward=True)
+            j, _ = a.slot(l)
             # MLP: resid[l+1] = xmid + down(swiglu(gate_up(ln2(xmid))))
-            lin(a.dresid, a.h[l], W.w_down, a.dh, GW.w_down, None)
+            lin(a.dresid, a.h[j], W.w_down, a.dh, GW.w_down, None)
             if ad:
-                ad.adapter_backward(a, l, "down", a.dresid, a.h[l], a.dh)
-            swiglu_backward(a.dh, a.gu[l], a.dgu)
-            lin(a.dgu, a.ln2[l], W.w_gu, a.dln, GW.w_gu, None)
+                ad.adapter_backward(a, l, "down", a.dresid, a.h[j], a.dh)
+            swiglu_backward(a.dh, a.gu[j], a.dgu)
+            lin(a.dgu, a.ln2[j], W.w_gu, a.dln, GW.w_gu, None)
             if ad:
-                ad.adapter_backward(a, l, "gate_up", a.dgu, a.ln2[l], a.dln)
+                ad.adapter_backward(a, l, "gate_up", a.dgu, a.ln2[j], a.dln)
             self.tp.allreduce(a.dln)
-            rmsnorm_backward(a.dln, a.xmid[l], W.ln2, a.rstd2[l], a.dresid, GW.ln2)
+            rmsnorm_backward(a.dln, a.xmid[j], W.ln2, a.rstd2[j], a.dresid, GW.ln2)
             # attention: xmid = x + o(attn(rope(qkv(ln1(x)))))
-            lin(a.dresid, a.y[l], W.w_o, a.dy, GW.w_o, GW.b_o)
+            lin(a.dresid, a.y[j], W.w_o, a.dy, GW.w_o, GW.b_o)
             if ad:
-                ad.adapter_backward(a, l, "o", a.dresid, a.y[l], a.dy)
+                ad.adapter_backward(a, l, "o", a.dresid, a.y[j], a.dy)
             _attend(a, l, self.heads, scale, forward=False, dy=a.dy)
             qkv_rope_backward(a.dq, a.dk, a.dv, a.cos, a.sin, a.qkv)
-            lin(a.qkv, a.ln1[l], W.w_qkv, a.dln, GW.w_qkv, GW.b_qkv)
+            lin(a.qkv, a.ln1[j], W.w_qkv, a.dln, GW.w_qkv, GW.b_qkv)
             if ad:
-                ad.adapter_backward(a, l, "qkv", a.qkv, a.ln1[l], a.dln)
+                ad.adapter_backward(a, l, "qkv", a.qkv, a.ln1[j], a.dln)
             self.tp.allreduce(a.dln)
-            rmsnorm_backward(a.dln, a.resid[l], W.ln1, a.rstd1[l], a.dresid, GW.ln1)
+            rmsnorm_backward(a.dln, a.resid[l], W.ln1, a.rstd1[j], a.dresid, GW.ln1)
             done(GW.start, GW.stop)
 
         if st.first and not frozen:

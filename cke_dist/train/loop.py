@@ -339,6 +339,7 @@ def train(cfg: TrainConfig, resume: Path | None = None, progress: bool = True) -
 
     ckpt = load_checkpoint(resume) if resume is not None else None
     model = build_model(cfg, grid, ckpt.path if ckpt is not None else None)
+    getattr(model, "base", model).recompute = cfg.train.recompute   # a LoraModel's frozen base runs the layers
     if ckpt is not None:
         start_step = int(ckpt.trainer_state["step"])
         saved_out = ckpt.trainer_state["config"]["train"]["out_dir"]

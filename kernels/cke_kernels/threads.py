@@ -6,14 +6,50 @@ is an error that says how to start the process instead of a silent cap. The envi
 that size the pools at start are `cke_kernels.THREAD_VARS` (in the package init: importing this
 module loads numba and numpy, too late to set them).
 """
+import ctypes
+import os
 from concurrent.futures import ThreadPoolExecutor
 
 import numba
+import numba.np.ufunc.parallel as _numba_parallel
 from threadpoolctl import ThreadpoolController, threadpool_limits
 
 _blas_limit = None  # kept alive: threadpoolctl restores the old limit when it is collected
 _blas_libs = None   # threadpoolctl's controllers of the BLAS libraries loaded (found once)
 _pool = None        # worker threads for split_rows, grown on demand
+_training_pools = False
+
+
+def use_training_pools() -> None:
+    """Give this process training's pool wait policies (cke_kernels.TRAINING_POOL_ENV), whatever it
+    imported first; once per process, from the first training batch (Model.forward_backward and the
+    pipeline schedules).
+
+    `cke-dist train` sets them in the environment before numpy loads; a script that imported numpy (or
+    torch) first did not, and its OpenBLAS workers spin for 2^28 cycles after every GEMM on the core
+    the next numba kernel needs. OpenBLAS re-reads its environment on request and restarts its
+    workers lazily, so its timeout is applied now. libgomp reads OMP_WAIT_POLICY once, when numba
+    starts its pool: set here if numba's pool has not started (it starts at the first parallel
+    kernel); after that the policy stays what it is. Values the user set are kept."""
+    global _training_pools, _blas_libs
+    if _training_pools:
+        return
+    _training_pools = True
+    from cke_kernels import TRAINING_POOL_ENV
+    if "OMP_WAIT_POLICY" not in os.environ and not _numba_parallel._is_initialized:
+        os.environ["OMP_WAIT_POLICY"] = TRAINING_POOL_ENV["OMP_WAIT_POLICY"]
+    if "OPENBLAS_THREAD_TIMEOUT" in os.environ:
+        return
+    os.environ["OPENBLAS_THREAD_TIMEOUT"] = TRAINING_POOL_ENV["OPENBLAS_THREAD_TIMEOUT"]
+    if _blas_libs is None:
+        _blas_libs = ThreadpoolController().select(user_api="blas").lib_controllers
+    for lib in _blas_libs:
+        if lib.internal_api != "openblas":
+            continue
+        so = ctypes.CDLL(lib.filepath)      # already loaded: the same handle
+        if hasattr(so, "openblas_read_env") and hasattr(so, "blas_thread_shutdown_"):
+            so.openblas_read_env()           # the timeout is read from the environment here
+            so.blas_thread_shutdown_()       # its workers restart with it at the next threaded GEMM
 
 
 def set_num_threads(n: int) -> int:

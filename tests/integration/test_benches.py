@@ -14,6 +14,7 @@ ONE_PROCESS = {
     "tensor_parallel.py": "tp=2 / torch eager at 2 threads",
     "pipeline.py": "zb bubble",
     "zero_memory.py": "zero=1 / zero=0: optimizer state 0.50x",
+    "recompute.py": "full / none: activations",
     "decode_tp.py": "tp=2 memory per rank / 1 rank",
     "decode_gguf.py": "tiny Q4_0 (ours)",
     "serve.py": "4 clients / 1 client tokens/s",

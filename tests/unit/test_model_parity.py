@@ -2,15 +2,19 @@
 LlamaForCausalLM / Qwen2ForCausalLM with the same weights: logits, loss, every named
 gradient, parameters after 10 SGD and 10 AdamW steps, and checkpoints both ways."""
 import json
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 import reference as R
 import torch
 
-from mpirun import run_program
+from mpirun import PROGRAMS, run_program
 from tiny import PARITY_CONFIGS, batch, make_model
 
+from cke_kernels import THREAD_VARS, TRAINING_POOL_ENV
 from cke_dist.model import LlamaConfig, Model, load_model
 from cke_dist.train.optim import SGD, AdamW
 
@@ -307,3 +311,19 @@ def test_two_threads_match_one(tmp_path):
     assert float(two["loss"]) == pytest.approx(loss, rel=1e-6)
     np.testing.assert_allclose(two["grads"], model.grads, rtol=1e-5, atol=1e-7)
     np.testing.assert_allclose(two["params"], model.params, rtol=1e-5, atol=1e-7)
+
+
+def test_training_pools_whatever_the_import_order():
+    """A script that started OpenBLAS before importing cke_dist trains with the CLI's pool settings:
+    OpenBLAS's workers re-read their timeout at the first training batch, and libgomp (not started
+    yet) gets the passive policy; the GEMM after the restart is still right. Two threads: OpenBLAS's
+    workers exist."""
+    env = {k: v for k, v in os.environ.items() if k not in TRAINING_POOL_ENV}
+    r = subprocess.run(
+        [sys.executable, str(PROGRAMS / "training_pools.py")], capture_output=True, text=True, timeout=300,
+        env={**env, **{var: "2" for var in THREAD_VARS}})
+    assert r.returncode == 0, r.stderr
+    lines = dict(line.split(" ", 1) for line in r.stdout.splitlines())
+    assert lines["before"] == "0 None", r.stdout
+    assert lines["after"] == f"{TRAINING_POOL_ENV['OPENBLAS_THREAD_TIMEOUT']} {TRAINING_POOL_ENV['OMP_WAIT_POLICY']}"
+    assert lines["gemm"].startswith("256.0 loss ")
