@@ -1,4 +1,4 @@
-"""Activation recomputation bench: for train.recompute none / attention / full, the bytes of activations
+"""Activation recomputation bench: for train.recompute none and full, the bytes of activations
 one training step keeps, the process's peak RSS, and the step time (median), each setting in its own
 process, on the ~32M config (one process, --threads).
 
@@ -11,7 +11,6 @@ recomputation reuses, plus the per-layer inputs it keeps); peak RSS adds the mod
 AdamW's moments, the same for every setting.
 """
 import argparse
-import json
 import resource
 import sys
 import time
@@ -19,7 +18,7 @@ import time
 from common import (SHAPE_KEYS, TRAIN_TINY, add_shape_args, describe, launch_worker, llama_config, median,
                     our_train_step, random_batch, report)
 
-MODES = ("none", "attention", "full")
+MODES = ("none", "full")
 
 
 def worker(s, mode, threads, repeats):

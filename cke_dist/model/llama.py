@@ -42,7 +42,7 @@ from cke_dist.model.layout import (EMBED, LM_HEAD, NORM, Stage, attention_heads,
                      param_specs, split_range)
 
 F32 = np.float32
-RECOMPUTE = ("none", "attention", "full")
+RECOMPUTE = ("none", "full")
 
 
 def _heads_view(rows, B, T, H):
@@ -75,23 +75,17 @@ class LayerViews:
 
 
 def _attend(a, l, heads, scale, forward, dy=None):
-    """Attention of layer l's caches on this rank's heads. Heads whose GQA groups straddle ranks come
-    in segments of different group sizes: one kernel call per (sequence, segment) then, so each
-    call's probabilities block is contiguous (the kernels reshape it in place)."""
-    B, T = a.B, a.T
-    j, ja = a.slot(l)
-    y = _heads_view(a.y[j] if forward else dy, B, T, heads.n_q)
-    segs = heads.segments()
-    calls = [(slice(None), *segs[0])] if len(segs) == 1 else \
-        [(slice(b, b + 1), *seg) for b in range(B) for seg in segs]
-    for b, q0, q1, k0, k1 in calls:
-        q, k, v = a.q[j][b, q0:q1], a.k[j][b, k0:k1], a.v[j][b, k0:k1]
-        starts = None if a.starts is None else a.starts[b]
+    """Fused attention of layer l's caches on this rank's heads (backward from dy). Heads whose GQA
+    groups straddle ranks come in segments of different group sizes: one kernel call per segment."""
+    B, T, j = a.B, a.T, a.slot(l)
+    y = _heads_view(a.y[j], B, T, heads.n_q)
+    for q0, q1, k0, k1 in heads.segments():
+        q, k, v, lse = a.q[j][:, q0:q1], a.k[j][:, k0:k1], a.v[j][:, k0:k1], a.lse[j][:, q0:q1]
         if forward:
-            attention_forward(q, k, v, scale, a.att[ja][b, q0:q1], y[b, q0:q1], starts=starts)
+            attention_forward(q, k, v, scale, y[:, q0:q1], lse, starts=a.starts)
         else:
-            attention_backward(y[b, q0:q1], q, k, v, a.att[ja][b, q0:q1], scale,
-                               a.dq[b, q0:q1], a.dk[b, k0:k1], a.dv[b, k0:k1], a.datt[b, q0:q1], starts=starts)
+            attention_backward(_heads_view(dy, B, T, heads.n_q)[:, q0:q1], q, k, v, y[:, q0:q1], lse, scale,
+                               a.dq[:, q0:q1], a.dk[:, k0:k1], a.dv[:, k0:k1], starts=a.starts)
 
 
 class QuantizedLayer:
@@ -129,12 +123,11 @@ class Activations:
         H, KV = model.heads.n_q, model.heads.n_kv
         I, V = model.inter_range[1] - model.inter_range[0], model.vocab_range[1] - model.vocab_range[0]
         # Layer caches kept for backward: every layer's, or (forward-only runs, and training with
-        # recompute="full") one layer's worth that each layer reuses; recompute="attention" keeps one
-        # layer's (B, H, T, T) probabilities, the largest cache at long sequences.
+        # recompute="full") one layer's worth that each layer reuses. Attention keeps no probabilities
+        # (fused: its backward recomputes them from each query's log-sum-exp).
         self.recompute = model.recompute if keep else "none"
         self.per_layer = keep and self.recompute != "full"
         Lk = L if self.per_layer else 1
-        La = L if self.per_layer and self.recompute == "none" else 1
         e = np.empty
         self.B, self.T, self.keep = B, T, keep
         self.resid = e((L + 1, N, C), F32)        # input of layer l; resid[L] feeds the final norm
@@ -142,7 +135,7 @@ class Activations:
         self.ln1, self.ln2 = e((Lk, N, C), F32), e((Lk, N, C), F32)
         self.rstd1, self.rstd2 = e((Lk, N), F32), e((Lk, N), F32)
         self.q, self.k, self.v = e((Lk, B, H, T, D), F32), e((Lk, B, KV, T, D), F32), e((Lk, B, KV, T, D), F32)
-        self.att = e((La, B, H, T, T), F32)
+        self.lse = e((Lk, B, H, T), F32)          # attention: each query's log-sum-exp of its scores
         self.y = e((Lk, N, H * D), F32)           # attention output in token rows (o_proj input), written in place
         self.gu = e((Lk, N, 2 * I), F32)
         self.h = e((Lk, N, I), F32)
@@ -159,13 +152,12 @@ class Activations:
             self.dln = e((N, C), F32)
             self.dy = e((N, H * D), F32)
             self.dq, self.dk, self.dv = e((B, H, T, D), F32), e((B, KV, T, D), F32), e((B, KV, T, D), F32)
-            self.datt = e((B, H, T, T), F32)
             self.dgu = e((N, 2 * I), F32)
             self.dh = e((N, I), F32)
 
     def slot(self, l):
-        """The index of layer l's caches (and of its attention probabilities)."""
-        return (l if self.per_layer else 0), (l if self.att.shape[0] > 1 else 0)
+        """The index of layer l's caches."""
+        return l if self.per_layer else 0
 
     def use_positions(self, positions):
         """Set the rope tables and attention mask of the batch about to run (backward reuses them):
@@ -212,9 +204,8 @@ class Model:
         self._acts_eval: Activations | None = None
         self._scratch = None
         self.adapter = None       # a LoraModel adding its adapters after each target projection
-        # activation recomputation in training: "none" keeps every layer's caches for backward,
-        # "attention" recomputes each layer's attention probabilities, "full" its whole forward
-        # from the layer's input (RECOMPUTE)
+        # activation recomputation in training (RECOMPUTE): "none" keeps every layer's caches for
+        # backward, "full" only each layer's input, rerunning the layer's forward in backward
         self.recompute = "none"
 
     def freeze(self) -> None:
@@ -462,7 +453,7 @@ class Model:
         cfg, ad = self.config, self.adapter
         H, KV = self.heads.n_q, self.heads.n_kv
         scale = 1.0 / math.sqrt(cfg.head_dim)
-        j, _ = a.slot(l)
+        j = a.slot(l)
         x = a.resid[l]
         rmsnorm_forward(x, W.ln1, cfg.rms_norm_eps, a.ln1[j], a.rstd1[j])
         linear_forward(a.ln1[j], W.w_qkv, W.b_qkv, a.qkv)          # column-parallel: local heads
@@ -624,9 +615,7 @@ class Model:
             W, GW = P["layers"][l], G["layers"][l]
             if a.recompute == "full":          # this layer's caches again, from its kept input
                 self._layer_forward(a, l, W)
-            elif a.recompute == "attention":   # its probabilities again (y is rewritten with the same values)
-                _attend(a, l, self.heads, scale, forward=True)
-            j, _ = a.slot(l)
+            j = a.slot(l)
             # MLP: resid[l+1] = xmid + down(swiglu(gate_up(ln2(xmid))))
             lin(a.dresid, a.h[j], W.w_down, a.dh, GW.w_down, None)
             if ad:

@@ -98,8 +98,8 @@ class TrainSection:
     # small to gain from a second thread, and on a shared machine synchronised threads lose badly.
     threads: int = 1
     bucket_mb: float = 25.0      # data parallel: gradient bucket size (each allreduced as backward fills it)
-    # activation recomputation: "none" keeps every layer's caches for backward; "attention" recomputes
-    # each layer's attention probabilities (B x heads x T x T), "full" each layer's forward from its input
+    # activation recomputation: "none" keeps every layer's caches for backward, "full" only each layer's
+    # input, rerunning the layer's forward in backward (attention keeps no probabilities either way)
     recompute: str = "none"
 
 
@@ -286,7 +286,7 @@ def validate(cfg: TrainConfig) -> None:
     need(cfg.train.log_every >= 1, "train.log_every", "must be >= 1")
     need(cfg.train.bucket_mb > 0, "train.bucket_mb", "must be > 0 (MiB of gradients per allreduce)")
     need(cfg.train.threads >= 0, "train.threads", "must be >= 0")
-    need(cfg.train.recompute in ("none", "attention", "full"), "train.recompute", "must be none, attention or full")
+    need(cfg.train.recompute in ("none", "full"), "train.recompute", "must be none or full")
     need(cfg.parallel.tp >= 1, "parallel.tp", "must be >= 1")
     need(cfg.parallel.pp >= 1, "parallel.pp", "must be >= 1")
     need(cfg.parallel.zero in (0, 1), "parallel.zero", "must be 0 or 1 (ZeRO stage 1)")

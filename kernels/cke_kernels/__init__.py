@@ -9,7 +9,7 @@ buffers; each backward says whether it writes or ADDS. Tests: tests/unit/test_ke
     rmsnorm       RMSNorm
     linear        x @ w.T + b (BLAS)
     rope          RoPE (HF rotate-half) fused with the QKV head split
-    attention     causal GQA attention (batched BLAS + numba softmax)
+    attention     fused causal GQA attention (BLAS tiles + numba softmax, no T x T kept)
     swiglu        silu(gate) * up
     residual      residual add
     crossentropy  fused softmax + cross-entropy with ignore_index

@@ -1,204 +1,177 @@
-"""Causal self-attention with grouped-query heads, on (B, heads, T, D) blocks.
+"""Fused causal attention (FlashAttention's recipe on BLAS tiles): forward and backward that never hold
+the (B, H, T, T) probabilities, with grouped-query heads and packed-document masks.
 
-Scores and outputs are numpy GEMMs over query blocks of `block` rows: query
-block [r0, r1) only meets keys [0, r1), so the score blocks above the diagonal
-(nearly half of every attention GEMM at T=256) are never computed. The G =
-n_head / n_kv query heads of one key/value head broadcast over one K/V head, so
-GQA needs no copies of K and V; dK/dV sum the G heads with one add per head.
-numba does the causal softmax (row t of a block sees keys 0..t) and its
-backward, in place. Packed sequences (several documents in one row) pass `starts` (B, T): query t
-sees keys starts[b, t]..t only, so attention never crosses a document boundary. Only the softmax
-masks: the GEMMs still cover the whole lower triangle, and the zero probabilities (and zero score
-gradients) outside a document are what keeps the others' keys, values and gradients out.
-With several threads the batch is split between them (cke_kernels.threads.
-split_rows): each thread runs its sequences' GEMMs and softmax on one core,
-since these GEMMs are too small to split well over BLAS threads.
+Work is cut into (sequence, KV head) units, split between threads (cke_kernels.threads.split_rows);
+within a unit, queries go in tiles of `tile` rows, the G query heads of the KV head stacked into one
+(G * tile, D) block, so every GEMM is one call on contiguous operands:
 
-Rules: `att` (B, n_head, T, T) keeps the probabilities for backward; entries
-above the diagonal (and, with `starts`, before a query's document) are exactly 0 (the softmax writes them; the GEMMs never read
-them). All outputs are written, not added. `out` (forward) and `dout`
-(backward) may be strided views (e.g. token rows (B, T, H, D) transposed), as
-long as the last axis has unit stride: the model reads and writes its token-row
-buffers directly, with no head merge/split copies.
-Tests: tests/unit/test_kernels.py::test_attention.
+    forward    S = Q_t K[:r1]^T -> softmax rows in place (keeping each row's log-sum-exp) -> O_t = P V[:r1]
+    backward   S again, P = exp(scale * S - lse); dP = dO_t V[:r1]^T; dS = P (dP - rowsum(dO_t O_t)) scale;
+               dQ_t = dS K[:r1]; dK[:r1] += dS^T Q_t; dV[:r1] += P^T dO_t
+
+A query tile [r0, r1) meets keys [0, r1) only (causal). The softmax runs over a tile's whole key range
+at once rather than FlashAttention's running max over key blocks: a tile's scores are G x tile x T
+floats (2 MiB per thread at T = 4096), and one GEMM per operand keeps BLAS near its peak. Memory is
+O(B H T) (the log-sum-exp) plus one tile's scratch per thread, instead of O(B H T^2). Backward
+recomputes the scores (one more GEMM than keeping them: FlashAttention's trade).
+
+Packed rows pass `starts` (B, T), the first key each query sees; probabilities outside a query's
+document, and above the diagonal, are exact zeros, so the GEMMs over them add nothing.
+`out` (forward) and `dout` (backward) may be strided views with a unit-stride last axis (the
+model's token rows seen as heads).
+Tests: tests/unit/test_kernels.py::test_attention*.
 """
 import numpy as np
-from numba import njit, prange
+from numba import njit
 
 from .expf import FAST, expf, rowmax
 from .threads import split_rows
 
-BLOCK = 64   # query/key block: GEMMs of 64 x 64 x (<= T) still run near BLAS speed, and T=256 skips 3/8 of the work
+TILE = 64   # query rows per tile: G x 64 x D blocks keep the GEMMs near BLAS speed and skip 3/8 of the
+            # score work above the diagonal at T = 256
 
 
-@njit(cache=True, nogil=True, parallel=True, fastmath=FAST)
-def causal_softmax_forward(att, scale):
-    """att (R, T) raw scores, row r at position r % T -> probabilities, in place."""
-    R, T = att.shape
-    for r in prange(R):
-        t = r % T
-        row = att[r]
-        m = rowmax(row, t + 1) * scale  # scale > 0, so the max of the scaled row
-        s = np.float32(0.0)
-        for j in range(t + 1):
-            e = expf(row[j] * scale - m)
-            row[j] = e
-            s += e
-        inv = np.float32(1.0) / s
-        for j in range(t + 1):
-            row[j] *= inv
-        for j in range(t + 1, T):
-            row[j] = 0.0
-
-
-@njit(cache=True, nogil=True, parallel=True, fastmath=FAST)
-def causal_softmax_backward(att, datt, scale):
-    """datt (R, T): d/dprobs in, d/draw-scores out (in place)."""
-    R, T = att.shape
-    for r in prange(R):
-        t = r % T
-        p = att[r]
-        d = datt[r]
-        dot = np.float32(0.0)
-        for j in range(t + 1):
-            dot += p[j] * d[j]
-        for j in range(t + 1):
-            d[j] = p[j] * (d[j] - dot) * scale
-        for j in range(t + 1, T):
-            d[j] = 0.0
-
-
-@njit(cache=True, nogil=True, parallel=True, fastmath=FAST)
-def masked_softmax_forward(att, scale, starts):
-    """causal_softmax_forward where row r (sequence b = r // (R / B), position t) sees keys
-    starts[b, t]..t only; att (R, T), starts (B, T) with 0 <= starts[b, t] <= t. The plain causal
-    kernel stays separate so unpacked batches pay nothing for the mask."""
-    R, T = att.shape
-    per = R // starts.shape[0]
-    for r in prange(R):
-        t = r % T
-        j0 = starts[r // per, t]
-        row = att[r]
+@njit(cache=True, nogil=True, fastmath=FAST)
+def _softmax_tile(s, n, r0, starts_b, scale, lse):
+    """s (G * n, W) raw scores of queries r0..r0+n-1 (row i: head i // n, position r0 + i % n) ->
+    probabilities in place, zero outside [starts_b[t], t]; lse (G * n,) = log-sum-exp of the scaled row."""
+    R, W = s.shape
+    for i in range(R):
+        t = r0 + i % n
+        j0 = starts_b[t]
+        row = s[i]
         m = rowmax(row[j0:], t + 1 - j0) * scale
-        s = np.float32(0.0)
+        tot = np.float32(0.0)
         for j in range(j0, t + 1):
             e = expf(row[j] * scale - m)
             row[j] = e
-            s += e
-        inv = np.float32(1.0) / s
+            tot += e
+        inv = np.float32(1.0) / tot
         for j in range(j0, t + 1):
             row[j] *= inv
         for j in range(j0):
             row[j] = 0.0
-        for j in range(t + 1, T):
+        for j in range(t + 1, W):
             row[j] = 0.0
+        lse[i] = m + np.log(tot)
 
 
-@njit(cache=True, nogil=True, parallel=True, fastmath=FAST)
-def masked_softmax_backward(att, datt, scale, starts):
-    """causal_softmax_backward for masked_softmax_forward's rows: zero outside starts[b, t]..t."""
-    R, T = att.shape
-    per = R // starts.shape[0]
-    for r in prange(R):
-        t = r % T
-        j0 = starts[r // per, t]
-        p = att[r]
-        d = datt[r]
-        dot = np.float32(0.0)
+@njit(cache=True, nogil=True, fastmath=FAST)
+def _softmax_tile_backward(s, dp, n, r0, starts_b, scale, lse, dout, out):
+    """s: raw scores -> probabilities (exp(scale s - lse), recomputed); dp: dL/dP -> dL/dS (scaled), both
+    zero outside [starts_b[t], t]; dout, out (G * n, D): the tile's output gradient and output."""
+    R, W = s.shape
+    D = dout.shape[1]
+    for i in range(R):
+        t = r0 + i % n
+        j0 = starts_b[t]
+        di = np.float32(0.0)
+        for c in range(D):
+            di += dout[i, c] * out[i, c]
+        p, d = s[i], dp[i]
+        li = lse[i]
         for j in range(j0, t + 1):
-            dot += p[j] * d[j]
-        for j in range(j0, t + 1):
-            d[j] = p[j] * (d[j] - dot) * scale
+            pj = expf(p[j] * scale - li)
+            p[j] = pj
+            d[j] = pj * (d[j] - di) * scale
         for j in range(j0):
+            p[j] = 0.0
             d[j] = 0.0
-        for j in range(t + 1, T):
+        for j in range(t + 1, W):
+            p[j] = 0.0
             d[j] = 0.0
 
 
-def _check_starts(starts, B, T):
-    if starts is None:
-        return
-    if starts.shape != (B, T) or starts.dtype != np.int64:
+def _check(q, k, starts, tile):
+    B, H, T, D = q.shape
+    if tile < 1:
+        raise ValueError(f"attention tile must be >= 1, got {tile}")
+    if H % k.shape[1]:
+        raise ValueError(f"{H} query heads do not group over {k.shape[1]} KV heads")
+    if starts is not None and (starts.shape != (B, T) or starts.dtype != np.int64):
         raise ValueError(f"attention starts must be int64 of shape {(B, T)}, got {starts.dtype} {starts.shape}")
 
 
-def _split_heads(a, kv):
-    """(B, H, T, X) -> (B, KV, G, T, X) as a view; raises rather than silently copying a strided array."""
-    B, H, T, X = a.shape
-    v = a.view()
-    v.shape = (B, kv, H // kv, T, X)
-    return v
+def _starts(starts, B, T):
+    return np.zeros((B, T), np.int64) if starts is None else starts
 
 
-def _blocks(T, block):
-    if block < 1:
-        raise ValueError(f"attention block must be >= 1, got {block}")
-    return [(r0, min(T, r0 + block)) for r0 in range(0, T, block)]
-
-
-def attention_forward(q, k, v, scale, att, out, block=BLOCK, starts=None):
-    """q (B, H, T, D), k, v (B, KV, T, D) -> att (B, H, T, T) probabilities, out (B, H, T, D).
-    starts: None (causal) or int64 (B, T), the first key each query sees (its document's start)."""
-    _blocks(q.shape[2], block)   # a bad block size raises here, not in a worker thread
-    _check_starts(starts, q.shape[0], q.shape[2])
-    split_rows(q.shape[0], lambda b0, b1: _forward(q[b0:b1], k[b0:b1], v[b0:b1], scale, att[b0:b1],
-                                                   out[b0:b1], block, None if starts is None else starts[b0:b1]))
-
-
-def _forward(q, k, v, scale, att, out, block, starts):
+def attention_forward(q, k, v, scale, out, lse, tile=TILE, starts=None):
+    """q (B, H, T, D), k, v (B, KV, T, D) -> out (B, H, T, D), lse (B, H, T) float32 (each query's
+    log-sum-exp of its scaled scores, what backward needs). starts: None (causal) or int64 (B, T)."""
+    _check(q, k, starts, tile)
     B, H, T, D = q.shape
     KV = k.shape[1]
-    q5, a5, o5 = _split_heads(q, KV), _split_heads(att, KV), _split_heads(out, KV)
-    kT, v5 = k[:, :, None].swapaxes(-1, -2), v[:, :, None]
-    blocks = _blocks(T, block)
-    for r0, r1 in blocks:
-        np.matmul(q5[:, :, :, r0:r1], kT[..., :r1], out=a5[:, :, :, r0:r1, :r1])
-    if starts is None:
-        causal_softmax_forward(att.reshape(B * H * T, T), np.float32(scale))
-    else:
-        masked_softmax_forward(att.reshape(B * H * T, T), np.float32(scale), starts)
-    for r0, r1 in blocks:
-        np.matmul(a5[:, :, :, r0:r1, :r1], v5[:, :, :, :r1], out=o5[:, :, :, r0:r1])
+    st = _starts(starts, B, T)
+    split_rows(B * KV, lambda u0, u1: _forward(q, k, v, np.float32(scale), out, lse, tile, st, u0, u1))
 
 
-def _grad_kv(p5, g5, dst, blocks):
-    """dst (B, KV, T, X) = sum over the G heads of p5[..., g, :, :].T @ g5[..., g, :, :], causal:
-    key block [c0, c1) only receives from queries c0..T-1."""
-    B, KV, G = p5.shape[:3]
-    tmp = np.empty((B, KV, blocks[0][1] - blocks[0][0], dst.shape[-1]), np.float32) if G > 1 else None
-    for c0, c1 in blocks:
-        d = dst[:, :, c0:c1]
-        np.matmul(p5[:, :, 0, c0:, c0:c1].swapaxes(-1, -2), g5[:, :, 0, c0:], out=d)
-        for g in range(1, G):
-            t = tmp[:, :, :c1 - c0]
-            np.matmul(p5[:, :, g, c0:, c0:c1].swapaxes(-1, -2), g5[:, :, g, c0:], out=t)
-            d += t
-
-
-def attention_backward(dout, q, k, v, att, scale, dq, dk, dv, datt, block=BLOCK, starts=None):
-    """dout (B, H, T, D) -> dq (B, H, T, D), dk, dv (B, KV, T, D); datt (B, H, T, T) is scratch;
-    starts: the forward's."""
-    _blocks(q.shape[2], block)
-    _check_starts(starts, q.shape[0], q.shape[2])
-    split_rows(q.shape[0], lambda b0, b1: _backward(dout[b0:b1], q[b0:b1], k[b0:b1], v[b0:b1], att[b0:b1],
-                                                    scale, dq[b0:b1], dk[b0:b1], dv[b0:b1], datt[b0:b1],
-                                                    block, None if starts is None else starts[b0:b1]))
-
-
-def _backward(dout, q, k, v, att, scale, dq, dk, dv, datt, block, starts):
+def _forward(q, k, v, scale, out, lse, tile, starts, u0, u1):
     B, H, T, D = q.shape
     KV = k.shape[1]
-    a5, da5, g5 = _split_heads(att, KV), _split_heads(datt, KV), _split_heads(dout, KV)
-    q5, dq5 = _split_heads(q, KV), _split_heads(dq, KV)
-    vT, k5 = v[:, :, None].swapaxes(-1, -2), k[:, :, None]
-    blocks = _blocks(T, block)
-    for r0, r1 in blocks:
-        np.matmul(g5[:, :, :, r0:r1], vT[..., :r1], out=da5[:, :, :, r0:r1, :r1])
-    _grad_kv(a5, g5, dv, blocks)
-    if starts is None:
-        causal_softmax_backward(att.reshape(B * H * T, T), datt.reshape(B * H * T, T), np.float32(scale))
-    else:
-        masked_softmax_backward(att.reshape(B * H * T, T), datt.reshape(B * H * T, T), np.float32(scale), starts)
-    for r0, r1 in blocks:
-        np.matmul(da5[:, :, :, r0:r1, :r1], k5[:, :, :, :r1], out=dq5[:, :, :, r0:r1])
-    _grad_kv(da5, q5, dk, blocks)
+    G = H // KV
+    n_max = min(tile, T)
+    qt = np.empty((G * n_max, D), np.float32)
+    ot = np.empty((G * n_max, D), np.float32)
+    sbuf = np.empty(G * n_max * T, np.float32)
+    lt = np.empty(G * n_max, np.float32)
+    for u in range(u0, u1):
+        b, kh = divmod(u, KV)
+        h0 = kh * G
+        kb, vb = k[b, kh], v[b, kh]
+        for r0 in range(0, T, tile):
+            r1 = min(T, r0 + tile)
+            n = r1 - r0
+            q_, o_, l_ = qt[:G * n].reshape(G, n, D), ot[:G * n], lt[:G * n]
+            q_[...] = q[b, h0:h0 + G, r0:r1]
+            s = sbuf[:G * n * r1].reshape(G * n, r1)
+            np.matmul(qt[:G * n], kb[:r1].T, out=s)
+            _softmax_tile(s, n, r0, starts[b], scale, l_)
+            np.matmul(s, vb[:r1], out=o_)
+            out[b, h0:h0 + G, r0:r1] = o_.reshape(G, n, D)
+            lse[b, h0:h0 + G, r0:r1] = l_.reshape(G, n)
+
+
+def attention_backward(dout, q, k, v, out, lse, scale, dq, dk, dv, tile=TILE, starts=None):
+    """dout (B, H, T, D) -> dq (B, H, T, D), dk, dv (B, KV, T, D), all written; out and lse: the
+    forward's; starts: the forward's."""
+    _check(q, k, starts, tile)
+    B, H, T, D = q.shape
+    KV = k.shape[1]
+    st = _starts(starts, B, T)
+    split_rows(B * KV, lambda u0, u1: _backward(dout, q, k, v, out, lse, np.float32(scale), dq, dk, dv, tile,
+                                                st, u0, u1))
+
+
+def _backward(dout, q, k, v, out, lse, scale, dq, dk, dv, tile, starts, u0, u1):
+    B, H, T, D = q.shape
+    KV = k.shape[1]
+    G = H // KV
+    n_max = min(tile, T)
+    qt, gt, ot, dqt = (np.empty((G * n_max, D), np.float32) for _ in range(4))
+    sbuf, pbuf = np.empty(G * n_max * T, np.float32), np.empty(G * n_max * T, np.float32)
+    tmp = np.empty((T, D), np.float32)
+    lt = np.empty(G * n_max, np.float32)
+    for u in range(u0, u1):
+        b, kh = divmod(u, KV)
+        h0 = kh * G
+        kb, vb, dkb, dvb = k[b, kh], v[b, kh], dk[b, kh], dv[b, kh]
+        dkb[...] = 0.0
+        dvb[...] = 0.0
+        for r0 in range(0, T, tile):
+            r1 = min(T, r0 + tile)
+            n, m = r1 - r0, G * (r1 - r0)
+            qt[:m].reshape(G, n, D)[...] = q[b, h0:h0 + G, r0:r1]
+            gt[:m].reshape(G, n, D)[...] = dout[b, h0:h0 + G, r0:r1]
+            ot[:m].reshape(G, n, D)[...] = out[b, h0:h0 + G, r0:r1]
+            lt[:m].reshape(G, n)[...] = lse[b, h0:h0 + G, r0:r1]
+            s, dp = sbuf[:m * r1].reshape(m, r1), pbuf[:m * r1].reshape(m, r1)
+            np.matmul(qt[:m], kb[:r1].T, out=s)
+            np.matmul(gt[:m], vb[:r1].T, out=dp)
+            _softmax_tile_backward(s, dp, n, r0, starts[b], scale, lt[:m], gt[:m], ot[:m])
+            np.matmul(s.T, gt[:m], out=tmp[:r1])
+            dvb[:r1] += tmp[:r1]
+            np.matmul(dp.T, qt[:m], out=tmp[:r1])
+            dkb[:r1] += tmp[:r1]
+            np.matmul(dp, kb[:r1], out=dqt[:m])
+            dq[b, h0:h0 + G, r0:r1] = dqt[:m].reshape(G, n, D)

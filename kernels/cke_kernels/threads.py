@@ -14,6 +14,8 @@ import numba
 import numba.np.ufunc.parallel as _numba_parallel
 from threadpoolctl import ThreadpoolController, threadpool_limits
 
+from . import TRAINING_POOL_ENV
+
 _blas_limit = None  # kept alive: threadpoolctl restores the old limit when it is collected
 _blas_libs = None   # threadpoolctl's controllers of the BLAS libraries loaded (found once)
 _pool = None        # worker threads for split_rows, grown on demand
@@ -35,7 +37,6 @@ def use_training_pools() -> None:
     if _training_pools:
         return
     _training_pools = True
-    from cke_kernels import TRAINING_POOL_ENV
     if "OMP_WAIT_POLICY" not in os.environ and not _numba_parallel._is_initialized:
         os.environ["OMP_WAIT_POLICY"] = TRAINING_POOL_ENV["OMP_WAIT_POLICY"]
     if "OPENBLAS_THREAD_TIMEOUT" in os.environ:

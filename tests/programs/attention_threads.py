@@ -15,8 +15,8 @@ rng = np.random.default_rng(7)
 B, H, KV, T, D = 5, 4, 2, 70, 8
 q, k, v, dout = (rng.standard_normal(s, dtype=np.float32) for s in
                  [(B, H, T, D), (B, KV, T, D), (B, KV, T, D), (B, H, T, D)])
-att, datt = np.empty((B, H, T, T), np.float32), np.empty((B, H, T, T), np.float32)
+lse = np.empty((B, H, T), np.float32)
 out, dq, dk, dv = np.empty_like(q), np.empty_like(q), np.empty_like(k), np.empty_like(v)
-attention.attention_forward(q, k, v, 0.3, att, out)
-attention.attention_backward(dout, q, k, v, att, 0.3, dq, dk, dv, datt)
-np.savez(sys.argv[2], att=att, out=out, dq=dq, dk=dk, dv=dv)
+attention.attention_forward(q, k, v, 0.3, out, lse)
+attention.attention_backward(dout, q, k, v, out, lse, 0.3, dq, dk, dv)
+np.savez(sys.argv[2], lse=lse, out=out, dq=dq, dk=dk, dv=dv)

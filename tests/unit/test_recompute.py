@@ -1,6 +1,6 @@
 """Activation recomputation (train.recompute) changes memory, not results: the same gradients, bitwise,
-with every layer's caches kept, with attention probabilities recomputed, and with each layer's whole
-forward recomputed from its input; plain and packed rows, LoRA adapters, a zero-bubble W pass."""
+with every layer's caches kept and with each layer's forward recomputed from its input; plain and
+packed rows, LoRA adapters, a zero-bubble W pass."""
 import numpy as np
 import pytest
 from tiny import batch, make_model
@@ -23,10 +23,9 @@ def test_recompute_gives_the_same_gradients(packed):
     pos = np.array([list(range(7)) + list(range(9)), list(range(16)), list(range(4)) * 4]) if packed else None
     ref_loss, ref = grads_of(model, "none", x, y, pos)
     assert np.abs(ref).max() > 0
-    for mode in ("attention", "full"):
-        loss, g = grads_of(model, mode, x, y, pos)
-        assert loss == ref_loss, mode
-        np.testing.assert_array_equal(g, ref, err_msg=mode)
+    loss, g = grads_of(model, "full", x, y, pos)
+    assert loss == ref_loss
+    np.testing.assert_array_equal(g, ref)
 
 
 def test_recompute_holds_fewer_caches():
@@ -36,10 +35,10 @@ def test_recompute_holds_fewer_caches():
     for mode in RECOMPUTE:
         model.recompute = mode
         a = model.new_activations(3, 16)
-        sizes[mode] = (a.att.shape[0], a.h.shape[0], a.resid.shape[0])
-    assert sizes == {"none": (L, L, L + 1), "attention": (1, L, L + 1), "full": (1, 1, L + 1)}
+        sizes[mode] = (a.lse.shape[0], a.h.shape[0], a.resid.shape[0])
+    assert sizes == {"none": (L, L, L + 1), "full": (1, 1, L + 1)}
     model.recompute = "some"
-    with pytest.raises(ValueError, match="recompute must be one of none, attention, full, got 'some'"):
+    with pytest.raises(ValueError, match="recompute must be one of none, full, got 'some'"):
         model.new_activations(3, 16)
 
 
@@ -56,9 +55,8 @@ def test_recompute_with_lora_dropout():
         lora.zero_grad()
         loss = lora.forward_backward(x, y)
         out[mode] = (loss, lora.grads.copy())
-    for mode in ("attention", "full"):
-        assert out[mode][0] == out["none"][0]
-        np.testing.assert_array_equal(out[mode][1], out["none"][1], err_msg=mode)
+    assert out["full"][0] == out["none"][0]
+    np.testing.assert_array_equal(out["full"][1], out["none"][1])
 
 
 def test_recompute_full_with_a_deferred_weight_pass():
