@@ -14,6 +14,7 @@ COMMANDS = {
     "prepare": ("cke_dist.cli.prepare", "tokenize a text corpus with a model's tokenizer ahead of training"),
     "generate": ("cke_dist.cli.generate", "generate text from a model directory"),
     "serve": ("cke_dist.cli.serve", "an OpenAI-compatible HTTP server (one process, or under mpiexec as tp x pp)"),
+    "plan": ("cke_dist.cli.plan", "per-rank memory of each layout of a training job, and the one to run"),
     "compare": ("cke_dist.cli.compare", "check our numbers against the PyTorch reference"),
     "quantize": ("cke_dist.cli.quantize", "write a Q8_0 copy of a model directory"),
     "info": ("cke_dist.cli.info", "transports, RDMA devices, MPI library, threads"),

@@ -24,6 +24,16 @@ class TensorParallel:
         self.rank = group.rank if self.group is not None else 0
 
     @classmethod
+    def layout(cls, size: int, rank: int) -> "TensorParallel":
+        """Rank `rank` of a tp group of `size` with no group behind it: a model shaped as that rank's
+        shard, for counting bytes (cke_dist.train.plan); any collective on it raises."""
+        tp = cls(None)
+        tp.size, tp.rank = size, rank
+        if size > 1:
+            tp.group = _NoGroup()
+        return tp
+
+    @classmethod
     def of(cls, group) -> "TensorParallel":
         return group if isinstance(group, TensorParallel) else cls(group)
 
@@ -57,3 +67,10 @@ class TensorParallel:
         recv = np.empty((tp, N, chunk), local.dtype)
         self.group.allgather(send, recv)
         return np.concatenate([recv[r, :, :w] for r, w in enumerate(widths)], axis=1)
+
+
+class _NoGroup:
+    """The group of TensorParallel.layout: shapes only."""
+
+    def __getattr__(self, name):
+        raise RuntimeError(f"a planning layout (TensorParallel.layout) cannot communicate: {name}")

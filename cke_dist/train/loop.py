@@ -27,6 +27,7 @@ Rules this module keeps:
 """
 import hashlib
 import json
+import resource
 import signal
 import sys
 import threading
@@ -505,6 +506,8 @@ def train(cfg: TrainConfig, resume: Path | None = None, progress: bool = True) -
         print(f"cke-dist train: checkpoint is at step {start_step}, train.steps is {steps}: nothing to do; "
               f"raise it with --set train.steps=N", file=sys.stderr)
 
+    # rank 0's peak resident memory over the run (`cke-dist plan` predicts it), before any sample
+    log({"step": steps, "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024})
     sample = None
     if cfg.sample.max_new_tokens and tokenizer is None and is_rank0:
         print(f"cke-dist train: no sample: {cfg.model.init_from or 'a model trained on token ids'} has no "
