@@ -43,6 +43,8 @@ from cke_dist.model.layout import (EMBED, LM_HEAD, NORM, Stage, attention_heads,
 
 F32 = np.float32
 RECOMPUTE = ("none", "full")
+# the LM head's chunk: rows of logits whose floats stay near 4M (16 MiB), at least 128 rows per GEMM
+HEAD_FLOATS, HEAD_MIN_ROWS = 1 << 22, 128
 
 
 def _heads_view(rows, B, T, H):
@@ -140,7 +142,11 @@ class Activations:
         self.gu = e((Lk, N, 2 * I), F32)
         self.h = e((Lk, N, I), F32)
         self.lnf, self.rstdf = e((N, C), F32), e((N,), F32)
-        self.logits = e((N, V if model.stage.last else 0), F32)   # this rank's vocab columns only
+        # the LM head and the loss run over chunks of token rows (Model._head_loss): one chunk's logits
+        # (this rank's vocab columns) live at a time, not the (tokens x vocab) block
+        self.head_rows = model.head_rows
+        rows = model.head_rows or max(HEAD_MIN_ROWS, HEAD_FLOATS // max(V, 1))
+        self.logits = e((min(N, rows), V if model.stage.last else 0), F32)
         self.rmax, self.rsum, self.tlogit = e(N, F32), e(N, F32), e(N, F32)   # cross-entropy row stats
         # scratch, shared by all layers
         self.qkv = e((N, (H + 2 * KV) * D), F32)
@@ -207,6 +213,7 @@ class Model:
         # activation recomputation in training (RECOMPUTE): "none" keeps every layer's caches for
         # backward, "full" only each layer's input, rerunning the layer's forward in backward
         self.recompute = "none"
+        self.head_rows = None     # token rows per LM-head chunk (None: ~16 MiB of logits, HEAD_FLOATS)
 
     def freeze(self) -> None:
         """No gradients for these weights (a LoRA base): the gradient buffer goes, backward computes
@@ -354,20 +361,30 @@ class Model:
 
     # ---- tensor-parallel communication --------------------------------------------------------
 
-    def _cross_entropy(self, a, targets, ignore_index, grad_scale=None):
-        """Vocab-parallel cross-entropy over this rank's logits: three allreduces of (N,) row stats.
-        With grad_scale, the logits become grad_scale * dloss/dlogits in place."""
+    def _head_loss(self, a, targets, ignore_index, grad_scale=None, head_backward=None):
+        """The last stage's LM head and vocab-parallel cross-entropy over a.lnf, in chunks of
+        a.logits' rows (three allreduces of the chunk's row stats each): the mean loss over non-ignored
+        targets. With grad_scale, each chunk's logits become grad_scale * dloss/dlogits in place and go
+        to head_backward(dlogits, r0, r1) before the next chunk overwrites them."""
         N = targets.size
         check_targets(targets, N, self.config.vocab_size, ignore_index)
         n = count_valid(targets, ignore_index)
-        v0 = self.vocab_range[0]
-        ce_max_and_target(a.logits, targets, v0, ignore_index, a.rmax, a.tlogit)
-        self.tp.vocab_max_and_target(a.rmax, a.tlogit)
-        ce_exp_sum(a.logits, targets, ignore_index, a.rmax, a.rsum)
-        self.tp.allreduce(a.rsum)
-        if grad_scale is not None:
-            ce_grad(a.logits, targets, v0, ignore_index, a.rsum, float(grad_scale) / max(n, 1))
-        return float(ce_losses(targets, ignore_index, a.rmax, a.rsum, a.tlogit) / n) if n else 0.0
+        v0, W, R = self.vocab_range[0], self._p["lm_head"], a.logits.shape[0]
+        total = 0.0
+        for r0 in range(0, N, R):
+            r1 = min(N, r0 + R)
+            lg, t = a.logits[:r1 - r0], targets[r0:r1]
+            rmax, rsum, tlogit = a.rmax[r0:r1], a.rsum[r0:r1], a.tlogit[r0:r1]
+            linear_forward(a.lnf[r0:r1], W, None, lg)                  # vocab-parallel LM head
+            ce_max_and_target(lg, t, v0, ignore_index, rmax, tlogit)
+            self.tp.vocab_max_and_target(rmax, tlogit)
+            ce_exp_sum(lg, t, ignore_index, rmax, rsum)
+            self.tp.allreduce(rsum)
+            total += ce_losses(t, ignore_index, rmax, rsum, tlogit)
+            if grad_scale is not None:
+                ce_grad(lg, t, v0, ignore_index, rsum, float(grad_scale) / max(n, 1))
+                head_backward(lg, r0, r1)
+        return float(total / n) if n else 0.0
 
     # ---- forward ------------------------------------------------------------------------------
 
@@ -383,14 +400,15 @@ class Model:
         # Two sets: training caches (every layer) and a lean forward-only set, so an evaluation
         # batch of another shape between training steps does not reallocate the training set.
         tr = self._acts_train
-        if tr is not None and tr.B == B and tr.T == T and (not keep or tr.recompute == self.recompute):
+        if tr is not None and tr.B == B and tr.T == T and (not keep or tr.recompute == self.recompute) \
+                and tr.head_rows == self.head_rows:
             return tr
         if keep:
             self._acts_train = None   # free the old set before allocating the new one
             self._acts_train = Activations(self, B, T, keep=True)
             return self._acts_train
         ev = self._acts_eval
-        if ev is None or ev.B != B or ev.T != T:
+        if ev is None or ev.B != B or ev.T != T or ev.head_rows != self.head_rows:
             self._acts_eval = None
             ev = self._acts_eval = Activations(self, B, T, keep=False)
         return ev
@@ -442,9 +460,8 @@ class Model:
             a.resid[0][...] = hidden.reshape(a.resid[0].shape)
         for l, W in enumerate(P["layers"]):
             self._layer_forward(a, l, W)
-        if st.last:
+        if st.last:   # the LM head runs in chunks with the loss (_head_loss), or whole in forward()
             rmsnorm_forward(a.resid[-1], P["norm"], cfg.rms_norm_eps, a.lnf, a.rstdf)
-            linear_forward(a.lnf, P["lm_head"], None, a.logits)       # vocab-parallel LM head
         return a
 
     def _layer_forward(self, a, l, W):
@@ -491,8 +508,9 @@ class Model:
         a = self._forward(tokens, keep=False, positions=positions)
         B, T = tokens.shape
         V = self.config.vocab_size
-        logits = self.tp.gather_vocab(a.logits, V)
-        return logits.reshape(B, T, V)
+        logits = np.empty((B * T, self.vocab_range[1] - self.vocab_range[0]), F32)
+        linear_forward(a.lnf, self._p["lm_head"], None, logits)         # vocab-parallel LM head
+        return self.tp.gather_vocab(logits, V).reshape(B, T, V)
 
     def loss(self, tokens, targets, ignore_index: int = -100, positions=None) -> float:
         """Mean cross-entropy over non-ignored targets, forward only (for evaluation)."""
@@ -500,7 +518,7 @@ class Model:
         tokens = self._check_tokens(tokens)
         targets = self._check_targets(tokens, targets)
         a = self._forward(tokens, keep=False, positions=positions)
-        return self._cross_entropy(a, targets.reshape(-1), ignore_index)
+        return self._head_loss(a, targets.reshape(-1), ignore_index)
 
     def stage_loss(self, tokens, targets, hidden=None, ignore_index: int = -100, positions=None):
         """Forward only through this stage: the loss (last stage) or the output hidden states (a view,
@@ -508,7 +526,7 @@ class Model:
         tokens = self._check_tokens(tokens)
         targets = self._check_targets(tokens, targets)
         a = self._forward(tokens, keep=False, hidden=hidden, positions=positions)
-        return self._cross_entropy(a, targets.reshape(-1), ignore_index) if self.stage.last else a.resid[-1]
+        return self._head_loss(a, targets.reshape(-1), ignore_index) if self.stage.last else a.resid[-1]
 
     def _check_targets(self, tokens, targets):
         targets = self._check_tokens(targets, "targets")
@@ -570,17 +588,19 @@ class Model:
             G = {"lm_head": None, "norm": np.empty(cfg.hidden_size, F32), "layers": [_NoGrads(cfg.hidden_size)] * len(P["layers"])}
         else:
             sizes = [G["lm_head"].size if st.last else 0] + [x for g in G["layers"][:1] for x in (g.w_gu.size, g.w_qkv.size)]
-            scratch = self._scratch_for(max(sizes)) if acc else None
+            # the LM head's chunks after the first add their weight gradient
+            chunked = st.last and a.logits.shape[0] < a.lnf.shape[0]
+            scratch = self._scratch_for(max(sizes)) if acc or chunked else None
         notify = on_grad_ready or (lambda start, stop: None)
         jobs: list = []
 
-        def lin(dout_, x, w, dx, dw, db, stable=False):
+        def lin(dout_, x, w, dx, dw, db, add=False):
             if defer is None or (dw is None and db is None):
-                linear_backward(dout_, x, w, dx, dw, db, acc, scratch)
+                linear_backward(dout_, x, w, dx, dw, db, acc or add, scratch)
                 return
             linear_backward(dout_, x, w, dx, None, None, acc, scratch)
-            kept = dout_ if stable else dout_.copy()   # the B pass reuses its buffers layer after layer
-            xk = x if a.per_layer or stable else x.copy()   # recompute="full": the next layer's reuse x's slot
+            kept = dout_.copy()   # the B pass reuses its buffers layer after layer (and chunk after chunk)
+            xk = x if a.per_layer else x.copy()   # recompute="full": the next layer's reuse x's slot
             jobs.append(lambda: linear_backward(kept, xk, None, None, dw, db, True, scratch))
 
         def done(start, stop):
@@ -600,10 +620,12 @@ class Model:
 
         loss = None
         if st.last:
-            loss = self._cross_entropy(a, self._check_tokens(targets, "targets").reshape(-1), ignore_index,
-                                       grad_scale)
-            # lm_head (its gradient is the embedding's when tied; the embedding backward then adds to it)
-            lin(a.logits, a.lnf, P["lm_head"], a.dln, G["lm_head"], None, stable=True)
+            # lm_head, chunk by chunk as the loss leaves each chunk's gradient (its gradient is the
+            # embedding's when tied; the embedding backward then adds to it)
+            def head_backward(dlogits, r0, r1):
+                lin(dlogits, a.lnf[r0:r1], P["lm_head"], a.dln[r0:r1], G["lm_head"], None, add=r0 > 0)
+            loss = self._head_loss(a, self._check_tokens(targets, "targets").reshape(-1), ignore_index,
+                                   grad_scale, head_backward)
             self.tp.allreduce(a.dln)
             a.dresid.fill(0.0)
             rmsnorm_backward(a.dln, a.resid[-1], P["norm"], a.rstdf, a.dresid, G["norm"])

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 from cke_dist.model import LlamaConfig, Model
 from cke_dist.model.layout import Stage, check_tp, stage_layers, stage_work
+from cke_dist.model.llama import Activations
 from cke_dist.parallel.pipeline import schedule
 from cke_dist.parallel.tensor_parallel import TensorParallel
 
@@ -113,7 +114,6 @@ def estimate(config: LlamaConfig, layout: Layout, batch_size: int, seq_len: int,
 
 
 def _activation_bytes(model, B, T, keep=True) -> int:
-    from cke_dist.model.llama import Activations
     a = Activations(model, B, T, keep=keep)
     arrays = {id(v): v for v in vars(a).values() if hasattr(v, "nbytes") and v.base is None}
     return sum(v.nbytes for v in arrays.values())

@@ -119,6 +119,27 @@ def test_packed_rows_match_one_process(world, name):
         np.testing.assert_allclose(got[a:b], ref, rtol=1e-4, atol=1e-5 * max(1e-3, np.abs(ref).max()), err_msg=n)
 
 
+@pytest.mark.parametrize("name", ["llama-gqa-untied", "qwen2-tied-bias", "llama-straddle"])
+def test_lm_head_in_chunks_matches_one_process(world, name):
+    """The vocab-parallel LM head and loss in chunks of 5 token rows (each chunk's row stats summed
+    over tp): the loss and every gradient of the one-process model run whole."""
+    from cke_dist.parallel import ParallelGrads
+
+    cfg = config(name)
+    full, shard = models(cfg, world)
+    shard.head_rows = 5
+    x, y = batch(cfg)
+    full.zero_grad()
+    shard.zero_grad()
+    assert shard.forward_backward(x, y) == pytest.approx(full.forward_backward(x, y), rel=1e-6)
+    assert shard._acts_train.logits.shape[0] == 5
+    ParallelGrads(shard).sum_shared()
+    got = shard.gather_flat(shard.grads)
+    for n, (a, b) in full.param_offsets.items():
+        ref = full.grads[a:b]
+        np.testing.assert_allclose(got[a:b], ref, rtol=1e-4, atol=1e-5 * max(1e-3, np.abs(ref).max()), err_msg=n)
+
+
 def test_replicas_are_summed_where_kv_heads_are_shared(world):
     """The KV-replica case really has replicas (so the sum above was tested), and the aligned case none."""
     from cke_dist.parallel.step import replica_ranges
