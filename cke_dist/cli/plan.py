@@ -20,6 +20,8 @@ def add_arguments(parser) -> None:
                         help="override one config key (repeatable), e.g. --set model.init_from=DIR")
     parser.add_argument("--ranks", type=int, default=1, help="ranks of the job (default 1)")
     parser.add_argument("--ranks-per-host", type=int, default=0, help="ranks on each host (default: all on one)")
+    parser.add_argument("--cluster", metavar="CLUSTER.toml",
+                        help="a cluster config of `cke-dist launch`: its ranks, and the most ranks one host runs")
     parser.add_argument("--host-memory", type=float, default=0.0,
                         help="GiB of memory per host (default: this machine's MemTotal)")
     parser.add_argument("--all", action="store_true", help="every candidate, not only those that fit")
@@ -33,6 +35,12 @@ def _mem_total() -> int:
 
 
 def run(args) -> int:
+    if args.cluster:   # launch's reader: its one-line errors
+        from cke_dist.cli.launch import load, world_size
+        cluster = load(args.cluster)
+        args.ranks = world_size(cluster)
+        args.ranks_per_host = (cluster["slurm"]["ntasks_per_node"] if "slurm" in cluster
+                               else max(h["slots"] for h in cluster["hosts"]))
     try:
         if args.ranks < 1 or args.ranks_per_host < 0 or args.host_memory < 0:
             raise ConfigError("--ranks must be >= 1, --ranks-per-host and --host-memory >= 0")

@@ -121,13 +121,13 @@ def _activation_bytes(model, B, T, keep=True) -> int:
 
 def pick(estimates: list[Estimate]) -> Estimate | None:
     """The layout to run among those that fit: the fewest model-parallel ranks (tp x pp: dp moves
-    only gradients, once a step), then no recomputation (it costs ~1.2x the step), then ZeRO-1
-    (the same traffic as an allreduce, less memory), then tp before pp (no pipeline bubble)."""
+    only gradients, once a step), then no recomputation (it costs ~1.2x the step), then the least
+    memory (ZeRO-1 moves what an allreduce moves, but its checkpoints gather the moments: it can
+    peak higher than zero=0)."""
     fit = [e for e in estimates if e.fits]
     if not fit:
         return None
-    return min(fit, key=lambda e: (e.layout.tp * e.layout.pp, e.layout.recompute != "none", -e.layout.zero,
-                                   e.layout.pp, e.total))
+    return min(fit, key=lambda e: (e.layout.tp * e.layout.pp, e.layout.recompute != "none", e.total))
 
 
 def plan(config: LlamaConfig, ranks: int, rank_memory: int, batch_size: int, seq_len: int, grad_accum: int = 1,

@@ -58,11 +58,14 @@ def test_plan_picks_a_layout_or_says_none_fits():
                               text=True, timeout=120, env=threads_env())
     res = plan("--ranks", "4")
     assert res.returncode == 0, res.stderr
-    # the built-in job: 4 heads, batch 16; the fewest model-parallel ranks, no recompute, ZeRO-1
-    assert "pick: dp=4 pp=1 tp=1 zero=1 recompute=none: --set parallel.tp=1 --set parallel.pp=1" in res.stdout
+    # the built-in job: 4 heads, batch 16; the fewest model-parallel ranks, no recompute, the least memory
+    assert "pick: dp=4 pp=1 tp=1 zero=0 recompute=none: --set parallel.tp=1 --set parallel.pp=1" in res.stdout
     assert res.stdout.count("<- pick") == 1
     res = plan("--ranks", "4", "--host-memory", "0.1")
     assert res.returncode == 1
     assert "no layout of 4 rank(s) fits 26 MiB per rank; the smallest needs" in res.stderr, res.stderr
+    res = plan("--cluster", str(REPO / "cluster-configs" / "two-hosts.toml"), "--host-memory", "8")
+    assert res.returncode == 0, res.stderr
+    assert "8 rank(s), 4 per host, 2.0 GiB per rank" in res.stdout, res.stdout
     res = plan("--ranks", "0")
     assert res.returncode == 2 and res.stderr.count("\n") == 1 and "--ranks must be >= 1" in res.stderr
