@@ -9,8 +9,9 @@ process of its own with its own defaults (none of our pool settings), stepping w
 Also prints the model FLOP/s (6 * params * tokens / time) of each against a numpy
 float32 matmul peak measured in the same run (the best of the GEMM shapes this
 model runs). Steps alternate ours / torch so that both see the same machine
-noise (the idle one waits on a pipe); we report medians over --repeats. The ratio is ours / torch in tokens/s. The matmul peak is the
-best GEMM time seen between the steps.
+noise (the idle one waits on a pipe); we report medians over --repeats. The
+ratio is ours / torch in tokens/s. The matmul peak is the best GEMM time seen
+between the steps.
 """
 import argparse
 import subprocess
