@@ -507,7 +507,7 @@ def train(cfg: TrainConfig, resume: Path | None = None, progress: bool = True) -
               f"raise it with --set train.steps=N", file=sys.stderr)
 
     # rank 0's peak resident memory over the run (`cke-dist plan` predicts it), before any sample
-    log({"step": steps, "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024})
+    log({"step": steps, "peak_rss_mib": peak_rss_bytes() / 2**20})
     sample = None
     if cfg.sample.max_new_tokens and tokenizer is None and is_rank0:
         print(f"cke-dist train: no sample: {cfg.model.init_from or 'a model trained on token ids'} has no "
@@ -526,6 +526,19 @@ def train(cfg: TrainConfig, resume: Path | None = None, progress: bool = True) -
               f"checkpoint {last_ckpt}; loss curves: cke-dist plot {out_dir}", file=sys.stderr)
     return {"model": model, "out_dir": out_dir, "checkpoint": last_ckpt, "step": max(steps, start_step),
             "loss": loss, "val_loss": val_loss, "sample": sample}
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident memory: VmHWM of its own address space. Not getrusage's
+    ru_maxrss: Linux carries that across exec, so a process a big parent started (pytest after a
+    few hundred tests, 2.5 GB) reports the parent's peak."""
+    try:
+        for line in open("/proc/self/status"):
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def _sample(cfg: TrainConfig, model, tokenizer) -> str:
