@@ -69,7 +69,7 @@ def smollm2_f32() -> Path:
 def start_server(model: Path, port: int, threads: int):
     env = thread_env(threads, dict(os.environ))
     proc = subprocess.Popen([sys.executable, "-m", "cke_dist.cli", "serve", "--model", str(model), "--port", str(port),
-                             "--max-batch", "16", "--quiet", "--threads", str(threads)], cwd=REPO, env=env,
+                             "--max-batch", "16", "--quiet", "--threads", str(threads), "--served-model-name", "m"], cwd=REPO, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:

@@ -3,9 +3,16 @@
 Each job module exposes `add_arguments(parser)` and `run(args) -> int`. Only the
 module of the subcommand being run is imported, so `cke-dist info` does not pay
 for numba or torch.
+
+Bad input (a ValueError or OSError out of a job: a missing file, a model that does not fit the
+arguments) ends the command with one line, `cke-dist JOB: error: ...`, and exit status 2; under
+mpiexec or srun only the first rank of each host prints it (the ranks of a host see the same files
+and arguments). CKE_TRACEBACK=1 shows the traceback instead. Any other exception is a bug of ours
+and keeps its traceback.
 """
 import argparse
 import importlib
+import os
 import sys
 
 # subcommand -> (module, one-line help)
@@ -50,7 +57,38 @@ def main(argv=None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
-    return int(args._run(args) or 0)
+    try:
+        return int(args._run(args) or 0)
+    except (ValueError, OSError) as e:
+        if os.environ.get("CKE_TRACEBACK"):
+            raise
+        if _reports_errors():
+            print(f"cke-dist {args.command}: error: {e}", file=sys.stderr, flush=True)
+        return 2
+
+
+def int_in(lo: int, hi: int | None = None):
+    """An argparse type: an integer in [lo, hi] (argparse prints the one-line usage error)."""
+    def parse(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if v < lo or (hi is not None and v > hi):
+            raise argparse.ArgumentTypeError(f"{v} is out of range: give {lo}..{hi}" if hi is not None
+                                             else f"{v} is out of range: give an integer >= {lo}")
+        return v
+    return parse
+
+
+def _reports_errors() -> bool:
+    """Whether this process prints a command's error: outside a launcher always, under one the
+    host's first rank (MPICH's Hydra, Open MPI and Slurm each name the rank within its host)."""
+    for var in ("MPI_LOCALRANKID", "OMPI_COMM_WORLD_LOCAL_RANK", "SLURM_LOCALID"):
+        local = os.environ.get(var)
+        if local is not None and local.isdigit():
+            return int(local) == 0
+    return True
 
 
 def _option(argv, name):

@@ -5,17 +5,20 @@ from __future__ import annotations
 import sys
 import threading
 
+from cke_dist.cli import int_in
 from cke_dist.comm import init
 from cke_dist.formats.checkpoint import model_path
 from cke_dist.formats.tokenizer import StopText, TextStream, load_tokenizer
 from cke_dist.serving import Engine, Params
 from cke_dist.serving.generate import ended
+
+
 def add_arguments(p):
     p.add_argument("--model", required=True, help="model directory: HF (config.json + safetensors + "
                    "tokenizer.json), ours (cke_tokenizer.json), or a Q8_0 copy from `cke-dist quantize`")
     p.add_argument("--prompt", action="append", required=True,
                    help="prompt text; repeat for a batch (printed when all are done)")
-    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--max-new-tokens", type=int_in(1), default=64, help="tokens to generate (>= 1)")
     p.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
     p.add_argument("--top-k", type=int, default=None)
     p.add_argument("--top-p", type=float, default=None)
@@ -24,10 +27,10 @@ def add_arguments(p):
                    "the tokenizer's end-of-sequence token always stops")
     p.add_argument("--quantize", choices=["q8_0", "q4_0", "q4_1"], default=None,
                    help="quantize the linears at load time (a GGUF file keeps its own formats otherwise)")
-    p.add_argument("--threads", type=int, default=None, help="threads for BLAS and numba together")
+    p.add_argument("--threads", type=int_in(1), default=None, help="threads for BLAS and numba together")
     p.add_argument("--add-bos", action="store_true", help="prepend the tokenizer's BOS token")
-    p.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks (under mpiexec: -n tp*pp)")
-    p.add_argument("--pp", type=int, default=1, help="pipeline stages; several prompts flow through them at once")
+    p.add_argument("--tp", type=int_in(1), default=1, help="tensor-parallel ranks (under mpiexec: -n tp*pp)")
+    p.add_argument("--pp", type=int_in(1), default=1, help="pipeline stages; several prompts flow through them at once")
 
 
 def run(args) -> int:
@@ -75,8 +78,6 @@ def _print_generations(args, tok, engine) -> int:
         if len(ids) >= engine.max_len:
             raise ValueError(f"prompt {i} has {len(ids)} tokens; the model's context of {engine.max_len} "
                              f"(max_position_embeddings in config.json) leaves no room to generate: shorten it")
-    if args.max_new_tokens == 0:
-        return 0
     reqs = [engine.submit(ids, Params(max_tokens=args.max_new_tokens, temperature=args.temperature,
                                       top_k=args.top_k, top_p=args.top_p,
                                       seed=None if args.seed is None else args.seed + i, stop_ids=stop_ids))

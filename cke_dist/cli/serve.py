@@ -14,12 +14,15 @@ Tests: tests/integration/test_serve.py.
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import signal
 import sys
 import threading
 import time
 from pathlib import Path
+
+from cke_dist.cli import int_in
 
 # after the engine dies: how long in-flight requests get to receive their 503, then how long new
 # ones keep getting a 503 (rather than a refused connection) before the process ends
@@ -30,20 +33,20 @@ LINGER_S = 2.0
 def add_arguments(p):
     p.add_argument("--model", required=True, help="model directory (HF config.json + safetensors + tokenizer.json, "
                    "or a quantized copy from `cke-dist quantize`) or a GGUF file; its chat template serves chat")
-    p.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks (the world is tp x pp)")
-    p.add_argument("--pp", type=int, default=1, help="pipeline stages")
+    p.add_argument("--tp", type=int_in(1), default=1, help="tensor-parallel ranks (the world is tp x pp)")
+    p.add_argument("--pp", type=int_in(1), default=1, help="pipeline stages")
     p.add_argument("--host", default="127.0.0.1",
                    help="address to listen on (default 127.0.0.1: this machine only; 0.0.0.0 exposes it)")
-    p.add_argument("--port", type=int, default=8000, help="TCP port (0: any free one; the URL is printed)")
+    p.add_argument("--port", type=int_in(0, 65535), default=8000, help="TCP port (0: any free one; the URL is printed)")
     p.add_argument("--api-key", default=None,
                    help="require 'Authorization: Bearer KEY' on /v1 paths (default: $CKE_API_KEY; none: open)")
     p.add_argument("--served-model-name", default=None, help="the model id clients see (default: the directory name)")
     p.add_argument("--quantize", choices=["q8_0", "q4_0", "q4_1"], default=None,
                    help="quantize the linears at load time (a GGUF file keeps its own formats otherwise)")
-    p.add_argument("--max-batch", type=int, default=16, help="requests decoded together (KV cache slots)")
-    p.add_argument("--max-len", type=int, default=None,
+    p.add_argument("--max-batch", type=int_in(1), default=16, help="requests decoded together (KV cache slots)")
+    p.add_argument("--max-len", type=int_in(2), default=None,
                    help="context per request: prompt + completion tokens (default: max_position_embeddings)")
-    p.add_argument("--threads", type=int, default=None, help="threads for BLAS and numba together, per rank")
+    p.add_argument("--threads", type=int_in(1), default=None, help="threads for BLAS and numba together, per rank")
     p.add_argument("--add-bos", action="store_true", help="prepend the tokenizer's BOS to /v1/completions prompts "
                    "(chat templates place their own)")
     p.add_argument("--max-body", type=int, default=1 << 20, help="largest request body in bytes (larger: 413)")
@@ -76,10 +79,13 @@ def run(args) -> int:
     tok = load_tokenizer(args.model)
     chat = load_chat_template(args.model)
     api_key = args.api_key or os.environ.get("CKE_API_KEY") or None
+    # how the banner's curl names the key: never the key itself (logs are read by others)
+    key_hint = None if api_key is None else ("$CKE_API_KEY" if not args.api_key else "<the --api-key value>")
     name = args.served_model_name or Path(args.model).resolve().name
     try:
         server = OpenAIServer((args.host, args.port), tok, name, chat_template=chat, api_key=api_key,
-                              max_body=args.max_body, add_bos=args.add_bos, access_log=not args.quiet)
+                              max_body=args.max_body, add_bos=args.add_bos, access_log=not args.quiet,
+                              fingerprint=_fingerprint(args))
     except OSError as e:
         raise OSError(f"cannot listen on {args.host}:{args.port}: {e}") from None
 
@@ -102,7 +108,7 @@ def run(args) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, on_signal)
     threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.2}, name="cke-http", daemon=True).start()
-    _banner(args, server, engine, world.size, chat is not None, api_key is not None)
+    _banner(args, server, engine, world.size, chat is not None, key_hint)
 
     try:
         engine.run_main()
@@ -126,17 +132,28 @@ def run(args) -> int:
     return 1
 
 
-def _banner(args, server, engine, size, has_chat, has_key):
+def _fingerprint(args) -> str:
+    """OpenAI's system_fingerprint: changes when what decides the outputs changes (our version, the
+    weights file, load-time quantization, the layout), so a client can tell why answers moved."""
+    from cke_dist import __version__
+    p = Path(args.model).resolve()
+    files = sorted(p.iterdir()) if p.is_dir() else [p]
+    ident = [(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files if f.is_file()]
+    h = hashlib.sha256(repr((__version__, str(p), ident, args.quantize, args.tp, args.pp)).encode())
+    return "fp_" + h.hexdigest()[:12]
+
+
+def _banner(args, server, engine, size, has_chat, key_hint):
     host = args.host if ":" not in args.host else f"[{args.host}]"
     base = f"http://{host}:{server.port}"
     weights = args.quantize or engine.im.quantize or "float32"
-    auth = ' -H "Authorization: Bearer $CKE_API_KEY"' if has_key else ""
+    auth = f' -H "Authorization: Bearer {key_hint}"' if key_hint else ""
     lines = [
         f"cke-dist serve: {base}/v1 (OpenAI-compatible; GET {base}/health)",
         f"  model {server.model_name!r} from {args.model} ({weights}); layout tp={args.tp} x pp={args.pp} on {size} "
         f"rank{'s' if size > 1 else ''}; up to {engine.max_batch} requests at once, context {engine.max_len} tokens;"
         f" chat {'from the template' if has_chat else 'unavailable (no chat template)'}"
-        f"{'; API key required' if has_key else ''}",
+        f"{'; API key required' if key_hint else ''}",
         f"  try: curl {base}/v1/completions -H 'Content-Type: application/json'{auth} "
         f"-d '{{\"prompt\": \"Hello\", \"max_tokens\": 16}}'",
     ]

@@ -57,6 +57,16 @@ def is_gguf(path) -> bool:
     return p.suffix.lower() == ".gguf" and p.is_file()
 
 
+def missing_model(path) -> FileNotFoundError:
+    """The error for a model argument that names neither a directory nor a GGUF file."""
+    p = Path(path)
+    if p.is_file():
+        return FileNotFoundError(f"{p} is a file but not a GGUF file (*.gguf): give a GGUF file or a model "
+                                 f"directory (config.json + safetensors)")
+    return FileNotFoundError(f"model {p} does not exist: give a model directory (config.json + safetensors) or a "
+                             f"GGUF file")
+
+
 def open_reader(path):
     p = Path(path).resolve()
     return _cachedopen_reader(str(p), p.stat().st_mtime_ns)

@@ -27,7 +27,7 @@ import json
 from pathlib import Path
 
 from cke_dist.formats.architectures import TOKENIZER_FILES
-from cke_dist.formats.gguf import gguf_chat_template, gguf_special_tokens, is_gguf
+from cke_dist.formats.gguf import gguf_chat_template, gguf_special_tokens, is_gguf, missing_model
 from cke_dist.formats.gguf_tokenizer import gguf_tokenizer
 
 BYTES_FILE = "cke_tokenizer.json"
@@ -92,6 +92,11 @@ class HFTokenizer:
         return self
 
     def encode(self, text: str, add_bos: bool = False) -> list[int]:
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as e:   # the library's own error ("TextInputSequence must be str") hides why
+            raise ValueError(f"the text is not valid Unicode: a lone surrogate U+{ord(text[e.start]):04X} at "
+                             f"character {e.start} (text that was not UTF-8?)") from None
         ids = self._tok.encode(text, add_special_tokens=False).ids
         if add_bos:
             if self.bos_token_id is None:
@@ -150,7 +155,7 @@ def load_tokenizer(model_dir) -> ByteTokenizer | HFTokenizer:
         return HFTokenizer.from_tokenizer(tok, eos_ids, bos, source=str(model_dir))
     d = Path(model_dir)
     if not d.is_dir():
-        raise FileNotFoundError(f"model directory {d} does not exist")
+        raise missing_model(d)
     hf, ours = d / HF_FILE, d / BYTES_FILE
     if hf.is_file():
         tok = HFTokenizer(hf, [], None)

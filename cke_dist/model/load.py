@@ -18,7 +18,7 @@ import numpy as np
 
 from cke_dist.formats.architectures import check_architecture
 from cke_dist.formats.checkpoint import model_path
-from cke_dist.formats.gguf import GGUFTensors, gguf_config, is_gguf
+from cke_dist.formats.gguf import GGUFTensors, gguf_config, is_gguf, missing_model
 from cke_dist.formats.hf import check_file, open_hf_tensors, read_hf_config, read_manifest, read_safetensors
 from cke_dist.formats.quant import Quant
 from cke_dist.formats.quantized import quantized_kind, read_quantized, write_quantized
@@ -129,7 +129,7 @@ def read_model_config(model_dir) -> dict:
     d = Path(model_dir)
     path = d / "config.json"
     if not d.is_dir():
-        raise FileNotFoundError(f"model directory {d} does not exist")
+        raise missing_model(d)
     if not path.is_file():
         raise FileNotFoundError(f"{path} is missing: a model directory needs config.json + safetensors")
     manifest = read_manifest(d)

@@ -97,6 +97,12 @@ class Request:
                 raise EngineError(value)
 
 
+def check_max_len(max_len: int | None, context: int) -> None:
+    if max_len is not None and not 1 <= max_len <= context:
+        raise ValueError(f"--max-len {max_len}: the model's context is {context} tokens (max_position_embeddings); "
+                         f"give at most {context}, or leave it out")
+
+
 class Engine:
     def __init__(self, im, world, tp_group=None, pp_group=None, max_batch: int = 16, max_len: int | None = None,
                  heartbeat: float = 1.0):
@@ -104,7 +110,8 @@ class Engine:
         self.tp_group, self.pp_group = tp_group, pp_group
         self.pp = pp_group.size if pp_group is not None else 1
         self.stage_index = pp_group.rank if pp_group is not None else 0
-        self.max_len = min(max_len or im.max_context, im.max_context)
+        check_max_len(max_len, im.max_context)
+        self.max_len = max_len or im.max_context
         self.max_batch = max_batch
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
@@ -131,6 +138,7 @@ class Engine:
         grid = ProcessGrid(world, pp=pp, tp=tp)
         raw = {k: v for k, v in read_model_config(model_dir).items() if k != "quantization_config"}
         cfg = LlamaConfig.from_dict(raw)
+        check_max_len(kw.get("max_len"), cfg.max_position_embeddings)    # before a byte of weights is read
         l0, l1 = stage_layers(cfg.num_hidden_layers, pp, None, **stage_work(cfg))[grid.pp_rank]
         stage = Stage(l0, l1, grid.pp_rank == 0, grid.pp_rank == pp - 1)
         im = load_inference_model(model_dir, quantize=quantize, tp_group=grid.tp_group, stage=stage)

@@ -17,6 +17,8 @@ Rules it keeps:
   is read only after its Content-Length passed the limit (413 over it); unknown fields are
   ignored; features we do not have (n > 1, logprobs, penalties, tools, ...) are a 400, never
   silently dropped. prompt + max_tokens beyond the context is a 400 naming both numbers.
+- A `model` other than the served name is a 404 (model_not_found), as OpenAI and vLLM answer; every
+  response carries the server's system_fingerprint.
 - With an API key every /v1 path needs `Authorization: Bearer <key>` (401); /health stays open.
 - Text: the tokenizer's EOS ids end a request (finish_reason "stop") and are not shown; a stop
   string cuts the text before it (cke_dist.formats.tokenizer.StopText, as the CLI does) and cancels the
@@ -132,13 +134,15 @@ class OpenAIServer(ThreadingHTTPServer):
     request_queue_size = 128
 
     def __init__(self, address, tokenizer, model_name: str, chat_template=None, api_key: str | None = None,
-                 engine=None, max_body: int = MAX_BODY, add_bos: bool = False, access_log: bool = True):
+                 engine=None, max_body: int = MAX_BODY, add_bos: bool = False, access_log: bool = True,
+                 fingerprint: str | None = None):
         if ":" in address[0]:
             self.address_family = socket.AF_INET6
         super().__init__(address, Handler)
         self.engine, self.tokenizer, self.model_name = engine, tokenizer, model_name
         self.chat_template, self.api_key, self.max_body = chat_template, api_key or None, max_body
         self.add_bos, self.access_log = add_bos, access_log
+        self.fingerprint = fingerprint
         self.stop_ids = frozenset(int(i) for i in (getattr(tokenizer, "eos_token_ids", None) or []))
         self.created = int(time.time())
         self._active = 0
@@ -355,17 +359,23 @@ class Handler(BaseHTTPRequestHandler):
             "id": s.model_name, "object": "model", "created": s.created, "owned_by": "cke-dist",
             "max_model_len": s.engine.max_len if s.engine is not None else None}]})
 
-    def _completions(self):
+    def _request(self, chat: bool) -> tuple[dict, Sampling]:
         self._check_engine()
         body = self._read_json()
-        s = Sampling(body, chat=False)
+        s = Sampling(body, chat=chat)
+        name = body.get("model")
+        if name is not None and name != self.server.model_name:     # as OpenAI and vLLM: a typo is not served
+            raise ApiError(404, f"the model {name!r} does not exist: this server serves {self.server.model_name!r} "
+                                f"(GET /v1/models)", "model", code="model_not_found")
+        return body, s
+
+    def _completions(self):
+        body, s = self._request(chat=False)
         ids = prompt_ids(body, self.server.tokenizer, self.server.add_bos)
         self._generate(ids, s, chat=False, field="prompt")
 
     def _chat(self):
-        self._check_engine()
-        body = self._read_json()
-        s = Sampling(body, chat=True)
+        body, s = self._request(chat=True)
         msgs = chat_messages(body)
         tpl = self.server.chat_template
         if tpl is None:
@@ -403,7 +413,8 @@ class Handler(BaseHTTPRequestHandler):
 
     def _envelope(self, chat: bool, chunk: bool) -> dict:
         kind = ("chat.completion.chunk" if chunk else "chat.completion") if chat else "text_completion"
-        return {"id": self._rid, "object": kind, "created": int(time.time()), "model": self.server.model_name}
+        return {"id": self._rid, "object": kind, "created": int(time.time()), "model": self.server.model_name,
+                "system_fingerprint": self.server.fingerprint}
 
     def _send_whole(self, gen: Generation, chat: bool):
         self._rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex

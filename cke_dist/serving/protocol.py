@@ -10,6 +10,8 @@ import math
 
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16      # OpenAI's default for /v1/completions
 MAX_STOP_STRINGS = 16
+# OpenAI's message roles ("developer" is the newer name for "system"); tool results need tools
+ROLES = ("system", "developer", "user", "assistant")
 
 
 class ApiError(Exception):
@@ -62,6 +64,18 @@ def _opt_bool(body: dict, name: str):
     return v
 
 
+def checked_text(text: str, field: str) -> str:
+    """The text itself, or a 400 when it is not valid Unicode: JSON can carry a lone UTF-16 surrogate
+    ("\\ud800"), which no tokenizer can encode."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ApiError(400, f"'{field}' is not valid Unicode text: a lone surrogate "
+                            f"U+{ord(text[e.start]):04X} at character {e.start}; send the text as UTF-8 "
+                            f"(surrogates come only in pairs)", field) from None
+    return text
+
+
 def _unsupported(body: dict, name: str, neutral, what: str):
     """A feature this server does not implement: accept only its neutral values."""
     v = body.get(name)
@@ -77,6 +91,8 @@ def _stop_strings(body: dict) -> list[str]:
         v = [v]
     if not isinstance(v, list) or not all(isinstance(s, str) for s in v):
         raise ApiError(400, f"'stop' must be a string or a list of strings, got {json.dumps(v)}", "stop")
+    for s in v:
+        checked_text(s, "stop")
     if len(v) > MAX_STOP_STRINGS:
         raise ApiError(400, f"'stop' has {len(v)} strings; at most {MAX_STOP_STRINGS} are allowed", "stop")
     return v
@@ -109,6 +125,8 @@ class Sampling:
         self.temperature = 1.0 if t is None else t
         self.top_p = _opt_num(body, "top_p", lambda v: 0 < v <= 1, "a number in (0, 1]")
         top_k = _opt_int(body, "top_k")
+        if top_k is not None and top_k < -1:
+            raise ApiError(400, f"'top_k' must be an integer >= 1, or 0 or -1 for no limit, got {top_k}", "top_k")
         self.top_k = top_k if top_k is not None and top_k >= 1 else None    # 0 and -1 mean no limit (vLLM)
         self.seed = _opt_int(body, "seed", 0)
         # vLLM's extension: generate max_tokens whatever the model says (benchmarks want fixed lengths)
@@ -127,7 +145,7 @@ def prompt_ids(body: dict, tokenizer, add_bos: bool) -> list[int]:
     if isinstance(p, list) and len(p) == 1 and isinstance(p[0], (str, list)):
         p = p[0]
     if isinstance(p, str):
-        return tokenizer.encode(p, add_bos=add_bos)
+        return tokenizer.encode(checked_text(p, "prompt"), add_bos=add_bos)
     if isinstance(p, list) and p and all(is_int(i) for i in p):
         return list(p)
     if isinstance(p, list) and len(p) > 1 and all(isinstance(i, (str, list)) for i in p):
@@ -143,13 +161,18 @@ def chat_messages(body: dict) -> list[dict]:
     for i, m in enumerate(msgs):
         if not isinstance(m, dict) or not isinstance(m.get("role"), str):
             raise ApiError(400, f"messages[{i}] must be an object with a string 'role'", "messages")
+        if m["role"] not in ROLES:
+            raise ApiError(400, f"messages[{i}].role is {json.dumps(m['role'])}; this server takes "
+                                f"{', '.join(ROLES)}", "messages")
         content = m.get("content")
         if isinstance(content, list):   # content parts: this server reads text only
             if not all(isinstance(c, dict) and c.get("type") == "text" and isinstance(c.get("text"), str)
                        for c in content):
                 raise ApiError(400, f"messages[{i}].content: only parts of type \"text\" are supported", "messages")
             content = "".join(c["text"] for c in content)
-        elif content is not None and not isinstance(content, str):
-            raise ApiError(400, f"messages[{i}].content must be a string, a list of text parts or null", "messages")
-        out.append({**m, "content": content})
+        elif not isinstance(content, str):
+            # OpenAI allows null only beside tool_calls, which this server does not take
+            raise ApiError(400, f"messages[{i}].content must be a string or a list of text parts, got "
+                                f"{json.dumps(content)}", "messages")
+        out.append({**m, "content": checked_text(content, "messages")})
     return out

@@ -12,6 +12,7 @@ import json
 import os
 import re
 import shlex
+import shutil
 import signal
 import socket
 import subprocess
@@ -40,6 +41,7 @@ CTX = 512
 CFG = dict(vocab_size=320, hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
            num_key_value_heads=2, max_position_embeddings=CTX, rms_norm_eps=1e-5, tie_word_embeddings=True)
 API_KEY = "sk-test-0123456789"
+MODEL = "tiny-chat"  # the directory's name: what the server answers to
 LONG = 480          # tokens of the long requests (the disconnect and dead-rank tests)
 
 # SmolLM2-Instruct's template (Qwen2-Instruct's but for the default system prompt), verbatim
@@ -154,7 +156,7 @@ class ServerProc:
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    return make_model_dir(tmp_path_factory.mktemp("serve") / "tiny-chat")
+    return make_model_dir(tmp_path_factory.mktemp("serve") / MODEL)
 
 
 @pytest.fixture(scope="module")
@@ -289,9 +291,9 @@ def test_completions_greedy_equal_generate(client, ref):
     p = ref["plain"][0]
     want, finish, n = expected(ref, p, 30)
     assert finish == "length" and n == 30
-    r = client.completions.create(model="x", prompt=p, max_tokens=30, temperature=0)
+    r = client.completions.create(model=MODEL, prompt=p, max_tokens=30, temperature=0)
     assert (r.choices[0].text, r.choices[0].finish_reason, r.usage.completion_tokens) == (want, "length", 30)
-    chunks = list(client.completions.create(model="x", prompt=p, max_tokens=30, temperature=0, stream=True,
+    chunks = list(client.completions.create(model=MODEL, prompt=p, max_tokens=30, temperature=0, stream=True,
                                             stream_options={"include_usage": True}))
     assert "".join(c.choices[0].text for c in chunks if c.choices) == want
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
@@ -301,12 +303,12 @@ def test_completions_greedy_equal_generate(client, ref):
 
 def test_default_max_tokens_and_eos(client, ref):
     p = ref["plain"][1]
-    r = client.completions.create(model="x", prompt=p, temperature=0)     # OpenAI's default: 16
+    r = client.completions.create(model=MODEL, prompt=p, temperature=0)     # OpenAI's default: 16
     assert r.usage.completion_tokens == 16 and r.choices[0].finish_reason == "length"
     assert r.choices[0].text == expected(ref, p, 16)[0]
     want, finish, n = expected(ref, ref["eos_prompt"], 100)
     assert finish == "stop" and n < 100
-    r = client.completions.create(model="x", prompt=ref["eos_prompt"], max_tokens=100, temperature=0)
+    r = client.completions.create(model=MODEL, prompt=ref["eos_prompt"], max_tokens=100, temperature=0)
     assert (r.choices[0].text, r.choices[0].finish_reason, r.usage.completion_tokens) == (want, "stop", n)
     assert "<|im_end|>" not in r.choices[0].text
 
@@ -316,18 +318,18 @@ def test_chat_greedy_equal_generate(client, ref, model_dir):
     ids = ref["tok"].encode(load_chat_template(model_dir).render(msgs))
     assert ids.count(300) == 3          # <|im_start|> is one token: the rendered specials were kept
     want, finish, n = expected(ref, ids, 20)
-    r = client.chat.completions.create(model="x", messages=msgs, max_tokens=20, temperature=0)
+    r = client.chat.completions.create(model=MODEL, messages=msgs, max_tokens=20, temperature=0)
     assert r.object == "chat.completion" and r.id.startswith("chatcmpl-")
     assert (r.choices[0].message.role, r.choices[0].message.content) == ("assistant", want)
     assert r.choices[0].finish_reason == finish
     assert (r.usage.prompt_tokens, r.usage.completion_tokens) == (len(ids), n)
-    chunks = list(client.chat.completions.create(model="x", messages=msgs, max_tokens=20, temperature=0,
+    chunks = list(client.chat.completions.create(model=MODEL, messages=msgs, max_tokens=20, temperature=0,
                                                  stream=True))
     assert chunks[0].choices[0].delta.role == "assistant"
     assert "".join(c.choices[0].delta.content or "" for c in chunks) == want
     assert chunks[-1].choices[0].finish_reason == finish and chunks[-1].object == "chat.completion.chunk"
     # no max_tokens in chat: up to the context
-    r = client.chat.completions.create(model="x", messages=msgs, temperature=0)
+    r = client.chat.completions.create(model=MODEL, messages=msgs, temperature=0)
     want, finish, n = expected(ref, ids, CTX - len(ids))
     assert (r.choices[0].message.content, r.choices[0].finish_reason, r.usage.completion_tokens) == (want, finish, n)
 
@@ -339,7 +341,7 @@ def test_concurrent_streams_each_equal_their_own_generate(client, ref):
     def one(i, p, n):
         try:
             parts, finish = [], None
-            for c in client.completions.create(model="x", prompt=p, max_tokens=n, temperature=0, stream=True):
+            for c in client.completions.create(model=MODEL, prompt=p, max_tokens=n, temperature=0, stream=True):
                 parts.append(c.choices[0].text)
                 finish = c.choices[0].finish_reason or finish
             results[i] = ("".join(parts), finish)
@@ -357,7 +359,7 @@ def test_concurrent_streams_each_equal_their_own_generate(client, ref):
 
 def test_seed_reproduces_and_equals_generate(client, ref):
     p = ref["plain"][2]
-    kw = dict(model="x", prompt=p, max_tokens=25, temperature=0.9, top_p=0.95)
+    kw = dict(model=MODEL, prompt=p, max_tokens=25, temperature=0.9, top_p=0.95)
     a = client.completions.create(seed=7, **kw).choices[0].text
     b = client.completions.create(seed=7, **kw).choices[0].text
     c = client.completions.create(seed=8, **kw).choices[0].text
@@ -371,11 +373,11 @@ def test_stop_strings_cut_the_text(client, ref):
     stop = full[12:15]
     cut = full[:full.index(stop)]
     assert len(cut) >= 5
-    r = client.completions.create(model="x", prompt=p, max_tokens=40, temperature=0, stop=stop)
+    r = client.completions.create(model=MODEL, prompt=p, max_tokens=40, temperature=0, stop=stop)
     assert (r.choices[0].text, r.choices[0].finish_reason) == (cut, "stop")
     assert r.usage.completion_tokens < 40
     other = full[30:33]
-    chunks = list(client.completions.create(model="x", prompt=p, max_tokens=40, temperature=0,
+    chunks = list(client.completions.create(model=MODEL, prompt=p, max_tokens=40, temperature=0,
                                             stop=[other, stop], stream=True))
     assert "".join(c.choices[0].text for c in chunks) == full[:min(full.index(stop), full.index(other))]
     assert chunks[-1].choices[0].finish_reason == "stop"
@@ -384,11 +386,11 @@ def test_stop_strings_cut_the_text(client, ref):
 def test_context_n_and_types_are_400(client, ref):
     with pytest.raises(openai.BadRequestError, match=r"maximum context length is 512 tokens; you requested 520 "
                                                      r"tokens \(500 in the prompt, 20 for the completion\)"):
-        client.completions.create(model="x", prompt=[5] * 500, max_tokens=20)
+        client.completions.create(model=MODEL, prompt=[5] * 500, max_tokens=20)
     with pytest.raises(openai.BadRequestError, match="'n' must be 1"):
-        client.completions.create(model="x", prompt="hi", n=2)
+        client.completions.create(model=MODEL, prompt="hi", n=2)
     with pytest.raises(openai.BadRequestError, match="'temperature' must be a number >= 0"):
-        client.chat.completions.create(model="x", messages=[{"role": "user", "content": "hi"}], temperature=-1)
+        client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], temperature=-1)
 
 
 # ---- raw HTTP: bad input, auth, disconnects --------------------------------------------------------
@@ -430,6 +432,42 @@ def test_bad_requests_name_the_field(server):
     assert head.startswith(b"HTTP/1.1 413"), head
 
 
+def test_what_openai_refuses_is_refused(server, client):
+    """Each of these was a 200 or a 500 once: a lone surrogate, an unknown model, a made-up role,
+    top_k -5, content null."""
+    port = server.port
+    chat = "/v1/chat/completions"
+    for path, body, status, field, words in [
+        ("/v1/completions", {"prompt": "Hi \ud800 there"}, 400, "prompt", "lone surrogate U+D800 at character 3"),
+        (chat, {"messages": [{"role": "user", "content": "a\udfffb"}]}, 400, "messages", "lone surrogate U+DFFF"),
+        ("/v1/completions", {"prompt": "hi", "stop": ["\ud83d"]}, 400, "stop", "lone surrogate"),
+        (chat, {"messages": [{"role": "wizard", "content": "hi"}]}, 400, "messages", 'role is "wizard"'),
+        (chat, {"messages": [{"role": "user", "content": None}]}, 400, "messages", "content must be a string"),
+        (chat, {"messages": [{"role": "user"}]}, 400, "messages", "content must be a string"),
+        ("/v1/completions", {"prompt": "hi", "top_k": -5}, 400, "top_k", "0 or -1 for no limit"),
+        ("/v1/completions", {"prompt": "hi", "model": "gpt-4o"}, 404, "model", "'gpt-4o' does not exist"),
+    ]:
+        got, r = raw(port, "POST", path, body)
+        assert got == status and r["error"]["param"] == field and words in r["error"]["message"], (body, got, r)
+    assert raw(port, "POST", "/v1/completions", {"prompt": "hi", "model": "gpt-4o"})[1]["error"]["code"] == \
+        "model_not_found"
+    with pytest.raises(openai.NotFoundError, match="this server serves 'tiny-chat'"):
+        client.completions.create(model="tiny", prompt="hi", max_tokens=1)
+    # what stays accepted: no model named, a pair of surrogates (one character), top_k -1, every role
+    pair = {"prompt": "Hi \ud83d\ude00", "max_tokens": 1, "top_k": -1}
+    assert raw(port, "POST", "/v1/completions", pair)[0] == 200
+    msgs = [{"role": r, "content": "x"} for r in ("system", "developer", "user", "assistant", "user")]
+    assert raw(port, "POST", chat, {"model": MODEL, "messages": msgs, "max_tokens": 1})[0] == 200
+
+
+def test_system_fingerprint(server, client):
+    r = client.completions.create(model=MODEL, prompt="hi", max_tokens=2, temperature=0)
+    c = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=2)
+    chunks = list(client.completions.create(model=MODEL, prompt="hi", max_tokens=2, stream=True))
+    fps = {r.system_fingerprint, c.system_fingerprint, *(ch.system_fingerprint for ch in chunks)}
+    assert len(fps) == 1 and re.fullmatch(r"fp_[0-9a-f]{12}", fps.pop()), fps
+
+
 def test_api_key(server):
     port = server.port
     assert raw(port, "GET", "/health", key=None) == (200, {"status": "ok"})
@@ -448,7 +486,7 @@ def test_a_client_leaving_mid_stream_is_cancelled(server, client, ref):
     s.close()
     # the others go on being served; the engine is not stuck on the abandoned request
     q = ref["plain"][5]
-    r = client.completions.create(model="x", prompt=q, max_tokens=10, temperature=0)
+    r = client.completions.create(model=MODEL, prompt=q, max_tokens=10, temperature=0)
     assert r.choices[0].text == expected(ref, q, 10)[0]
     deadline = time.monotonic() + 10
     pat = re.compile(r"client went away: its request was cancelled after (\d+) tokens")
@@ -461,16 +499,55 @@ def test_a_client_leaving_mid_stream_is_cancelled(server, client, ref):
 def test_no_chat_template_is_400_and_the_banner(tmp_path, ref):
     d = tmp_path / "plain"
     make_model_dir(d, template=None)
-    s = ServerProc(d, "--max-batch", "2", "--threads", "1")
+    s = ServerProc(d, "--max-batch", "2", "--threads", "1", "--api-key", "sekrit")
     try:
         out = s.output()
         assert "layout tp=1 x pp=1" in out and "model 'plain'" in out and "try: curl http://127.0.0.1:" in out
+        # the banner's curl names where the key came from, never the key (and no variable nobody set)
+        assert 'Bearer <the --api-key value>"' in out and "sekrit" not in out and "CKE_API_KEY" not in out, out
         status, r = raw(s.port, "POST", "/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}]},
-                        key=None)    # no key configured: open
+                        key="sekrit")
         assert status == 400 and "has no chat template" in r["error"]["message"]
-        assert raw(s.port, "POST", "/v1/completions", {"prompt": [3], "max_tokens": 1}, key=None)[0] == 200
+        assert raw(s.port, "POST", "/v1/completions", {"prompt": [3], "max_tokens": 1}, key="sekrit")[0] == 200
     finally:
         s.kill()
+
+
+def test_command_errors_are_one_line_once(model_dir, tmp_path):
+    """Bad arguments end with one line naming what to change, not a traceback per rank."""
+    missing = tmp_path / "nowhere" / "model.gguf"
+    cases = [
+        (["serve", "--model", str(missing)], 1, f"cke-dist serve: error: model {missing} does not exist"),
+        (["generate", "--model", str(missing), "--prompt", "hi", "--tp", "2"], 2, "does not exist: give a model "
+                                                                                  "directory"),
+        (["serve", "--model", str(model_dir), "--port", "70000"], 1, "argument --port: 70000 is out of range"),
+        (["serve", "--model", str(model_dir), "--max-len", "100000"], 1,
+         f"--max-len 100000: the model's context is {CTX} tokens"),
+        (["generate", "--model", str(model_dir), "--prompt", "hi", "--max-new-tokens", "0"], 1,
+         "argument --max-new-tokens: 0 is out of range"),
+        (["generate", "--model", str(model_dir / "config.json"), "--prompt", "hi"], 1,
+         "is a file but not a GGUF file"),
+    ]
+    for args, n, words in cases:
+        cmd = [sys.executable, "-m", "cke_dist.cli", *args]
+        if n > 1:
+            cmd = [mpiexec(), "-n", str(n), *cmd]
+        p = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
+        errors = [line for line in (p.stdout + p.stderr).splitlines() if "error" in line.lower()]
+        assert p.returncode == 2 and len(errors) == 1 and words in errors[0], (args, p.returncode, p.stdout, p.stderr)
+        assert "Traceback" not in p.stderr, p.stderr
+
+
+def test_quantize_keeps_the_chat_template(model_dir, tmp_path, ref):
+    src = tmp_path / "with-jinja"
+    shutil.copytree(model_dir, src)
+    (src / "chat_template.jinja").write_text(MULTILINE_TEMPLATE)
+    out = tmp_path / "q8"
+    p = subprocess.run([sys.executable, "-m", "cke_dist.cli", "quantize", "--model", str(src), "--out", str(out)],
+                       cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr
+    msgs = [{"role": "user", "content": "hi"}]
+    assert load_chat_template(out).render(msgs) == load_chat_template(src).render(msgs)
 
 
 # ---- tp=2 under mpiexec ------------------------------------------------------------------------------
@@ -485,7 +562,7 @@ def test_tp2_serves_like_one_process_and_a_killed_rank_ends_the_job(model_dir, r
 
         def one(i):
             outs[i] = "".join(ch.choices[0].text for ch in c.completions.create(
-                model="x", prompt=prompts[i], max_tokens=24, temperature=0, stream=True))
+                model=MODEL, prompt=prompts[i], max_tokens=24, temperature=0, stream=True))
 
         threads = [threading.Thread(target=one, args=(i,)) for i in range(3)]
         for t in threads:
@@ -494,7 +571,7 @@ def test_tp2_serves_like_one_process_and_a_killed_rank_ends_the_job(model_dir, r
             t.join(60)
         assert outs == [expected(ref, p, 24)[0] for p in prompts]
         msgs = [{"role": "user", "content": "hi"}]
-        r = c.chat.completions.create(model="x", messages=msgs, max_tokens=12, temperature=0)
+        r = c.chat.completions.create(model=MODEL, messages=msgs, max_tokens=12, temperature=0)
         ids = ref["tok"].encode(load_chat_template(model_dir).render(msgs))
         assert r.choices[0].message.content == expected(ref, ids, 12)[0]
 

@@ -175,7 +175,7 @@ def test_q8_0_logits_close_to_float32(models):
     assert q8.weight_bytes_per_token() < 0.3 * f32.weight_bytes_per_token()
 
 
-def test_quantize_job_writes_a_dir_that_generates_the_same(models, tmp_path):
+def test_quantize_job_writes_a_dir_that_generates_the_same(models, tmp_path, capsys):
     from cke_dist.cli import main as cli_main
     from cke_dist.model.load import load_inference_model
     from cke_dist.serving.generate import generate
@@ -203,8 +203,9 @@ def test_quantize_job_writes_a_dir_that_generates_the_same(models, tmp_path):
                              "--max-new-tokens", "12"] + extra) == 0
         texts.append(buf.getvalue())
     assert texts[0] == texts[1] and texts[0].startswith("hi") and len(texts[0]) > 3
-    with pytest.raises(ValueError, match="already a Q8_0"):
-        cli_main(["quantize", "--model", str(out), "--out", str(tmp_path / "again")])
+    capsys.readouterr()
+    assert cli_main(["quantize", "--model", str(out), "--out", str(tmp_path / "again")]) == 2
+    assert "cke-dist quantize: error: " in capsys.readouterr().err and not (tmp_path / "again").exists()
 
 
 def test_q8_0_dir_with_bad_tensor_is_named(models, tmp_path):
