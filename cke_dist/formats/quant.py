@@ -51,10 +51,11 @@ class Quant:
             return dequantize_q8_0(self.q, self.d)
         return dequantize_q4(self.q, self.d, self.m)
 
-    def matmul(self, x, out):
+    def matmul(self, x, out, integer=None):
+        """out = x @ W.T; integer: the integer path (True), BLAS (False), or by row count (None)."""
         if self.kind == "q8_0":
-            return q8_0_matmul(self.q, self.d, x, out)
-        return q4_matmul(self.q, self.d, self.m, x, out)
+            return q8_0_matmul(self.q, self.d, x, out, integer=integer)
+        return q4_matmul(self.q, self.d, self.m, x, out, integer=integer)
 
     def gather_rows(self, ids, out):
         if self.kind == "q8_0":

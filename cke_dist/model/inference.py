@@ -13,6 +13,9 @@ Rules it keeps:
   runs on one thread pool: see cke_kernels/decode_matvec.py). Rows of one call must have
   increasing positions within a sequence, and every earlier position of that
   sequence must already be in the cache.
+- batch invariance: which kernel a row goes through depends on how many rows its
+  own sequence has in the call, never on the other rows (Linear's segments), so a
+  request gets the same bits alone or batched with others, quantized or not.
 - the same ops as training: CORE's rmsnorm / swiglu / residual / embedding
   kernels and `linear_forward`; RoPE angles from CORE's `rope_inv_freq`.
   q/k/v and gate/up are one product each, on the Model's adjacent views.
@@ -35,6 +38,7 @@ from cke_kernels.decode_attention import cached_attention, rope_rows
 from cke_kernels.embedding import embedding_forward
 from cke_kernels.linear import linear_forward
 from cke_kernels.decode_matvec import F32_MATVEC_MAX_ROWS, f32_matvec
+from cke_kernels.q8_0 import MATVEC_MAX_ROWS
 from cke_kernels.residual import residual_forward
 from cke_kernels.rmsnorm import rmsnorm_forward
 from cke_kernels.rope import rope_cos_sin, rope_inv_freq
@@ -68,17 +72,45 @@ class Linear:
         w = self.weight if self.quant is None else self.quant.dequantized()
         return Linear(bias=self.bias, quant=Quant.of(w, kind))
 
-    def __call__(self, x, out):
+    def __call__(self, x, out, segments=None):
+        """out = x @ W.T (+ b). segments: the [start, stop) rows of each sequence in x (None: one
+        sequence). A sequence with more than `gemm_rows` rows in this call (a prompt) gets a GEMM
+        of its own rows; every other row goes through the row-by-row kernel. So a row's numbers
+        depend on its own sequence only, never on what else is in the batch (batch invariance: a
+        decode row batched with a prompt gets the bits it gets alone)."""
+        limit = F32_MATVEC_MAX_ROWS if self.quant is None else MATVEC_MAX_ROWS
+        if segments is None or len(segments) == 1:
+            return self._product(x, out, gemm=x.shape[0] > limit)
+        long = [(a, b) for a, b in segments if b - a > limit]
+        if not long:
+            return self._product(x, out, gemm=False)
+        for a, b in long:
+            self._product(x[a:b], out[a:b], gemm=True)
+        short = [np.arange(a, b) for a, b in segments if b - a <= limit]
+        if short:
+            rows = np.concatenate(short)
+            out[rows] = self._product(np.ascontiguousarray(x[rows]), np.empty((rows.size, out.shape[1]), F32),
+                                      gemm=False)
+        return out
+
+    def _product(self, x, out, gemm: bool):
         if self.quant is None:
-            if x.shape[0] > F32_MATVEC_MAX_ROWS:
-                linear_forward(x, self.weight, self.bias, out)      # prefill: BLAS GEMM
+            if gemm:
+                linear_forward(x, self.weight, self.bias, out)              # prefill: BLAS GEMM
                 return out
-            f32_matvec(self.weight, x, out)                         # decode: one thread pool
+            f32_matvec(self.weight, x, out)                                 # decode: one thread pool
         else:
-            self.quant.matmul(x, out)
+            self.quant.matmul(x, out, integer=not gemm)
         if self.bias is not None:
             out += self.bias
         return out
+
+
+def sequence_rows(seq: np.ndarray) -> list[tuple[int, int]]:
+    """[start, stop) of each run of equal cache rows in seq: the rows of one sequence in a call."""
+    cuts = np.flatnonzero(seq[1:] != seq[:-1]) + 1
+    edges = [0, *cuts.tolist(), seq.size]
+    return list(zip(edges[:-1], edges[1:]))
 
 
 class KVCache:
@@ -285,25 +317,25 @@ class InferenceModel:
             self._embed(ids, x)
         else:
             x[...] = inp
-        self._layers(x, seq, pos, cache, ws)
+        self._layers(x, seq, pos, cache, ws, sequence_rows(seq))
         np.maximum.at(cache.lengths, seq, pos + 1)
         if not self.stage.last:
             return x
-        rows = slice(None) if logits_rows is None else np.asarray(logits_rows, dtype=np.int64)
+        rows = np.arange(M) if logits_rows is None else np.asarray(logits_rows, dtype=np.int64)
         xf = np.ascontiguousarray(x[rows])
         xfn = np.empty_like(xf)
         rmsnorm_forward(xf, self.norm, self.eps, xfn, np.empty(xf.shape[0], F32))
-        local = self.lm_head(xfn, np.empty((xf.shape[0], self.lm_head.out_features), F32))
+        local = self.lm_head(xfn, np.empty((xf.shape[0], self.lm_head.out_features), F32), sequence_rows(seq[rows]))
         return self.tp.gather_vocab(local, self.config.vocab_size) if self.tp_size > 1 else local
 
-    def _layers(self, x, seq, pos, cache, ws):
+    def _layers(self, x, seq, pos, cache, ws, segments):
         M = x.shape[0]
         D, H, KV = self.head_dim, self.heads.n_q, self.heads.n_kv
         cos, sin = rope_cos_sin(pos, self.inv_freq)       # once a forward, for every layer
         x2, xn = ws["x2"], ws["xn"]
         for li, L in enumerate(self.layers):
             rmsnorm_forward(x, L["ln1"], self.eps, xn, ws["rstd"])
-            qkv = L["qkv"](xn, ws["qkv"])
+            qkv = L["qkv"](xn, ws["qkv"], segments)
             q, k, v = ws["q"], ws["k"], ws["v"]
             q[...] = qkv[:, :H * D].reshape(M, H, D)
             k[...] = qkv[:, H * D:(H + KV) * D].reshape(M, KV, D)
@@ -313,13 +345,13 @@ class InferenceModel:
             cache.k[li][seq, :, pos, :] = k
             cache.v[li][seq, :, pos, :] = v
             att = cached_attention(q, cache.k[li], cache.v[li], seq, pos, self.kv_head, ws["att"])
-            self.tp.allreduce(L["o"](att.reshape(M, H * D), ws["tmp"]))
+            self.tp.allreduce(L["o"](att.reshape(M, H * D), ws["tmp"], segments))
             if L["o_bias"] is not None:
                 ws["tmp"] += L["o_bias"]
             residual_forward(x, ws["tmp"], x2)
             rmsnorm_forward(x2, L["ln2"], self.eps, xn, ws["rstd"])
-            swiglu_forward(L["gate_up"](xn, ws["gu"]), ws["h"])
-            self.tp.allreduce(L["down"](ws["h"], ws["tmp"]))
+            swiglu_forward(L["gate_up"](xn, ws["gu"], segments), ws["h"])
+            self.tp.allreduce(L["down"](ws["h"], ws["tmp"], segments))
             residual_forward(x2, ws["tmp"], x)
 
     def _embed(self, ids, x):

@@ -282,15 +282,18 @@ def _dequant_rows(packed, d, mins, has_min, r0, r1, out):
 _NO_MIN = np.zeros((1, 1), np.float32)
 
 
-def q4_matmul(packed, d, m, x, out):
-    """out (M, N) = x (M, K) @ dequant(packed, d, m).T: the integer path for few rows, tiled BLAS else."""
+def q4_matmul(packed, d, m, x, out, integer=None):
+    """out (M, N) = x (M, K) @ dequant(packed, d, m).T: the integer path when `integer`, tiled BLAS
+    when not, None: integer for up to MATVEC_MAX_ROWS rows (as q8_0_matmul)."""
     n, half = packed.shape
     rows, k = x.shape
     if k != 2 * half or out.shape != (rows, n) or d.shape != (n, k // BLOCK):
         raise ValueError(f"q4_matmul: x {x.shape}, weight {packed.shape} (packed), scales {d.shape}, "
                          f"out {out.shape} do not fit")
     mins = _NO_MIN if m is None else m
-    if rows <= MATVEC_MAX_ROWS:
+    if integer is None:
+        integer = rows <= MATVEC_MAX_ROWS
+    if integer:
         for name, a in (("packed", packed), ("d", d), ("m", mins)):
             if not a.flags.c_contiguous:   # the integer dot reads flat offsets
                 raise ValueError(f"q4_matmul: {name} must be C-contiguous")

@@ -29,7 +29,8 @@ Rules:
 - q8_0_matmul serves prefill: it dequantizes a tile of rows into a small
   scratch buffer and hands the GEMM to BLAS (no hand-written GEMM), with float
   activations (so prompts of more than MATVEC_MAX_ROWS tokens see no activation
-  rounding).
+  rounding). The caller may pick the path (`integer`): the serving engine picks
+  it per sequence, so a row's numbers do not depend on the rows batched with it.
 - no allocation in the hot path beyond the tile scratch and the quantized
   activations (M x K int8); deterministic: each output is summed by one thread in
   a fixed order, whatever the thread count.
@@ -305,13 +306,17 @@ def _check_layout(qs, scales, x):
         raise ValueError(f"Q8_0 product: scales {scales.shape} do not fit weight {qs.shape}")
 
 
-def q8_0_matmul(qs, scales, x, out, scratch=None):
-    """out (M, N) = x (M, K) @ dequant(qs, scales).T, any M: matvec for few rows, tiled BLAS otherwise."""
+def q8_0_matmul(qs, scales, x, out, scratch=None, integer=None):
+    """out (M, N) = x (M, K) @ dequant(qs, scales).T, any M: the integer path (activations quantized
+    per row) when `integer`, tiled BLAS (float activations) when not; None: integer for up to
+    MATVEC_MAX_ROWS rows. Either path gives a row the same numbers whatever the other rows are."""
     m, k = x.shape
     n = qs.shape[0]
     if k != qs.shape[1] or out.shape != (m, n):
         raise ValueError(f"q8_0_matmul: x {x.shape}, weight {qs.shape}, out {out.shape} do not fit")
-    if m <= MATVEC_MAX_ROWS:
+    if integer is None:
+        integer = m <= MATVEC_MAX_ROWS
+    if integer:
         _check_layout(qs, scales, x)
         _matvec(qs, scales, x, out)
         return out
