@@ -15,6 +15,11 @@ import importlib
 import os
 import sys
 
+from cke_kernels import THREAD_VARS
+
+# decode's thread count when --threads was not given, and why (the jobs print it)
+DEFAULT_THREADS: tuple[int, str] | None = None
+
 # subcommand -> (module, one-line help)
 COMMANDS = {
     "train": ("cke_dist.cli.train", "train a model (one process, or under mpiexec)"),
@@ -47,6 +52,12 @@ def main(argv=None) -> int:
     if chosen in ("generate", "serve") and threads and threads.isdigit() and int(threads) > 0:
         from cke_kernels import decode_pool_env
         decode_pool_env(int(threads))
+    elif chosen in ("generate", "serve") and threads is None and not any(v in os.environ for v in THREAD_VARS):
+        from cke_kernels import decode_pool_env, default_decode_threads
+        n, why = default_decode_threads()
+        decode_pool_env(n)
+        global DEFAULT_THREADS
+        DEFAULT_THREADS = (n, f"{n} thread{'s' * (n > 1)} ({why}; --threads to choose)")
     for name, (module, help_) in COMMANDS.items():
         p = sub.add_parser(name, help=help_, description=help_)
         if name == chosen:

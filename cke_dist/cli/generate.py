@@ -2,9 +2,11 @@
 serving engine (any tp x pp layout: `mpiexec -n 4 cke-dist generate --model DIR --tp 2 --pp 2 --prompt ...`)."""
 from __future__ import annotations
 
+import os
 import sys
 import threading
 
+import cke_dist.cli as cli
 from cke_dist.cli import int_in
 from cke_dist.comm import init
 from cke_dist.formats.checkpoint import model_path
@@ -39,6 +41,8 @@ def run(args) -> int:
     if args.threads is not None:
         from cke_kernels.threads import set_num_threads
         set_num_threads(args.threads)
+    elif cli.DEFAULT_THREADS is not None and cli.DEFAULT_THREADS[0] < len(os.sched_getaffinity(0)):
+        print(f"cke-dist generate: {cli.DEFAULT_THREADS[1]}", file=sys.stderr)   # fewer than the cores: say why
     world = init()
     args.model = model_path(args.model)  # a run directory: its newest checkpoint
     tok = load_tokenizer(args.model)     # before the weights (every rank alike): a missing tokenizer fails fast

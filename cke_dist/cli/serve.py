@@ -22,6 +22,8 @@ import threading
 import time
 from pathlib import Path
 
+from cke_kernels import THREAD_VARS
+
 from cke_dist.cli import int_in
 
 # after the engine dies: how long in-flight requests get to receive their 503, then how long new
@@ -132,6 +134,16 @@ def run(args) -> int:
     return 1
 
 
+def _threads_line(args) -> str:
+    import cke_dist.cli as cli
+    if args.threads is not None:
+        return f"{args.threads} thread{'s' * (args.threads > 1)} per rank (--threads)"
+    if cli.DEFAULT_THREADS is not None:
+        return cli.DEFAULT_THREADS[1] + " per rank"
+    return "threads from the environment (" + ", ".join(f"{v}={os.environ[v]}" for v in THREAD_VARS
+                                                      if v in os.environ) + ")"
+
+
 def _fingerprint(args) -> str:
     """OpenAI's system_fingerprint: changes when what decides the outputs changes (our version, the
     weights file, load-time quantization, the layout), so a client can tell why answers moved."""
@@ -154,6 +166,7 @@ def _banner(args, server, engine, size, has_chat, key_hint):
         f"rank{'s' if size > 1 else ''}; up to {engine.max_batch} requests at once, context {engine.max_len} tokens;"
         f" chat {'from the template' if has_chat else 'unavailable (no chat template)'}"
         f"{'; API key required' if key_hint else ''}",
+        f"  {_threads_line(args)}",
         f"  try: curl {base}/v1/completions -H 'Content-Type: application/json'{auth} "
         f"-d '{{\"prompt\": \"Hello\", \"max_tokens\": 16}}'",
     ]

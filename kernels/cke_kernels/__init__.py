@@ -112,6 +112,55 @@ def training_pool_env(env=None):
     return env
 
 
+def busy_cores(cores, window_s: float = 0.3) -> int:
+    """How many of `cores` (cpu numbers) other work keeps busy: each cpu's non-idle share of a short
+    window from /proc/stat, summed and rounded (0 where /proc/stat is unreadable). Call it while
+    this process is idle."""
+    def sample():
+        out = {}
+        try:
+            with open("/proc/stat") as f:
+                for line in f:
+                    name, *vals = line.split()
+                    if name.startswith("cpu") and name[3:].isdigit() and int(name[3:]) in cores:
+                        v = [int(x) for x in vals]
+                        out[int(name[3:])] = (sum(v), v[3] + (v[4] if len(v) > 4 else 0))   # total, idle+iowait
+        except OSError:
+            pass
+        return out
+    import time
+    a = sample()
+    time.sleep(window_s)
+    b = sample()
+    share = 0.0
+    for c in a.keys() & b.keys():
+        total, idle = b[c][0] - a[c][0], b[c][1] - a[c][1]
+        if total > 0:
+            share += 1.0 - idle / total
+    return int(share + 0.5)
+
+
+def default_decode_threads(env=None) -> tuple[int, str]:
+    """Decode's thread count when none is asked for, and why: the cores this process may use
+    (its affinity), less the ones other work keeps busy, shared by the ranks of this host. Decode
+    workers spin between its short parallel regions, so one on a core another process holds waits
+    for a descheduled thread at every region (a 30-token generate took 52 s at 2 threads, 9.5 s at
+    1, beside one busy process)."""
+    env = os.environ if env is None else env
+    cores = sorted(os.sched_getaffinity(0))
+    local = next((int(env[v]) for v in ("MPI_LOCALNRANKS", "OMPI_COMM_WORLD_LOCAL_SIZE", "SLURM_NTASKS_PER_NODE")
+                  if env.get(v, "").isdigit() and int(env[v]) > 0), 1)
+    # ranks of this job start together: their imports count as busy, so they are taken off
+    busy = max(0, busy_cores(set(cores)) - (local - 1))
+    n = max(1, (len(cores) - busy) // local)
+    why = f"{len(cores)} core{'s' * (len(cores) > 1)} this process may use"
+    if busy:
+        why += f", {busy} busy with other work"
+    if local > 1:
+        why += f", {local} ranks on this host"
+    return n, why
+
+
 def decode_pool_env(threads: int, env=None):
     """Start numba's (and BLAS's) pools with exactly `threads` workers, unless already set."""
     env = os.environ if env is None else env

@@ -5,6 +5,9 @@ biases and an untied LM head. Weights use initializer_range 0.2 so that greedy
 generation is not one repeated token (which would make the comparison weak).
 """
 import json
+import os
+import subprocess
+import sys
 import warnings
 
 import numpy as np
@@ -13,6 +16,7 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
+from mpirun import REPO, THREAD_VARS  # noqa: E402
 from tiny import VOCAB, make_hf_checkpoint, make_tokenizer_dir  # noqa: E402
 
 from cke_dist.cli import main as cli_main  # noqa: E402
@@ -277,3 +281,25 @@ def test_generate_threads_sizes_the_pools_before_numba_starts():
     assert out.stdout.strip().splitlines()[-1] == "pool 1", out.stdout[-2000:] + out.stderr[-2000:]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=dict(env, NUMBA_NUM_THREADS="2"))
     assert out.stdout.strip().splitlines()[-1] == "pool 2", out.stdout[-2000:] + out.stderr[-2000:]
+
+
+def test_default_threads_leave_a_busy_core_alone(tmp_path):
+    """Without --threads, decode takes the cores this process may use less the ones other work
+    holds (its workers spin: one beside a busy process waits at every parallel region)."""
+    make_hf_checkpoint(tmp_path, "llama")
+    make_tokenizer_dir(tmp_path)
+    env = {k: v for k, v in os.environ.items() if k not in THREAD_VARS}
+    cores = len(os.sched_getaffinity(0))
+    busy = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        p = subprocess.run([sys.executable, "-m", "cke_dist.cli", "generate", "--model", str(tmp_path), "--prompt",
+                            "hi", "--max-new-tokens", "3"], cwd=REPO, env=env, capture_output=True, text=True,
+                           timeout=300)
+    finally:
+        busy.kill()
+        busy.wait()
+    assert p.returncode == 0, p.stderr
+    line = next((s for s in p.stderr.splitlines() if "--threads to choose" in s), "")
+    n = int(line.split(": ", 1)[1].split()[0]) if line else cores
+    if cores > 1:     # one core is not enough to see: 1 thread either way
+        assert "busy with other work" in line and n <= cores - 1, p.stderr
