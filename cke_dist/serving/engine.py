@@ -47,7 +47,7 @@ from cke_dist.model.layout import Stage, stage_layers, stage_work
 from cke_dist.model.load import load_inference_model, read_model_config
 from cke_dist.parallel.grid import ProcessGrid
 from cke_dist.parallel.pipeline import TICK_BODY, TICK_HEAD, TICK_HIDDEN, TICK_LOGITS
-from cke_dist.serving.sampling import Sampler, check_sampling_args
+from cke_dist.serving.sampling import Sampler, check_sampling_args, log_softmax, top_logprobs
 
 _STOP = 1
 
@@ -64,6 +64,13 @@ class Params:
     top_p: float | None = None
     seed: int | None = None
     stop_ids: tuple = ()
+    min_p: float | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    logit_bias: dict | None = None
+    logprobs: int | None = None          # per sampled token: its logprob and this many alternatives
+    prompt_logprobs: int | None = None   # the same for each prompt token after the first
 
 
 class Request:
@@ -71,9 +78,15 @@ class Request:
 
     def __init__(self, rid: int, prompt: list[int], params: Params, limit: int):
         self.id, self.prompt, self.params, self.limit = rid, prompt, params, limit
-        self.sampler = Sampler(params.temperature, params.top_k, params.top_p, params.seed)
+        self.sampler = Sampler(params.temperature, params.top_k, params.top_p, params.seed, params.min_p,
+                               params.presence_penalty, params.frequency_penalty, params.repetition_penalty,
+                               params.logit_bias, prompt)
         self.stop_ids = set(int(i) for i in params.stop_ids)
         self.generated: list[int] = []
+        # (logprob, [(id, logprob), ...] alternatives) per generated token when params.logprobs is set,
+        # appended before the token's event: a reader of the k-th token finds its entry
+        self.logprobs: list[tuple[float, list]] = []
+        self.prompt_logprobs: list | None = None     # [None, (logprob, alternatives), ...] when asked
         self.slot: int | None = None
         self.waiting = False          # a plan with this request's row is in flight
         self.cancelled = False
@@ -158,6 +171,9 @@ class Engine:
             raise ValueError(f"the prompt has token id {bad[0]} outside the vocabulary [0, {self.vocab})")
         if int(params.max_tokens) != params.max_tokens or params.max_tokens < 1:
             raise ValueError(f"max_tokens must be an integer >= 1, got {params.max_tokens!r}")
+        bad = [i for i in (params.logit_bias or {}) if not 0 <= int(i) < self.vocab]
+        if bad:
+            raise ValueError(f"logit_bias names token id {bad[0]} outside the vocabulary [0, {self.vocab})")
         room = self.max_len - len(prompt)
         if room < 1:
             raise ValueError(f"the prompt has {len(prompt)} tokens; the context holds {self.max_len}, so no "
@@ -237,7 +253,7 @@ class Engine:
                 outs = None
                 if rank0:
                     if self.pp > 1 and inflight[g] is not None:
-                        logits = np.empty((len(inflight[g]), self.vocab), np.float32)
+                        logits = np.empty((sum(k for _, k in inflight[g]), self.vocab), np.float32)
                         self.pp_group.recv(logits, self.pp - 1, tag=TICK_LOGITS)
                         self._deliver(inflight[g], logits)
                         inflight[g] = None
@@ -354,7 +370,7 @@ class Engine:
                     p = len(r.prompt) + len(r.generated) - 1
                     ids.append(r.generated[-1]), seq.append(i), pos.append(p)
                     rows.append(len(ids) - 1)
-                    outs.append(r)
+                    outs.append((r, 1))
                     r.waiting = True
             for i in mine:
                 if self._slots[i] is None and self._waiting and not self._stopping:
@@ -365,8 +381,12 @@ class Engine:
                     ids += r.prompt
                     seq += [i] * P
                     pos += list(range(P))
-                    rows.append(len(ids) - 1)
-                    outs.append(r)
+                    if r.params.prompt_logprobs is not None:    # every prompt row's logits (echo)
+                        rows += range(len(ids) - P, len(ids))
+                        outs.append((r, P))
+                    else:
+                        rows.append(len(ids) - 1)
+                        outs.append((r, 1))
         as64 = [np.asarray(a, np.int64) for a in (ids, seq, pos, rows)]
         return tuple(as64), outs
 
@@ -383,12 +403,26 @@ class Engine:
             r.events.put(("done", r.finish))
 
     def _deliver(self, reqs, logits):
+        """reqs: (request, its number of logits rows) in row order; its last row samples."""
         with self._cv:
-            for r, row in zip(reqs, logits):
+            at = 0
+            for r, k in reqs:
+                rows, at = logits[at:at + k], at + k
                 r.waiting = False
                 if r.cancelled or r.finish is not None:
                     continue
+                if k > 1:
+                    n = r.params.prompt_logprobs
+                    r.prompt_logprobs = [None]
+                    for j in range(k - 1):
+                        lp = log_softmax(rows[j])
+                        r.prompt_logprobs.append((float(lp[r.prompt[j + 1]]), top_logprobs(lp, n)))
+                row = rows[k - 1]
                 tok = r.sampler(row)
+                r.sampler.accept(tok)
+                if r.params.logprobs is not None:
+                    lp = log_softmax(row)
+                    r.logprobs.append((float(lp[tok]), top_logprobs(lp, r.params.logprobs)))
                 r.generated.append(tok)
                 r.events.put(("token", tok))
                 if tok in r.stop_ids:

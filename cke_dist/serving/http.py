@@ -15,8 +15,10 @@ Rules it keeps:
   200 goes out only with the first token, so an engine that fails before it is still a 503.
 - Bad input is a 400 naming the field (OpenAI's error object: message, type, param, code); a body
   is read only after its Content-Length passed the limit (413 over it); unknown fields are
-  ignored; features we do not have (n > 1, logprobs, penalties, tools, ...) are a 400, never
-  silently dropped. prompt + max_tokens beyond the context is a 400 naming both numbers.
+  ignored; features we do not have (tools, response_format, suffix) are a 400, never silently
+  dropped. prompt + max_tokens beyond the context is a 400 naming both numbers.
+- Several prompts and n > 1 are one engine request per choice, all submitted before any is read
+  (so they decode together); log-probabilities come from the engine with each token.
 - A `model` other than the served name is a 404 (model_not_found), as OpenAI and vLLM answer; every
   response carries the server's system_fingerprint.
 - With an API key every /v1 path needs `Authorization: Bearer <key>` (401); /health stays open.
@@ -32,6 +34,7 @@ Tests: tests/integration/test_serve.py.
 from __future__ import annotations
 
 import hmac
+import itertools
 import json
 import queue
 import select
@@ -63,14 +66,18 @@ class _ClientGone(Exception):
 class Generation:
     """An engine request turned into text pieces: EOS hidden, stop strings cut, the client watched."""
 
-    def __init__(self, server: "OpenAIServer", ids: list[int], s: Sampling, gone):
+    def __init__(self, server: "OpenAIServer", ids: list[int], s: Sampling, gone, seed=None, prompt_logprobs=False):
         self.server, self.gone = server, gone
+        self.prompt_ids = ids
         self.prompt_tokens = len(ids)
         engine = server.engine
         try:
-            self.req = engine.submit(ids, Params(max_tokens=s.max_tokens, temperature=s.temperature, top_k=s.top_k,
-                                                 top_p=s.top_p, seed=s.seed,
-                                                 stop_ids=() if s.ignore_eos else tuple(server.stop_ids)))
+            self.req = engine.submit(ids, Params(
+                max_tokens=s.max_tokens, temperature=s.temperature, top_k=s.top_k, top_p=s.top_p, seed=seed,
+                stop_ids=() if s.ignore_eos else tuple(server.stop_ids), min_p=s.min_p,
+                presence_penalty=s.presence_penalty, frequency_penalty=s.frequency_penalty,
+                repetition_penalty=s.repetition_penalty, logit_bias=s.logit_bias, logprobs=s.logprobs,
+                prompt_logprobs=s.logprobs if prompt_logprobs else None))
         except EngineError as e:
             raise unavailable(str(e)) from None
         except ValueError as e:
@@ -94,20 +101,24 @@ class Generation:
                     raise unavailable(self.server.engine.error or "the engine stopped") from None
 
     def pieces(self):
-        """One text piece (maybe "") per sampled token, then the tail; self.finish at the end."""
+        """(text piece (maybe ""), [index of the token in req.generated]) per sampled token, then
+        (the tail, []); self.finish at the end. The EOS token that ends a request is not shown but
+        is scored: lm-eval reads the log-probabilities of an echoed prompt as everything before
+        the last entry, the one sampled token."""
         stop_ids = self.server.stop_ids
         try:
-            for tok in self._tokens():
+            for k, tok in enumerate(self._tokens()):
                 self.completion_tokens += 1
                 if tok in stop_ids:
+                    yield "", [k]
                     continue
                 piece = self.cut.push(self.text.push(tok))
                 if self.cut.hit:
                     self.req.cancel()
                     self.finish = "stop"
-                    yield piece
+                    yield piece, [k]
                     return
-                yield piece
+                yield piece, [k]
         except EngineError as e:
             raise unavailable(str(e)) from None
         if self.req.finish not in ("stop", "length"):   # cancelled by engine.shutdown
@@ -116,15 +127,45 @@ class Generation:
         if not self.cut.hit:
             tail += self.cut.flush()
         self.finish = "stop" if self.cut.hit else self.req.finish
-        yield tail
+        yield tail, []
 
-    def usage(self) -> dict:
-        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
-                "total_tokens": self.prompt_tokens + self.completion_tokens}
+    def scored(self, ks) -> list[tuple[int, float, list]]:
+        """(id, logprob, alternatives) of generated tokens ks."""
+        return [(self.req.generated[k], *self.req.logprobs[k]) for k in ks]
+
+    def prompt_scored(self) -> list[tuple[int, float | None, list | None]]:
+        lps = self.req.prompt_logprobs or [None] * len(self.prompt_ids)
+        return [(i, *(lp if lp is not None else (None, None))) for i, lp in zip(self.prompt_ids, lps)]
 
     def close(self):
         if self.req.finish is None:
             self.req.cancel()
+
+
+def completion_logprobs(tok, scored, offset: int = 0) -> dict:
+    """OpenAI's legacy completions logprobs: tokens, token_logprobs, top_logprobs, text_offset."""
+    out = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+    for i, lp, alts in scored:
+        text = tok.decode([i])
+        out["tokens"].append(text)
+        out["token_logprobs"].append(lp)
+        top = None
+        if alts is not None:
+            top = {}
+            for a, alp in alts:
+                top.setdefault(tok.decode([a]), alp)
+        out["top_logprobs"].append(top)
+        out["text_offset"].append(offset)
+        offset += len(text)
+    return out
+
+
+def chat_logprobs(tok, scored) -> list[dict]:
+    """OpenAI's chat logprobs content: token, logprob, bytes, top_logprobs per token."""
+    def entry(i, lp):
+        text = tok.decode([i])
+        return {"token": text, "logprob": lp, "bytes": list(text.encode("utf-8", "surrogatepass"))}
+    return [{**entry(i, lp), "top_logprobs": [entry(a, alp) for a, alp in alts]} for i, lp, alts in scored]
 
 
 # ---- the server ---------------------------------------------------------------------------------
@@ -371,8 +412,8 @@ class Handler(BaseHTTPRequestHandler):
 
     def _completions(self):
         body, s = self._request(chat=False)
-        ids = prompt_ids(body, self.server.tokenizer, self.server.add_bos)
-        self._generate(ids, s, chat=False, field="prompt")
+        prompts = prompt_ids(body, self.server.tokenizer, self.server.add_bos)
+        self._generate(prompts, s, chat=False, field="prompt")
 
     def _chat(self):
         body, s = self._request(chat=True)
@@ -386,77 +427,123 @@ class Handler(BaseHTTPRequestHandler):
             text = tpl.render(msgs, add_generation_prompt=True)
         except ChatTemplateError as e:
             raise ApiError(400, str(e), "messages") from None
-        self._generate(self.server.tokenizer.encode(text), s, chat=True, field="messages")
+        self._generate([self.server.tokenizer.encode(text)], s, chat=True, field="messages")
 
-    def _generate(self, ids: list[int], s: Sampling, chat: bool, field: str):
+    def _generate(self, prompts: list[list[int]], s: Sampling, chat: bool, field: str):
+        """Choices i * n + j: prompt i's j-th sample (seed + j), all submitted before any is read."""
         ctx = self.server.engine.max_len
-        P = len(ids)
-        if P == 0:
-            raise ApiError(400, f"the {field} is empty: generation needs at least one token to start from", field)
         M = s.max_tokens
-        if M is None:
-            M = max(ctx - P, 1) if chat else COMPLETIONS_DEFAULT_MAX_TOKENS
-        if P + M > ctx:
-            raise ApiError(400, f"This model's maximum context length is {ctx} tokens; you requested {P + M} tokens "
-                                f"({P} in the {field}, {M} for the completion). Shorten the {field} or lower "
-                                f"max_tokens.", "max_tokens" if s.max_tokens is not None else field,
-                           code="context_length_exceeded")
-        s.max_tokens = M
-        gen = self._gen = Generation(self.server, ids, s, self._client_gone)
+        for ids in prompts:
+            P = len(ids)
+            if P == 0:
+                raise ApiError(400, f"the {field} is empty: generation needs at least one token to start from",
+                               field)
+            m = M if M is not None else (max(ctx - P, 1) if chat else COMPLETIONS_DEFAULT_MAX_TOKENS)
+            if P + m > ctx:
+                raise ApiError(400, f"This model's maximum context length is {ctx} tokens; you requested {P + m} "
+                                    f"tokens ({P} in the {field}, {m} for the completion). Shorten the {field} or "
+                                    f"lower max_tokens.", "max_tokens" if M is not None else field,
+                               code="context_length_exceeded")
+        echo_scores = s.echo and s.logprobs is not None
+        gens: list[Generation] = []
         try:
+            for ids in prompts:
+                s.max_tokens = M if M is not None else (max(ctx - len(ids), 1) if chat
+                                                        else COMPLETIONS_DEFAULT_MAX_TOKENS)
+                for j in range(s.n):
+                    seed = None if s.seed is None else s.seed + j
+                    gens.append(Generation(self.server, ids, s, self._client_gone, seed, echo_scores))
+            rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
             if s.stream:
-                self._send_stream(gen, s, chat)
+                self._send_stream(rid, gens, s, chat)
             else:
-                self._send_whole(gen, chat)
+                self._send_whole(rid, gens, s, chat)
         finally:
-            gen.close()
+            for g in gens:
+                g.close()
 
-    def _envelope(self, chat: bool, chunk: bool) -> dict:
+    def _envelope(self, rid: str, chat: bool, chunk: bool) -> dict:
         kind = ("chat.completion.chunk" if chunk else "chat.completion") if chat else "text_completion"
-        return {"id": self._rid, "object": kind, "created": int(time.time()), "model": self.server.model_name,
+        return {"id": rid, "object": kind, "created": int(time.time()), "model": self.server.model_name,
                 "system_fingerprint": self.server.fingerprint}
 
-    def _send_whole(self, gen: Generation, chat: bool):
-        self._rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
-        text = []
-        for i, piece in enumerate(gen.pieces()):
-            text.append(piece)
-            if i % 8 == 7 and self._client_gone():   # nobody to answer: free the slot now
-                raise _ClientGone()
-        text = "".join(text)
-        choice = {"index": 0, "logprobs": None, "finish_reason": gen.finish}
-        if chat:
-            choice["message"] = {"role": "assistant", "content": text}
-        else:
-            choice["text"] = text
-        self._json(200, {**self._envelope(chat, False), "choices": [choice], "usage": gen.usage()})
+    def _usage(self, gens: list[Generation], s: Sampling) -> dict:
+        prompt = sum(g.prompt_tokens for g in gens[::s.n])     # each prompt once, as OpenAI counts it
+        done = sum(g.completion_tokens for g in gens)
+        return {"prompt_tokens": prompt, "completion_tokens": done, "total_tokens": prompt + done}
 
-    def _send_stream(self, gen: Generation, s: Sampling, chat: bool):
-        self._rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
-        pieces = gen.pieces()
-        first = next(pieces, None)        # an engine failure up to here is still a plain 503
+    def _echo(self, gen: Generation) -> str:
+        return self.server.tokenizer.decode(gen.prompt_ids)
 
-        def chunk(text=None, finish=None, role=False):
+    def _send_whole(self, rid: str, gens: list[Generation], s: Sampling, chat: bool):
+        tok = self.server.tokenizer
+        choices = []
+        for index, gen in enumerate(gens):
+            self._gen = gen
+            text, ks = [], []
+            for i, (piece, k) in enumerate(gen.pieces()):
+                text.append(piece)
+                ks += k
+                if i % 8 == 7 and self._client_gone():   # nobody to answer: free the slot now
+                    raise _ClientGone()
+            text = "".join(text)
+            choice = {"index": index, "logprobs": None, "finish_reason": gen.finish}
+            scored = gen.scored(ks) if s.logprobs is not None else None
+            if chat:
+                choice["message"] = {"role": "assistant", "content": text}
+                if scored is not None:
+                    choice["logprobs"] = {"content": chat_logprobs(tok, scored), "refusal": None}
+            else:
+                prefix = self._echo(gen) if s.echo else ""
+                choice["text"] = prefix + text
+                if scored is not None:
+                    choice["logprobs"] = completion_logprobs(tok, (gen.prompt_scored() if s.echo else []) + scored)
+            choices.append(choice)
+        self._json(200, {**self._envelope(rid, chat, False), "choices": choices, "usage": self._usage(gens, s)})
+
+    def _send_stream(self, rid: str, gens: list[Generation], s: Sampling, chat: bool):
+        """The choices one after another (each ran in the engine's batch meanwhile), chunks tagged
+        with their index."""
+        tok = self.server.tokenizer
+        streams = [gen.pieces() for gen in gens]
+        self._gen = gens[0]
+        first = next(streams[0], None)        # an engine failure up to here is still a plain 503
+
+        def chunk(index, text=None, finish=None, role=False, scored=None, offset=0):
+            lp = None
+            if scored is not None:
+                lp = {"content": chat_logprobs(tok, scored)} if chat else completion_logprobs(tok, scored, offset)
             if chat:
                 delta = {"role": "assistant", "content": ""} if role else ({} if text is None else {"content": text})
-                choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+                choice = {"index": index, "delta": delta, "logprobs": lp, "finish_reason": finish}
             else:
-                choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}
-            out = {**self._envelope(chat, True), "choices": [choice]}
+                choice = {"index": index, "text": text or "", "logprobs": lp, "finish_reason": finish}
+            out = {**self._envelope(rid, chat, True), "choices": [choice]}
             if s.include_usage:
                 out["usage"] = None
             self._write_event(json.dumps(out))
 
         self._start_stream()
-        if chat:
-            chunk(role=True)
-        if first:
-            chunk(first)
-        for piece in pieces:
-            if piece:
-                chunk(piece)
-        chunk(None, gen.finish)
+        for index, (gen, pieces) in enumerate(zip(gens, streams)):
+            self._gen = gen
+            want = s.logprobs is not None
+            offset = 0
+            if chat:
+                chunk(index, role=True)
+            head = first if index == 0 else next(pieces, None)
+            if s.echo:      # the prompt first, as vLLM streams an echo
+                text = self._echo(gen)
+                chunk(index, text, scored=gen.prompt_scored() if want else None)
+                offset = len(text)
+            for piece, k in itertools.chain([head] if head is not None else [], pieces):
+                if piece or (k and want):
+                    scored = gen.scored(k) if want else None
+                    chunk(index, piece, scored=scored, offset=offset)
+                    offset += len(piece)
+            chunk(index, None, gen.finish)
         if s.include_usage:
-            self._write_event(json.dumps({**self._envelope(chat, True), "choices": [], "usage": gen.usage()}))
+            self._write_event(json.dumps({**self._envelope(rid, chat, True), "choices": [],
+                                          "usage": self._usage(gens, s)}))
         self._write_event("[DONE]")
         self._end_stream()
+

@@ -10,6 +10,9 @@ import math
 
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16      # OpenAI's default for /v1/completions
 MAX_STOP_STRINGS = 16
+MAX_CHOICES = 16         # n
+MAX_PROMPTS = 64         # prompts in one /v1/completions request (lm-eval sends batches)
+MAX_LOGPROBS = 20        # alternatives per token (OpenAI's chat limit; its completions stop at 5)
 # OpenAI's message roles ("developer" is the newer name for "system"); tool results need tools
 ROLES = ("system", "developer", "user", "assistant")
 
@@ -98,6 +101,21 @@ def _stop_strings(body: dict) -> list[str]:
     return v
 
 
+def _logit_bias(body: dict) -> dict[int, float] | None:
+    v = body.get("logit_bias")
+    if v is None:
+        return None
+    if not isinstance(v, dict):
+        raise ApiError(400, f"'logit_bias' must be an object of token id -> bias, got {json.dumps(v)}", "logit_bias")
+    out = {}
+    for k, b in v.items():
+        if not (isinstance(k, str) and k.strip().isdigit()) or not _is_num(b) or not -100 <= b <= 100:
+            raise ApiError(400, f"'logit_bias' maps token ids (strings of digits) to numbers in [-100, 100], got "
+                                f"{json.dumps(k)}: {json.dumps(b)}", "logit_bias")
+        out[int(k)] = float(b)
+    return out
+
+
 class Sampling:
     """What a request asks for, checked; max_tokens None = the endpoint's default."""
 
@@ -105,16 +123,36 @@ class Sampling:
         if body.get("model") is not None and not isinstance(body["model"], str):
             raise ApiError(400, f"'model' must be a string, got {json.dumps(body['model'])}", "model")
         n = _opt_int(body, "n", 1)
-        if n not in (None, 1):
-            raise ApiError(400, f"'n' must be 1: this server returns one choice per request, got {n}", "n")
-        _unsupported(body, "best_of", (1,), "one choice per request")
-        _unsupported(body, "echo", (False,), "the prompt is not echoed")
+        self.n = 1 if n is None else n
+        if self.n > MAX_CHOICES:
+            raise ApiError(400, f"'n' must be at most {MAX_CHOICES}, got {n}", "n")
+        best_of = _opt_int(body, "best_of", 1)
+        if best_of not in (None, self.n):
+            raise ApiError(400, f"'best_of' must equal n ({self.n}): this server returns every sample it draws",
+                           "best_of")
         _unsupported(body, "suffix", ("",), "no insertion")
-        _unsupported(body, "logprobs", (False, 0) if not chat else (False,), "no log probabilities")
-        _unsupported(body, "top_logprobs", (0,), "no log probabilities")
-        _unsupported(body, "presence_penalty", (0, 0.0), "no penalties")
-        _unsupported(body, "frequency_penalty", (0, 0.0), "no penalties")
-        _unsupported(body, "logit_bias", ({},), "no logit bias")
+        if chat:
+            self.echo = False
+            if _opt_bool(body, "logprobs"):
+                top = _opt_int(body, "top_logprobs", 0)
+                self.logprobs = 0 if top is None else top
+            else:
+                if body.get("top_logprobs") is not None:
+                    raise ApiError(400, "'top_logprobs' needs \"logprobs\": true", "top_logprobs")
+                self.logprobs = None
+        else:
+            self.echo = bool(_opt_bool(body, "echo"))
+            self.logprobs = _opt_int(body, "logprobs", 0)
+        if self.logprobs is not None and self.logprobs > MAX_LOGPROBS:
+            field = "top_logprobs" if chat else "logprobs"
+            raise ApiError(400, f"'{field}' must be at most {MAX_LOGPROBS}, got {self.logprobs}", field)
+        penalty = lambda v: -2 <= v <= 2      # noqa: E731  (OpenAI's range)
+        self.presence_penalty = _opt_num(body, "presence_penalty", penalty, "a number in [-2, 2]") or 0.0
+        self.frequency_penalty = _opt_num(body, "frequency_penalty", penalty, "a number in [-2, 2]") or 0.0
+        rep = _opt_num(body, "repetition_penalty", lambda v: v > 0, "a number > 0 (1 = none)")
+        self.repetition_penalty = 1.0 if rep is None else rep
+        self.min_p = _opt_num(body, "min_p", lambda v: 0 <= v <= 1, "a number in [0, 1]")
+        self.logit_bias = _logit_bias(body)
         _unsupported(body, "tools", ([],), "no tool calls")
         _unsupported(body, "functions", ([],), "no function calls")
         _unsupported(body, "response_format", ({"type": "text"},), "plain text only")
@@ -139,18 +177,18 @@ class Sampling:
         self.include_usage = bool(_opt_bool(opts or {}, "include_usage"))
 
 
-def prompt_ids(body: dict, tokenizer, add_bos: bool) -> list[int]:
-    """/v1/completions' prompt: a string, token ids, or a list holding one of either."""
+def prompt_ids(body: dict, tokenizer, add_bos: bool) -> list[list[int]]:
+    """/v1/completions' prompts: a string, token ids, or a list of either (one choice set each)."""
     p = body.get("prompt")
-    if isinstance(p, list) and len(p) == 1 and isinstance(p[0], (str, list)):
-        p = p[0]
-    if isinstance(p, str):
-        return tokenizer.encode(checked_text(p, "prompt"), add_bos=add_bos)
-    if isinstance(p, list) and p and all(is_int(i) for i in p):
-        return list(p)
-    if isinstance(p, list) and len(p) > 1 and all(isinstance(i, (str, list)) for i in p):
-        raise ApiError(400, f"'prompt' holds {len(p)} prompts; this server takes one prompt per request", "prompt")
-    raise ApiError(400, "'prompt' must be a string, a list of token ids, or a list holding one of either", "prompt")
+    if isinstance(p, str) or (isinstance(p, list) and p and all(is_int(i) for i in p)):
+        p = [p]
+    if not (isinstance(p, list) and p and all(isinstance(x, str) or (isinstance(x, list) and x and
+                                                                      all(is_int(i) for i in x)) for x in p)):
+        raise ApiError(400, "'prompt' must be a string, a list of token ids, or a list of either", "prompt")
+    if len(p) > MAX_PROMPTS:
+        raise ApiError(400, f"'prompt' holds {len(p)} prompts; at most {MAX_PROMPTS} are taken", "prompt")
+    return [tokenizer.encode(checked_text(x, "prompt"), add_bos=add_bos) if isinstance(x, str) else list(x)
+            for x in p]
 
 
 def chat_messages(body: dict) -> list[dict]:

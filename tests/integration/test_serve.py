@@ -36,6 +36,7 @@ from cke_dist.model import LlamaConfig, Model  # noqa: E402
 from cke_dist.model.load import load_inference_model
 from cke_dist.serving.chat import ChatTemplateError, load_chat_template  # noqa: E402
 from cke_dist.serving.generate import generate  # noqa: E402
+from cke_dist.serving.sampling import Sampler, log_softmax  # noqa: E402
 
 CTX = 512
 CFG = dict(vocab_size=320, hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
@@ -387,10 +388,161 @@ def test_context_n_and_types_are_400(client, ref):
     with pytest.raises(openai.BadRequestError, match=r"maximum context length is 512 tokens; you requested 520 "
                                                      r"tokens \(500 in the prompt, 20 for the completion\)"):
         client.completions.create(model=MODEL, prompt=[5] * 500, max_tokens=20)
-    with pytest.raises(openai.BadRequestError, match="'n' must be 1"):
-        client.completions.create(model=MODEL, prompt="hi", n=2)
+    with pytest.raises(openai.BadRequestError, match="'n' must be at most 16"):
+        client.completions.create(model=MODEL, prompt="hi", n=17)
     with pytest.raises(openai.BadRequestError, match="'temperature' must be a number >= 0"):
         client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], temperature=-1)
+
+
+# ---- scoring and sampling options ------------------------------------------------------------------
+
+def ref_logprobs(ref, ids):
+    """log-softmax of the one-process model's logits over ids: row j scores ids[j + 1]."""
+    im = ref["im"]
+    logits = im.forward(np.array(ids), np.zeros(len(ids), np.int64), np.arange(len(ids)), im.new_cache(1, len(ids)))
+    return np.stack([log_softmax(r) for r in logits])
+
+
+def greedy_with(ref, ids, n, **sampling):
+    """The one-process greedy loop with a Sampler's bias and penalties (tests/unit/test_sampling.py)."""
+    im = ref["im"]
+    cache = im.new_cache(1, len(ids) + n)
+    s = Sampler(temperature=0, prompt=ids, **sampling)
+    logits, out = im.prefill(cache, 0, ids), []
+    for _ in range(n):
+        t = s(logits)
+        s.accept(t)
+        out.append(t)
+        if t in ref["eos"]:
+            break
+        logits = im.decode(cache, [0], [t])[0]
+    return out
+
+
+def test_completion_logprobs_and_echo_score_the_model(client, ref):
+    """What lm-eval's local-completions model sends for log-likelihood: echo, logprobs, max_tokens 1."""
+    tok = ref["tok"]
+    p = ref["plain"][0]
+    r = client.completions.create(model=MODEL, prompt=p, max_tokens=6, temperature=0, logprobs=3, echo=True)
+    out = generate(ref["im"], p, 6, temperature=0, stop_ids=ref["eos"])
+    full = p + out
+    lp = ref_logprobs(ref, full)
+    c = r.choices[0]
+    assert c.text == tok.decode(p) + tok.decode(out)
+    got = c.logprobs
+    assert got.tokens == [tok.decode([i]) for i in full]
+    assert got.token_logprobs[0] is None and got.top_logprobs[0] is None
+    np.testing.assert_allclose(got.token_logprobs[1:], [lp[j - 1][full[j]] for j in range(1, len(full))],
+                               rtol=0, atol=2e-4)
+    for j in range(1, len(full)):
+        want = np.sort(lp[j - 1])[::-1][:3]
+        top = sorted(got.top_logprobs[j].values(), reverse=True)
+        assert len(top) <= 3 and abs(top[0] - want[0]) < 2e-4
+        if j >= len(p):       # greedy: the sampled token is the most likely (lm-eval's is_greedy)
+            assert abs(got.token_logprobs[j] - top[0]) < 1e-9
+    assert got.text_offset == list(np.cumsum([0] + [len(t) for t in got.tokens[:-1]]))
+    # without echo: the sampled tokens only
+    r = client.completions.create(model=MODEL, prompt=p, max_tokens=6, temperature=0, logprobs=0)
+    assert r.choices[0].logprobs.tokens == [tok.decode([i]) for i in out]
+    assert r.choices[0].logprobs.top_logprobs == [{}] * len(out)
+    # the EOS that ends a request is scored (the last entry) but not shown
+    e = ref["eos_prompt"]
+    r = client.completions.create(model=MODEL, prompt=e, max_tokens=100, temperature=0, logprobs=0)
+    out = generate(ref["im"], e, 100, temperature=0, stop_ids=ref["eos"])
+    eos = tok.decode([ref["eos"][0]])
+    assert r.choices[0].finish_reason == "stop" and r.choices[0].logprobs.tokens == [tok.decode([i]) for i in out]
+    assert r.choices[0].logprobs.tokens[-1] == eos and r.choices[0].text == tok.decode(out[:-1])
+
+
+def test_chat_logprobs_streamed(client, ref, model_dir):
+    msgs = [{"role": "user", "content": "Score me"}]
+    ids = ref["tok"].encode(load_chat_template(model_dir).render(msgs))
+    chunks = list(client.chat.completions.create(model=MODEL, messages=msgs, max_tokens=8, temperature=0,
+                                                  logprobs=True, top_logprobs=2, stream=True))
+    entries = [e for ch in chunks if ch.choices and ch.choices[0].logprobs for e in ch.choices[0].logprobs.content]
+    out = generate(ref["im"], ids, 8, temperature=0, stop_ids=ref["eos"])
+    shown = [t for t in out if t not in ref["eos"]]
+    lp = ref_logprobs(ref, ids + out)
+    assert [e.token for e in entries] == [ref["tok"].decode([t]) for t in out]     # an EOS is scored, not shown
+    np.testing.assert_allclose([e.logprob for e in entries], [lp[len(ids) - 1 + k][t] for k, t in enumerate(out)],
+                               rtol=0, atol=2e-4)
+    assert all(len(e.top_logprobs) == 2 and e.top_logprobs[0].logprob >= e.top_logprobs[1].logprob for e in entries)
+    assert all(e.bytes == list(e.token.encode()) for e in entries)
+    assert "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices) == ref["tok"].decode(shown)
+
+
+def test_n_list_prompts_bias_and_penalties(client, ref):
+    tok = ref["tok"]
+    p1, p2 = ref["plain"][1], ref["plain"][2]
+    kw = dict(model=MODEL, max_tokens=8, temperature=0.9, top_p=0.95)
+    r = client.completions.create(prompt=[p1, p2], n=2, seed=11, **kw)
+    assert [c.index for c in r.choices] == [0, 1, 2, 3]
+    for c in r.choices:     # choice i * n + j: prompt i, seed + j
+        i, j = divmod(c.index, 2)
+        assert c.text == expected(ref, [p1, p2][i], 8, temperature=0.9, top_p=0.95, seed=11 + j)[0]
+    assert r.choices[0].text != r.choices[1].text
+    assert r.usage.prompt_tokens == len(p1) + len(p2)
+    # streamed: every chunk names its choice, each choice's text as above
+    chunks = list(client.completions.create(prompt=p1, n=3, seed=5, stream=True, **kw))
+    for j in range(3):
+        assert "".join(c.choices[0].text for c in chunks if c.choices[0].index == j) == \
+            expected(ref, p1, 8, temperature=0.9, top_p=0.95, seed=5 + j)[0]
+    # logit_bias: +100 on one token makes greedy say it every time
+    r = client.completions.create(model=MODEL, prompt=p1, max_tokens=5, temperature=0, logit_bias={"42": 100},
+                                  logprobs=0)
+    assert r.choices[0].logprobs.tokens == [tok.decode([42])] * 5
+    # penalties: the one-process greedy loop with the same rules, and not plain greedy
+    r = client.completions.create(model=MODEL, prompt=p1, max_tokens=24, temperature=0, presence_penalty=0.5,
+                                  frequency_penalty=1.5)
+    want = greedy_with(ref, p1, 24, presence_penalty=0.5, frequency_penalty=1.5)
+    assert r.choices[0].text == tok.decode([t for t in want if t not in ref["eos"]])
+    assert r.choices[0].text != expected(ref, p1, 24)[0]
+    r = client.completions.create(model=MODEL, prompt=p1, max_tokens=24, temperature=0,
+                                  extra_body={"repetition_penalty": 1.3, "min_p": 0.1})
+    want = greedy_with(ref, p1, 24, repetition_penalty=1.3)
+    assert r.choices[0].text == tok.decode([t for t in want if t not in ref["eos"]])
+
+
+def test_lm_eval_scores_through_the_server_what_it_scores_with_hf(server, model_dir, tmp_path, monkeypatch):
+    """lm-eval's local-completions model (echo + logprobs over our HTTP) against its hf model (torch,
+    transformers) on the same weights: a multiple-choice task from a local file, the same answers
+    and log-likelihoods."""
+    lm_eval = pytest.importorskip("lm_eval")
+    from lm_eval.tasks import TaskManager
+    rng = np.random.default_rng(7)
+    words = ["red", "green", "blue", "cat", "dog", "sun", "moon", "tree", "river", "stone"]
+    with open(tmp_path / "mc.jsonl", "w") as f:
+        for _ in range(12):
+            q = " ".join(rng.choice(words, 6))
+            f.write(json.dumps({"question": f"Which word comes next: {q}", "choices": list(rng.choice(words, 4)),
+                                "answer": int(rng.integers(4))}) + "\n")
+    (tmp_path / "cke_mc.yaml").write_text(f"""task: cke_mc
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {tmp_path / "mc.jsonl"}
+test_split: test
+output_type: multiple_choice
+doc_to_text: "{{{{question}}}}"
+doc_to_choice: "{{{{choices}}}}"
+doc_to_target: "{{{{answer}}}}"
+metric_list:
+  - metric: acc
+""")
+    monkeypatch.setenv("OPENAI_API_KEY", API_KEY)
+    tasks = TaskManager(include_path=str(tmp_path))
+    runs = {}
+    for name, args in [("local-completions", f"base_url=http://127.0.0.1:{server.port}/v1/completions,model={MODEL},"
+                                             f"tokenizer={model_dir},max_length={CTX},num_concurrent=4,max_retries=1"),
+                       ("hf", f"pretrained={model_dir},dtype=float32,device=cpu")]:
+        runs[name] = lm_eval.simple_evaluate(model=name, model_args=args, tasks=["cke_mc"], task_manager=tasks,
+                                             log_samples=True, batch_size=1)
+    ours, hf = (runs[k]["samples"]["cke_mc"] for k in ("local-completions", "hf"))
+    assert len(ours) == len(hf) == 12
+    for a, b in zip(sorted(ours, key=lambda x: x["doc_id"]), sorted(hf, key=lambda x: x["doc_id"])):
+        np.testing.assert_allclose([r[0][0] for r in a["resps"]], [r[0][0] for r in b["resps"]], rtol=0, atol=1e-3)
+        assert a["acc"] == b["acc"]
+    assert runs["local-completions"]["results"]["cke_mc"]["acc,none"] == runs["hf"]["results"]["cke_mc"]["acc,none"]
 
 
 # ---- raw HTTP: bad input, auth, disconnects --------------------------------------------------------
@@ -404,7 +556,11 @@ def test_bad_requests_name_the_field(server):
                         ({"prompt": "hi", "seed": "x"}, "seed"),
                         ({"prompt": "hi", "stream": "yes"}, "stream"),
                         ({"prompt": {"a": 1}}, "prompt"),
-                        ({"prompt": ["a", "b"]}, "prompt"),
+                        ({"prompt": ["a", 5]}, "prompt"),
+                        ({"prompt": "hi", "logit_bias": {"x": 1}}, "logit_bias"),
+                        ({"prompt": "hi", "presence_penalty": 3}, "presence_penalty"),
+                        ({"prompt": "hi", "min_p": 1.5}, "min_p"),
+                        ({"prompt": "hi", "logprobs": 21}, "logprobs"),
                         ({"prompt": [1, 99999]}, None)]:       # a token id past the vocabulary
         status, r = raw(port, "POST", "/v1/completions", body)
         assert status == 400, (body, r)

@@ -83,3 +83,44 @@ def test_bad_arguments_are_named(kw):
 def test_nan_logits_raise():
     with pytest.raises(FloatingPointError, match="NaN"):
         Sampler(1.0, seed=0)(np.array([0.0, np.nan], np.float32))
+
+
+# ---- bias, penalties, min-p: against transformers' processors where it has them -------------------
+
+ROW = np.array([2.0, -1.0, 0.5, 1.5, -0.5, 0.0], np.float32)
+
+
+def test_logit_bias_and_openai_penalties_by_hand():
+    s = Sampler(temperature=0, logit_bias={4: 10.0})
+    assert s(ROW) == 4
+    s = Sampler(temperature=0, presence_penalty=0.6, frequency_penalty=0.5)
+    for t in (0, 0, 3):
+        s.accept(t)
+    want = ROW.copy()
+    want[0] -= 2 * 0.5 + 0.6      # twice in the output
+    want[3] -= 1 * 0.5 + 0.6
+    np.testing.assert_allclose(s._adjusted(ROW), want, rtol=0, atol=1e-6)
+    assert s(ROW) == int(np.argmax(want)) == 2
+
+
+def test_repetition_penalty_and_min_p_equal_transformers():
+    torch = pytest.importorskip("torch")
+    from transformers.generation.logits_process import MinPLogitsWarper, RepetitionPenaltyLogitsProcessor
+    prompt, out = [1, 2], [2, 5]
+    s = Sampler(temperature=0, repetition_penalty=1.7, prompt=prompt)
+    for t in out:
+        s.accept(t)
+    ref = RepetitionPenaltyLogitsProcessor(1.7)(torch.tensor([prompt + out]), torch.tensor(ROW)[None])[0].numpy()
+    np.testing.assert_allclose(s._adjusted(ROW), ref, rtol=1e-6)
+    # min-p: the support it samples from is transformers' (temperature 1)
+    keep = MinPLogitsWarper(0.3)(None, torch.tensor(ROW)[None])[0].numpy()
+    s = Sampler(temperature=1.0, min_p=0.3, seed=0)
+    drawn = {s(ROW) for _ in range(400)}
+    assert drawn == set(np.flatnonzero(np.isfinite(keep)).tolist())
+
+
+def test_bad_sampler_settings_are_refused():
+    with pytest.raises(ValueError, match="min_p"):
+        Sampler(min_p=2.0)
+    with pytest.raises(ValueError, match="repetition_penalty"):
+        Sampler(repetition_penalty=0.0)
