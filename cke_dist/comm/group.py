@@ -282,6 +282,7 @@ class Communicator:
         self._seq = 0
         self._world = world or self
         self.stats: dict[str, list[int]] = {}    # op -> [calls, bytes of the caller's buffer]
+        self.seconds = 0.0                      # wall time inside blocking calls on this group (metrics)
 
     def __repr__(self):
         return f"<Communicator {self.name} rank {self.rank}/{self.size}>"
@@ -331,7 +332,13 @@ class Communicator:
                               group=f"{self.name} (group rank {self.rank} of {self.size})",
                               peer=e.peer if peer == e.peer else f"{e.peer} (group rank {peer})",
                               host=e.host) from e
-        return self._engine.run(guarded, opname, async_op, kind)
+        if async_op:
+            return self._engine.run(guarded, opname, async_op, kind)
+        t0 = time.perf_counter()
+        try:
+            return self._engine.run(guarded, opname, async_op, kind)
+        finally:
+            self.seconds += time.perf_counter() - t0
 
     @staticmethod
     def _check_tag(tag):

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import queue
 import threading
+import time
 from collections import deque
 from dataclasses import dataclass
 
@@ -138,6 +139,10 @@ class Engine:
         self._slots: list[Request | None] = [None] * max_batch
         self._next_id = 0
         self._stopping = False
+        # counters for /metrics (rank 0): tokens in and out, and recent (time, tokens) for a rate
+        self.prompt_tokens_total = 0
+        self.generation_tokens_total = 0
+        self._recent: deque = deque()
         self.error: str | None = None
         self._thread: threading.Thread | None = None
 
@@ -378,6 +383,7 @@ class Engine:
                     r.slot, r.waiting = i, True
                     self._slots[i] = r
                     P = len(r.prompt)
+                    self.prompt_tokens_total += P
                     ids += r.prompt
                     seq += [i] * P
                     pos += list(range(P))
@@ -402,9 +408,26 @@ class Engine:
             r.finish = "cancelled"
             r.events.put(("done", r.finish))
 
+    def stats(self, window_s: float = 10.0) -> dict:
+        """Rank 0's counters and gauges for /metrics (a snapshot)."""
+        now = time.monotonic()
+        with self._cv:
+            running = [r for r in self._slots if r is not None]
+            while self._recent and self._recent[0][0] < now - window_s:
+                self._recent.popleft()
+            recent = sum(n for _, n in self._recent)
+            return {"waiting": len(self._waiting), "running": len(running), "max_batch": self.max_batch,
+                    "kv_tokens_used": sum(len(r.prompt) + len(r.generated) for r in running),
+                    "kv_tokens_capacity": self.max_batch * self.max_len,
+                    "prompt_tokens": self.prompt_tokens_total, "generation_tokens": self.generation_tokens_total,
+                    "tokens_per_second": recent / window_s,
+                    "comm_seconds": {name: g.seconds for name, g in (("tp", self.tp_group), ("pp", self.pp_group))
+                                     if g is not None}}
+
     def _deliver(self, reqs, logits):
         """reqs: (request, its number of logits rows) in row order; its last row samples."""
         with self._cv:
+            before = self.generation_tokens_total
             at = 0
             for r, k in reqs:
                 rows, at = logits[at:at + k], at + k
@@ -424,6 +447,7 @@ class Engine:
                     lp = log_softmax(row)
                     r.logprobs.append((float(lp[tok]), top_logprobs(lp, r.params.logprobs)))
                 r.generated.append(tok)
+                self.generation_tokens_total += 1
                 r.events.put(("token", tok))
                 if tok in r.stop_ids:
                     r.finish = "stop"
@@ -431,4 +455,5 @@ class Engine:
                     r.finish = "length"
                 if r.finish is not None:
                     r.events.put(("done", r.finish))
+            self._recent.append((time.monotonic(), self.generation_tokens_total - before))
             self._cv.notify_all()

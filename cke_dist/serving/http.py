@@ -6,7 +6,8 @@ bodies are checked by protocol.py).
     server.serve_forever()
 
 Endpoints: POST /v1/completions, POST /v1/chat/completions (JSON, or server-sent events with
-`"stream": true` ending in `data: [DONE]`), GET /v1/models, GET /health.
+`"stream": true` ending in `data: [DONE]`), GET /v1/models, POST /tokenize and /detokenize (vLLM's),
+GET /health, GET /metrics (Prometheus: serving/metrics.py).
 
 Rules it keeps:
 - One thread per connection (stdlib ThreadingHTTPServer), HTTP/1.1 keep-alive; every request is
@@ -21,7 +22,8 @@ Rules it keeps:
   (so they decode together); log-probabilities come from the engine with each token.
 - A `model` other than the served name is a 404 (model_not_found), as OpenAI and vLLM answer; every
   response carries the server's system_fingerprint.
-- With an API key every /v1 path needs `Authorization: Bearer <key>` (401); /health stays open.
+- With an API key every /v1 path and /tokenize, /detokenize need `Authorization: Bearer <key>`
+  (401); /health and /metrics stay open (what load balancers and Prometheus scrape).
 - Text: the tokenizer's EOS ids end a request (finish_reason "stop") and are not shown; a stop
   string cuts the text before it (cke_dist.formats.tokenizer.StopText, as the CLI does) and cancels the
   request; usage counts every sampled token.
@@ -50,8 +52,9 @@ from urllib.parse import urlsplit
 from cke_dist.formats.tokenizer import StopText, TextStream
 from cke_dist.serving.chat import ChatTemplateError
 from cke_dist.serving.engine import EngineError, Params
-from cke_dist.serving.protocol import (COMPLETIONS_DEFAULT_MAX_TOKENS, ApiError, Sampling, chat_messages, prompt_ids,
-                                       unavailable)
+from cke_dist.serving.metrics import ServerMetrics
+from cke_dist.serving.protocol import (COMPLETIONS_DEFAULT_MAX_TOKENS, ApiError, Sampling, chat_messages, checked_text,
+                                       is_int, prompt_ids, unavailable)
 
 MAX_BODY = 1 << 20
 _GONE_POLL_S = 0.25
@@ -142,6 +145,13 @@ class Generation:
             self.req.cancel()
 
 
+def _flag(body: dict, name: str, default: bool) -> bool:
+    v = body.get(name, default)
+    if not isinstance(v, bool):
+        raise ApiError(400, f"'{name}' must be true or false, got {json.dumps(v)}", name)
+    return v
+
+
 def completion_logprobs(tok, scored, offset: int = 0) -> dict:
     """OpenAI's legacy completions logprobs: tokens, token_logprobs, top_logprobs, text_offset."""
     out = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
@@ -184,6 +194,7 @@ class OpenAIServer(ThreadingHTTPServer):
         self.chat_template, self.api_key, self.max_body = chat_template, api_key or None, max_body
         self.add_bos, self.access_log = add_bos, access_log
         self.fingerprint = fingerprint
+        self.metrics = ServerMetrics(lambda: self.engine)
         self.stop_ids = frozenset(int(i) for i in (getattr(tokenizer, "eos_token_ids", None) or []))
         self.created = int(time.time())
         self._active = 0
@@ -221,7 +232,10 @@ class Handler(BaseHTTPRequestHandler):
         "/v1/completions": ("POST", "_completions", True),
         "/v1/chat/completions": ("POST", "_chat", True),
         "/v1/models": ("GET", "_models", True),
+        "/tokenize": ("POST", "_tokenize", True),
+        "/detokenize": ("POST", "_detokenize", True),
         "/health": ("GET", "_health", False),
+        "/metrics": ("GET", "_metrics", False),
     }
 
     def do_GET(self):
@@ -242,12 +256,24 @@ class Handler(BaseHTTPRequestHandler):
         self._body_read = False
         self._headers_sent = False
         self._gen = None
+        self._status = None
+        self._t0 = time.perf_counter()
+        self._ttft = None
         path = urlsplit(self.path).path
         route = self.ROUTES.get(path.rstrip("/") if path != "/" else path)
         try:
+            self._answer(path, route)
+        finally:
+            if route is not None and route[1] != "_metrics" and self._status is not None:
+                self.server.metrics.observe(path.rstrip("/"), self._status, time.perf_counter() - self._t0,
+                                            self._ttft)
+
+    def _answer(self, path, route):
+        try:
             if route is None:
                 raise ApiError(404, f"no route {path}: this server has POST /v1/completions, POST "
-                                    f"/v1/chat/completions, GET /v1/models and GET /health", code="not_found")
+                                    f"/v1/chat/completions, GET /v1/models, POST /tokenize, POST /detokenize, "
+                                    f"GET /health and GET /metrics", code="not_found")
             method, name, needs_key = route
             if self.command != method:
                 raise ApiError(405, f"{path} takes {method}, not {self.command}", code="method_not_allowed")
@@ -294,6 +320,7 @@ class Handler(BaseHTTPRequestHandler):
 
     def _json(self, status: int, obj: dict, extra: dict | None = None):
         data = json.dumps(obj).encode()
+        self._status = status
         if not self._body_read and self.command == "POST":
             # the body we did not read would be parsed as the next request
             self.close_connection = True
@@ -350,6 +377,7 @@ class Handler(BaseHTTPRequestHandler):
     # ---- server-sent events
 
     def _start_stream(self):
+        self._status = 200
         self.send_response(200)
         self.send_header("Content-Type", "text/event-stream; charset=utf-8")
         self.send_header("Cache-Control", "no-cache")
@@ -394,6 +422,53 @@ class Handler(BaseHTTPRequestHandler):
         else:
             self._json(503, {"status": "error", "error": getattr(engine, "error", None) or "not started"})
 
+    def _metrics(self):
+        data, ctype = self.server.metrics.exposition()
+        self.send_response(200)
+        self.send_header("Content-Type", ctype)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self._headers_sent = True
+        if self.command != "HEAD":
+            self.wfile.write(data)
+
+    def _tokenize(self):
+        """vLLM's /tokenize: a prompt (add_special_tokens: the BOS that --add-bos would put) or chat
+        messages rendered by the template (add_generation_prompt, default true)."""
+        body = self._read_json()
+        tok = self.server.tokenizer
+        if "messages" in body:
+            tpl = self._template()
+            add = _flag(body, "add_generation_prompt", True)
+            try:
+                ids = tok.encode(tpl.render(chat_messages(body), add_generation_prompt=add))
+            except ChatTemplateError as e:
+                raise ApiError(400, str(e), "messages") from None
+        elif isinstance(body.get("prompt"), str):
+            ids = tok.encode(checked_text(body["prompt"], "prompt"),
+                             add_bos=_flag(body, "add_special_tokens", self.server.add_bos))
+        else:
+            raise ApiError(400, "send 'prompt' (a string) or 'messages' (a chat)", "prompt")
+        engine = self.server.engine
+        self._json(200, {"count": len(ids), "max_model_len": engine.max_len if engine is not None else None,
+                         "tokens": ids})
+
+    def _detokenize(self):
+        body = self._read_json()
+        ids = body.get("tokens")
+        vocab = getattr(self.server.engine, "vocab", None) or self.server.tokenizer.vocab_size
+        if not (isinstance(ids, list) and all(is_int(i) and 0 <= i < vocab for i in ids)):
+            raise ApiError(400, f"'tokens' must be a list of token ids in [0, {vocab})", "tokens")
+        self._json(200, {"prompt": self.server.tokenizer.decode(ids)})
+
+    def _template(self):
+        tpl = self.server.chat_template
+        if tpl is None:
+            raise ApiError(400, f"the model {self.server.model_name!r} has no chat template (no chat_template in "
+                                f"its tokenizer_config.json or chat_template.jinja): use /v1/completions",
+                           code="no_chat_template")
+        return tpl
+
     def _models(self):
         s = self.server
         self._json(200, {"object": "list", "data": [{
@@ -418,11 +493,7 @@ class Handler(BaseHTTPRequestHandler):
     def _chat(self):
         body, s = self._request(chat=True)
         msgs = chat_messages(body)
-        tpl = self.server.chat_template
-        if tpl is None:
-            raise ApiError(400, f"the model {self.server.model_name!r} has no chat template (no chat_template in "
-                                f"its tokenizer_config.json or chat_template.jinja): use /v1/completions",
-                           code="no_chat_template")
+        tpl = self._template()
         try:
             text = tpl.render(msgs, add_generation_prompt=True)
         except ChatTemplateError as e:
@@ -482,6 +553,8 @@ class Handler(BaseHTTPRequestHandler):
             self._gen = gen
             text, ks = [], []
             for i, (piece, k) in enumerate(gen.pieces()):
+                if self._ttft is None:
+                    self._ttft = time.perf_counter() - self._t0
                 text.append(piece)
                 ks += k
                 if i % 8 == 7 and self._client_gone():   # nobody to answer: free the slot now
@@ -508,6 +581,7 @@ class Handler(BaseHTTPRequestHandler):
         streams = [gen.pieces() for gen in gens]
         self._gen = gens[0]
         first = next(streams[0], None)        # an engine failure up to here is still a plain 503
+        self._ttft = time.perf_counter() - self._t0
 
         def chunk(index, text=None, finish=None, role=False, scored=None, offset=0):
             lp = None

@@ -624,6 +624,53 @@ def test_system_fingerprint(server, client):
     assert len(fps) == 1 and re.fullmatch(r"fp_[0-9a-f]{12}", fps.pop()), fps
 
 
+def scrape(port) -> dict:
+    """/metrics parsed by prometheus_client's parser: {(sample name, sorted labels): value}."""
+    from prometheus_client.parser import text_string_to_metric_families
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    conn.request("GET", "/metrics")       # no key: Prometheus scrapes it as /health is probed
+    r = conn.getresponse()
+    text = r.read().decode()
+    assert r.status == 200 and r.getheader("Content-Type").startswith("text/plain"), (r.status, text[:300])
+    return {(smp.name, tuple(sorted(smp.labels.items()))): smp.value
+            for fam in text_string_to_metric_families(text) for smp in fam.samples}
+
+
+def test_metrics_count_what_was_served(server, client, ref):
+    before = scrape(server.port)
+    client.completions.create(model=MODEL, prompt=ref["plain"][3], max_tokens=5, temperature=0, extra_body={
+        "ignore_eos": True})
+    raw(server.port, "POST", "/v1/completions", {"prompt": "hi", "top_p": 7})      # a 400
+    after = scrape(server.port)
+
+    def delta(name, **labels):
+        key = (name, tuple(sorted(labels.items())))
+        return after.get(key, 0) - before.get(key, 0)
+    assert delta("cke_requests_total", endpoint="/v1/completions", status="200") == 1
+    assert delta("cke_requests_total", endpoint="/v1/completions", status="400") == 1
+    assert delta("cke_generation_tokens_total") == 5
+    assert delta("cke_prompt_tokens_total") == len(ref["plain"][3])
+    assert delta("cke_time_to_first_token_seconds_count") == 1
+    assert delta("cke_request_duration_seconds_count", endpoint="/v1/completions") == 2
+    assert after[("cke_kv_cache_tokens", (("state", "capacity"),))] == 8 * CTX
+    assert after[("cke_requests_running", ())] == 0 and after[("cke_requests_waiting", ())] == 0
+
+
+def test_tokenize_and_detokenize(server, ref, model_dir):
+    tok = ref["tok"]
+    status, r = raw(server.port, "POST", "/tokenize", {"prompt": "hello there"})
+    assert status == 200 and r["tokens"] == tok.encode("hello there") and r["count"] == len(r["tokens"])
+    assert r["max_model_len"] == CTX
+    msgs = [{"role": "user", "content": "hi"}]
+    status, r = raw(server.port, "POST", "/tokenize", {"messages": msgs})
+    assert status == 200 and r["tokens"] == tok.encode(load_chat_template(model_dir).render(msgs))
+    status, r = raw(server.port, "POST", "/detokenize", {"tokens": tok.encode("hello there")})
+    assert status == 200 and r == {"prompt": "hello there"}
+    status, r = raw(server.port, "POST", "/detokenize", {"tokens": [1, 10 ** 6]})
+    assert status == 400 and r["error"]["param"] == "tokens"
+    assert raw(server.port, "POST", "/tokenize", {"prompt": "x"}, key=None)[0] == 401
+
+
 def test_api_key(server):
     port = server.port
     assert raw(port, "GET", "/health", key=None) == (200, {"status": "ok"})
@@ -730,6 +777,7 @@ def test_tp2_serves_like_one_process_and_a_killed_rank_ends_the_job(model_dir, r
         r = c.chat.completions.create(model=MODEL, messages=msgs, max_tokens=12, temperature=0)
         ids = ref["tok"].encode(load_chat_template(model_dir).render(msgs))
         assert r.choices[0].message.content == expected(ref, ids, 12)[0]
+        assert scrape(s.port)[("cke_comm_seconds_total", (("group", "tp"),))] > 0
 
         # rank 1 dies mid-request: MPICH's mpiexec ends the whole job; the client is not left hanging
         sock = open_stream(s.port, {"prompt": ref["plain"][4], "max_tokens": LONG, "temperature": 0})
