@@ -5,6 +5,7 @@ against `cke-dist serve`: tokens/s in all and time to first token, for 1, 4 and 
     python bench/serve.py --model DIR_OR_GGUF --threads 2    # e.g. the Q4_1 GGUF itself
     python bench/serve.py --smoke            # a tiny random model, 1 and 4 clients: checks that it runs
     python bench/serve.py --busy --model GGUF   # beside a busy loop: default threads vs --threads 1
+    python bench/serve.py --speculative 5 --model GGUF --max-tokens 96   # prompt lookup vs plain
 
 The server is one `cke-dist serve` process (--threads threads, --max-batch 16) started once; each
 round sends every client its own prompt (greedy, exactly --max-tokens tokens: `ignore_eos`, vLLM's
@@ -41,6 +42,8 @@ def parse():
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--smoke", action="store_true")
+    p.add_argument("--speculative", type=int, default=0, metavar="K",
+                   help="one client on an extraction prompt: plain vs --speculative-tokens K")
     p.add_argument("--busy", action="store_true", help="one client beside a busy loop: default threads vs --threads 1")
     a = p.parse_args()
     if a.smoke:
@@ -71,14 +74,14 @@ def smollm2_f32() -> Path:
     return d
 
 
-def start_server(model: Path, port: int, threads: int | None):
+def start_server(model: Path, port: int, threads: int | None, more=()):
     """threads None: the server's own default (no thread variables in its environment)."""
     if threads is None:
         env, extra = {k: v for k, v in os.environ.items() if k not in THREAD_VARS}, []
     else:
         env, extra = thread_env(threads, dict(os.environ)), ["--threads", str(threads)]
     proc = subprocess.Popen([sys.executable, "-m", "cke_dist.cli", "serve", "--model", str(model), "--port", str(port),
-                             "--max-batch", "16", "--quiet", "--served-model-name", "m", *extra], cwd=REPO, env=env,
+                             "--max-batch", "16", "--quiet", "--served-model-name", "m", *extra, *more], cwd=REPO, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
@@ -148,6 +151,40 @@ def busy_machine(model: Path, max_tokens: int, rounds: int = 3):
           f"{rates[None] / rates[1]:.2f}x (target >= 0.9x)")
 
 
+EXTRACT = ("Here is a passage:\n\nThe committee met on Tuesday to review the budget for the new library. After a long "
+           "discussion, members agreed that the reading room would open in March, that the children's section would "
+           "double in size, and that the archive of local newspapers would be scanned and put online by the end of the "
+           "year.\n\nCopy the passage above word for word.")
+
+
+def speculative(model: Path, threads: int, k: int, max_tokens: int, rounds: int = 3):
+    """One client, an extraction prompt (the answer quotes the prompt): plain decoding against
+    prompt-lookup drafts of up to k tokens, each in its own server; the texts must be equal."""
+    from openai import OpenAI
+    rates, texts = {}, {}
+    for spec in (0, k):
+        port = free_port()
+        proc = start_server(model, port, threads, ["--speculative-tokens", str(spec)])
+        try:
+            client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0, timeout=600)
+            msgs = [{"role": "user", "content": EXTRACT}]
+            client.chat.completions.create(model="m", messages=msgs, max_tokens=4)      # warm-up
+            runs = []
+            for _ in range(rounds):
+                t0 = time.perf_counter()
+                r = client.chat.completions.create(model="m", messages=msgs, max_tokens=max_tokens, temperature=0)
+                runs.append(r.usage.completion_tokens / (time.perf_counter() - t0))
+                texts[spec] = r.choices[0].message.content
+            rates[spec] = statistics.median(runs)
+        finally:
+            proc.terminate()
+            proc.wait(timeout=60)
+    assert texts[0] == texts[k], "speculative decoding changed the text"
+    print(f"prompt lookup (--speculative-tokens {k}), one client, extraction prompt, {threads} thread(s), median of "
+          f"{rounds}: plain {rates[0]:.1f} tok/s, speculative {rates[k]:.1f} tok/s: {rates[k] / rates[0]:.2f}x "
+          f"(target >= 1.5x); the same text")
+
+
 def main():
     args = parse()
     from openai import OpenAI
@@ -160,6 +197,10 @@ def main():
         model = smollm2_f32()
     if args.busy:
         busy_machine(model, args.max_tokens)
+        tmp.cleanup()
+        return 0
+    if args.speculative:
+        speculative(model, args.threads, args.speculative, args.max_tokens)
         tmp.cleanup()
         return 0
     port = free_port()

@@ -31,6 +31,10 @@ def add_arguments(p):
                    help="quantize the linears at load time (a GGUF file keeps its own formats otherwise)")
     p.add_argument("--threads", type=int_in(1), default=None, help="threads for BLAS and numba together")
     p.add_argument("--add-bos", action="store_true", help="prepend the tokenizer's BOS token")
+    p.add_argument("--speculative-tokens", type=int_in(0, 7), default=0, metavar="K",
+                   help="prompt-lookup speculative decoding: up to K draft tokens per step, taken from where the "
+                        "last tokens occurred before in the context, checked in the same forward (0: off); the "
+                        "output is the plain one, token for token")
     p.add_argument("--tp", type=int_in(1), default=1, help="tensor-parallel ranks (under mpiexec: -n tp*pp)")
     p.add_argument("--pp", type=int_in(1), default=1, help="pipeline stages; several prompts flow through them at once")
 
@@ -47,7 +51,7 @@ def run(args) -> int:
     args.model = model_path(args.model)  # a run directory: its newest checkpoint
     tok = load_tokenizer(args.model)     # before the weights (every rank alike): a missing tokenizer fails fast
     engine = Engine.build(args.model, world, tp=args.tp, pp=args.pp, quantize=args.quantize,
-                          max_batch=len(args.prompt))
+                          max_batch=len(args.prompt), speculative_tokens=args.speculative_tokens)
     if engine.vocab < getattr(tok, "vocab_size", 0):
         raise ValueError(f"{args.model}: tokenizer has {tok.vocab_size} tokens, the model's vocab_size is only "
                          f"{engine.vocab}")

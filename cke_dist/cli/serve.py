@@ -45,6 +45,10 @@ def add_arguments(p):
     p.add_argument("--served-model-name", default=None, help="the model id clients see (default: the directory name)")
     p.add_argument("--quantize", choices=["q8_0", "q4_0", "q4_1"], default=None,
                    help="quantize the linears at load time (a GGUF file keeps its own formats otherwise)")
+    p.add_argument("--speculative-tokens", type=int_in(0, 7), default=0, metavar="K",
+                   help="prompt-lookup speculative decoding: up to K draft tokens per step, taken from where the "
+                        "last tokens occurred before in the context, checked in the same forward (0: off); the "
+                        "output is the plain one, token for token")
     p.add_argument("--max-batch", type=int_in(1), default=16, help="requests decoded together (KV cache slots)")
     p.add_argument("--max-len", type=int_in(2), default=None,
                    help="context per request: prompt + completion tokens (default: max_position_embeddings)")
@@ -69,7 +73,7 @@ def run(args) -> int:
         # Ctrl-C reaches every rank under mpiexec; rank 0 alone decides the stop and tells the others
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         engine = Engine.build(args.model, world, args.tp, args.pp, quantize=args.quantize, max_batch=args.max_batch,
-                              max_len=args.max_len)
+                              max_len=args.max_len, speculative_tokens=args.speculative_tokens)
         engine.run()
         return 0
 
@@ -92,7 +96,7 @@ def run(args) -> int:
         raise OSError(f"cannot listen on {args.host}:{args.port}: {e}") from None
 
     engine = Engine.build(args.model, world, args.tp, args.pp, quantize=args.quantize, max_batch=args.max_batch,
-                          max_len=args.max_len)
+                          max_len=args.max_len, speculative_tokens=args.speculative_tokens)
     vocab = engine.vocab
     if vocab < getattr(tok, "vocab_size", 0):
         engine.start()

@@ -43,6 +43,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from cke_kernels.decode_matvec import F32_MATVEC_MAX_ROWS
+
 from cke_dist.model import LlamaConfig
 from cke_dist.model.layout import Stage, stage_layers, stage_work
 from cke_dist.model.load import load_inference_model, read_model_config
@@ -111,6 +113,24 @@ class Request:
                 raise EngineError(value)
 
 
+def prompt_lookup(context: list[int], k: int, longest: int = 4, shortest: int = 2) -> list[int]:
+    """Up to k draft tokens by prompt lookup (vLLM's ngram drafter): the tokens that followed the
+    most recent earlier occurrence of the context's last n tokens, n from `longest` down."""
+    if k <= 0:
+        return []
+    c = np.asarray(context, np.int64)
+    T = c.size
+    for n in range(min(longest, T - 1), shortest - 1, -1):
+        tail = c[T - n:]
+        # windows starting at 0..T-n-1 (not the tail itself), most recent first
+        win = np.lib.stride_tricks.sliding_window_view(c[:T - 1], n)
+        hits = np.flatnonzero((win == tail).all(axis=1))
+        if hits.size:
+            start = int(hits[-1]) + n
+            return c[start:start + k].tolist()
+    return []
+
+
 def check_max_len(max_len: int | None, context: int) -> None:
     if max_len is not None and not 1 <= max_len <= context:
         raise ValueError(f"--max-len {max_len}: the model's context is {context} tokens (max_position_embeddings); "
@@ -119,8 +139,13 @@ def check_max_len(max_len: int | None, context: int) -> None:
 
 class Engine:
     def __init__(self, im, world, tp_group=None, pp_group=None, max_batch: int = 16, max_len: int | None = None,
-                 heartbeat: float = 1.0):
+                 heartbeat: float = 1.0, speculative_tokens: int = 0):
         self.im, self.world = im, world
+        # prompt lookup: up to this many draft tokens per decode row (0: none), kept under the row
+        # kernel's limit so a verified row gets the bits a plain decode row gets
+        self.speculative_tokens = min(int(speculative_tokens), F32_MATVEC_MAX_ROWS - 1)
+        if speculative_tokens < 0:
+            raise ValueError(f"speculative_tokens must be >= 0, got {speculative_tokens}")
         self.tp_group, self.pp_group = tp_group, pp_group
         self.pp = pp_group.size if pp_group is not None else 1
         self.stage_index = pp_group.rank if pp_group is not None else 0
@@ -142,6 +167,8 @@ class Engine:
         # counters for /metrics (rank 0): tokens in and out, and recent (time, tokens) for a rate
         self.prompt_tokens_total = 0
         self.generation_tokens_total = 0
+        self.draft_tokens_total = 0       # prompt-lookup tokens proposed, and accepted
+        self.accepted_tokens_total = 0
         self._recent: deque = deque()
         self.error: str | None = None
         self._thread: threading.Thread | None = None
@@ -258,7 +285,7 @@ class Engine:
                 outs = None
                 if rank0:
                     if self.pp > 1 and inflight[g] is not None:
-                        logits = np.empty((sum(k for _, k in inflight[g]), self.vocab), np.float32)
+                        logits = np.empty((sum(k for _, k, _ in inflight[g]), self.vocab), np.float32)
                         self.pp_group.recv(logits, self.pp - 1, tag=TICK_LOGITS)
                         self._deliver(inflight[g], logits)
                         inflight[g] = None
@@ -373,9 +400,14 @@ class Engine:
                 r = self._slots[i]
                 if r is not None and not r.waiting and r.generated:
                     p = len(r.prompt) + len(r.generated) - 1
-                    ids.append(r.generated[-1]), seq.append(i), pos.append(p)
-                    rows.append(len(ids) - 1)
-                    outs.append((r, 1))
+                    # drafts stop where the request would: its limit, the context
+                    room = min(r.limit - len(r.generated), self.max_len - 1 - p)
+                    draft = prompt_lookup(r.prompt + r.generated, min(self.speculative_tokens, room))
+                    ids += [r.generated[-1], *draft]
+                    seq += [i] * (1 + len(draft))
+                    pos += range(p, p + 1 + len(draft))
+                    rows += range(len(ids) - 1 - len(draft), len(ids))
+                    outs.append((r, 1 + len(draft), draft))
                     r.waiting = True
             for i in mine:
                 if self._slots[i] is None and self._waiting and not self._stopping:
@@ -389,10 +421,10 @@ class Engine:
                     pos += list(range(P))
                     if r.params.prompt_logprobs is not None:    # every prompt row's logits (echo)
                         rows += range(len(ids) - P, len(ids))
-                        outs.append((r, P))
+                        outs.append((r, P, None))
                     else:
                         rows.append(len(ids) - 1)
-                        outs.append((r, 1))
+                        outs.append((r, 1, None))
         as64 = [np.asarray(a, np.int64) for a in (ids, seq, pos, rows)]
         return tuple(as64), outs
 
@@ -408,6 +440,24 @@ class Engine:
             r.finish = "cancelled"
             r.events.put(("done", r.finish))
 
+    def _emit(self, r: Request, row) -> int:
+        """Sample r's next token from its logits row, score it, hand it to the client."""
+        tok = r.sampler(row)
+        r.sampler.accept(tok)
+        if r.params.logprobs is not None:
+            lp = log_softmax(row)
+            r.logprobs.append((float(lp[tok]), top_logprobs(lp, r.params.logprobs)))
+        r.generated.append(tok)
+        self.generation_tokens_total += 1
+        r.events.put(("token", tok))
+        if tok in r.stop_ids:
+            r.finish = "stop"
+        elif len(r.generated) >= r.limit:
+            r.finish = "length"
+        if r.finish is not None:
+            r.events.put(("done", r.finish))
+        return tok
+
     def stats(self, window_s: float = 10.0) -> dict:
         """Rank 0's counters and gauges for /metrics (a snapshot)."""
         now = time.monotonic()
@@ -420,40 +470,37 @@ class Engine:
                     "kv_tokens_used": sum(len(r.prompt) + len(r.generated) for r in running),
                     "kv_tokens_capacity": self.max_batch * self.max_len,
                     "prompt_tokens": self.prompt_tokens_total, "generation_tokens": self.generation_tokens_total,
+                    "draft_tokens": self.draft_tokens_total, "accepted_tokens": self.accepted_tokens_total,
                     "tokens_per_second": recent / window_s,
                     "comm_seconds": {name: g.seconds for name, g in (("tp", self.tp_group), ("pp", self.pp_group))
                                      if g is not None}}
 
     def _deliver(self, reqs, logits):
-        """reqs: (request, its number of logits rows) in row order; its last row samples."""
+        """reqs: (request, its number of logits rows, its draft or None) in row order. A new
+        request's last row samples (the rows before score its prompt); a decode row samples, and
+        while the token it samples equals the next draft token, the row that token fed samples
+        the next: each token comes from the logits (and the random draw) plain decoding would use."""
         with self._cv:
             before = self.generation_tokens_total
             at = 0
-            for r, k in reqs:
+            for r, k, draft in reqs:
                 rows, at = logits[at:at + k], at + k
                 r.waiting = False
                 if r.cancelled or r.finish is not None:
                     continue
-                if k > 1:
+                if draft is None and k > 1:
                     n = r.params.prompt_logprobs
                     r.prompt_logprobs = [None]
                     for j in range(k - 1):
                         lp = log_softmax(rows[j])
                         r.prompt_logprobs.append((float(lp[r.prompt[j + 1]]), top_logprobs(lp, n)))
-                row = rows[k - 1]
-                tok = r.sampler(row)
-                r.sampler.accept(tok)
-                if r.params.logprobs is not None:
-                    lp = log_softmax(row)
-                    r.logprobs.append((float(lp[tok]), top_logprobs(lp, r.params.logprobs)))
-                r.generated.append(tok)
-                self.generation_tokens_total += 1
-                r.events.put(("token", tok))
-                if tok in r.stop_ids:
-                    r.finish = "stop"
-                elif len(r.generated) >= r.limit:
-                    r.finish = "length"
-                if r.finish is not None:
-                    r.events.put(("done", r.finish))
+                    rows = rows[k - 1:]
+                for j, row in enumerate(rows):
+                    tok = self._emit(r, row)
+                    if r.finish is not None or not draft or j >= len(draft) or tok != draft[j]:
+                        break
+                if draft:
+                    self.draft_tokens_total += len(draft)
+                    self.accepted_tokens_total += j
             self._recent.append((time.monotonic(), self.generation_tokens_total - before))
             self._cv.notify_all()

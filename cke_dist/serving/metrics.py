@@ -10,6 +10,7 @@ What it exports (names in vLLM's spirit, prefix cke_):
 - cke_requests_waiting, cke_requests_running: the engine's queue and batch now;
 - cke_prompt_tokens_total, cke_generation_tokens_total, and cke_generation_tokens_per_second over
   the last 10 s (rate() of the counter is the Prometheus way; the gauge is for a glance);
+- cke_spec_decode_draft_tokens_total, cke_spec_decode_accepted_tokens_total (--speculative-tokens);
 - cke_kv_cache_tokens{state="used"|"capacity"}: positions the running requests hold in the KV
   cache (slots x context) against its size;
 - cke_comm_seconds_total{group}: time rank 0 spent in blocking tp / pp calls. Other ranks' time
@@ -39,6 +40,10 @@ class _EngineCollector:
         yield GaugeMetricFamily("cke_requests_running", "Requests in the running batch", value=st["running"])
         yield CounterMetricFamily("cke_prompt_tokens", "Prompt tokens prefilled", value=st["prompt_tokens"])
         yield CounterMetricFamily("cke_generation_tokens", "Tokens sampled", value=st["generation_tokens"])
+        yield CounterMetricFamily("cke_spec_decode_draft_tokens", "Prompt-lookup draft tokens proposed",
+                                  value=st["draft_tokens"])
+        yield CounterMetricFamily("cke_spec_decode_accepted_tokens", "Draft tokens the model agreed with",
+                                  value=st["accepted_tokens"])
         yield GaugeMetricFamily("cke_generation_tokens_per_second", "Tokens sampled per second over the last 10 s",
                                 value=st["tokens_per_second"])
         kv = GaugeMetricFamily("cke_kv_cache_tokens", "KV cache positions: held by running requests, and in all",

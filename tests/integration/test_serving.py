@@ -174,3 +174,41 @@ def test_concurrent_greedy_requests_on_a_gguf_equal_each_alone():
         assert together == alone
     finally:
         e.shutdown(timeout=30)
+
+
+# ---- speculative decoding (prompt lookup) ----------------------------------------------------------
+
+def test_prompt_lookup_drafts_what_followed_the_last_match():
+    from cke_dist.serving.engine import prompt_lookup
+    assert prompt_lookup([5, 6, 7, 8, 9, 1, 5, 6, 7], 3) == [8, 9, 1]       # 3-gram 5 6 7
+    assert prompt_lookup([1, 2, 3, 1, 2, 4, 1, 2], 2) == [4, 1]             # the most recent 1 2
+    assert prompt_lookup([1, 2, 3, 4], 3) == []                              # nothing repeats
+    assert prompt_lookup([3, 9, 3, 9], 5) == [3, 9]                          # runs into the end
+    assert prompt_lookup([1, 2, 1, 2], 0) == []
+
+
+@pytest.mark.parametrize("quantize", [None, "q4_1"])
+def test_speculative_decoding_gives_the_plain_tokens_and_logprobs(quantize):
+    """Greedy, seeded sampling with penalties, and log-probabilities: the same with drafts as
+    without, and drafts were accepted (the path ran)."""
+    cfg = LlamaConfig.from_dict({**CFG, "max_position_embeddings": 96})
+    im = InferenceModel.from_model(Model.from_config(cfg, seed=1, init_std=0.2), quantize=quantize)
+    rng = np.random.default_rng(5)
+    motif = rng.integers(0, 61, 6).tolist()
+    prompts = [motif * 4 + rng.integers(0, 61, 3).tolist() + motif[:3], rng.integers(0, 61, 9).tolist(), motif * 2]
+    settings = [dict(temperature=0), dict(temperature=0.8, top_p=0.9, seed=3, frequency_penalty=0.3),
+                dict(temperature=0, logprobs=2)]
+
+    def run(k):
+        e = Engine(im, init(), max_batch=3, heartbeat=0.05, speculative_tokens=k)
+        e.start()
+        try:
+            reqs = [e.submit(p, Params(max_tokens=40, **kw)) for p in prompts for kw in settings]
+            return [(list(r.stream(timeout=60)), r.logprobs) for r in reqs], e.accepted_tokens_total
+        finally:
+            e.shutdown(timeout=10)
+    plain, _ = run(0)
+    spec, accepted = run(5)
+    assert accepted > 0
+    assert [t for t, _ in spec] == [t for t, _ in plain]
+    assert [lp for _, lp in spec] == [lp for _, lp in plain]

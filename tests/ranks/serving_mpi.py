@@ -47,8 +47,8 @@ def layouts(n):
     return [(t, n // t) for t in (1, 2, 4) if n % t == 0 and n // t <= CFG["num_hidden_layers"]]
 
 
-def run_engine(world, path, tp, pp, params, max_batch=4):
-    engine = Engine.build(path, world, tp=tp, pp=pp, max_batch=max_batch)
+def run_engine(world, path, tp, pp, params, max_batch=4, speculative_tokens=0):
+    engine = Engine.build(path, world, tp=tp, pp=pp, max_batch=max_batch, speculative_tokens=speculative_tokens)
     if world.rank != 0:
         engine.run()
         return None
@@ -74,25 +74,29 @@ def test_greedy_and_seeded_sampling_equal_one_process(world, model_dir):
                          max_batch=2)    # 5 requests, 2 slots: requests join as others leave
         if world.rank == 0:
             assert got == sampled, (tp, pp)
+        # prompt-lookup drafts checked in the same forward: the same tokens
+        got = run_engine(world, model_dir / "f32", tp, pp, lambda i: dict(temperature=0), speculative_tokens=4)
+        if world.rank == 0:
+            assert got == greedy, (tp, pp)
         world.barrier()
 
 
 @pytest.mark.parametrize("kind", ["q8", "q4"])
 def test_quantized_shards_equal_one_process(world, model_dir, kind):
-    """Q8_0 and Q4_1 directories, each rank reading its slices of the blocks. One request at a time
-    (a quantized forward of more than 24 rows takes the dequantize + GEMM path, so batching it with
-    others may change its rounding: see the README's known limits)."""
+    """Q8_0 and Q4_1 directories, each rank reading its slices of the blocks, all requests batched
+    (a row's numbers do not depend on the rows beside it)."""
     from cke_dist.model.load import load_inference_model
     from cke_dist.serving.generate import generate
     one = load_inference_model(model_dir / kind)
     want = [generate(one, p, N_NEW, temperature=0) for p in prompts()]
     for tp, pp in layouts(world.size):
-        engine = Engine.build(model_dir / kind, world, tp=tp, pp=pp, max_batch=1)
+        engine = Engine.build(model_dir / kind, world, tp=tp, pp=pp, max_batch=4)
         if world.rank != 0:
             engine.run()
             continue
         engine.start()
-        got = [list(engine.submit(p, Params(max_tokens=N_NEW, temperature=0)).stream(timeout=60)) for p in prompts()]
+        reqs = [engine.submit(p, Params(max_tokens=N_NEW, temperature=0)) for p in prompts()]
+        got = [list(r.stream(timeout=60)) for r in reqs]
         engine.shutdown(timeout=60)
         assert got == want, (tp, pp)
 
