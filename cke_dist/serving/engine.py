@@ -73,6 +73,7 @@ class Params:
     repetition_penalty: float = 1.0
     logit_bias: dict | None = None
     logprobs: int | None = None          # per sampled token: its logprob and this many alternatives
+    constraint: object = None            # serving.grammar.Constraint: the tokens a grammar allows
     prompt_logprobs: int | None = None   # the same for each prompt token after the first
 
 
@@ -442,8 +443,15 @@ class Engine:
 
     def _emit(self, r: Request, row) -> int:
         """Sample r's next token from its logits row, score it, hand it to the client."""
-        tok = r.sampler(row)
+        c = r.params.constraint
+        if c is not None and c.done:      # the grammar ended without an EOS to sample (ignore_eos)
+            r.finish = "stop"
+            r.events.put(("done", r.finish))
+            return -1
+        tok = r.sampler(row, None if c is None else c.allowed())
         r.sampler.accept(tok)
+        if c is not None and tok not in r.stop_ids:
+            c.accept(tok)
         if r.params.logprobs is not None:
             lp = log_softmax(row)
             r.logprobs.append((float(lp[tok]), top_logprobs(lp, r.params.logprobs)))

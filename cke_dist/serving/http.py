@@ -16,8 +16,8 @@ Rules it keeps:
   200 goes out only with the first token, so an engine that fails before it is still a 503.
 - Bad input is a 400 naming the field (OpenAI's error object: message, type, param, code); a body
   is read only after its Content-Length passed the limit (413 over it); unknown fields are
-  ignored; features we do not have (tools, response_format, suffix) are a 400, never silently
-  dropped. prompt + max_tokens beyond the context is a 400 naming both numbers.
+  ignored; features we do not have (tools, suffix) are a 400, never silently dropped.
+- `response_format` json_object / json_schema constrains sampling with a grammar (grammar.py). prompt + max_tokens beyond the context is a 400 naming both numbers.
 - Several prompts and n > 1 are one engine request per choice, all submitted before any is read
   (so they decode together); log-probabilities come from the engine with each token.
 - A `model` other than the served name is a 404 (model_not_found), as OpenAI and vLLM answer; every
@@ -52,6 +52,7 @@ from urllib.parse import urlsplit
 from cke_dist.formats.tokenizer import StopText, TextStream
 from cke_dist.serving.chat import ChatTemplateError
 from cke_dist.serving.engine import EngineError, Params
+from cke_dist.serving.grammar import GrammarError, Grammars
 from cke_dist.serving.metrics import ServerMetrics
 from cke_dist.serving.protocol import (COMPLETIONS_DEFAULT_MAX_TOKENS, ApiError, Sampling, chat_messages, checked_text,
                                        is_int, prompt_ids, unavailable)
@@ -74,13 +75,19 @@ class Generation:
         self.prompt_ids = ids
         self.prompt_tokens = len(ids)
         engine = server.engine
+        constraint = None
+        if s.response_format is not None:
+            try:
+                constraint = server.grammars().constraint(s.response_format)
+            except GrammarError as e:
+                raise ApiError(400, str(e), "response_format") from None
         try:
             self.req = engine.submit(ids, Params(
                 max_tokens=s.max_tokens, temperature=s.temperature, top_k=s.top_k, top_p=s.top_p, seed=seed,
                 stop_ids=() if s.ignore_eos else tuple(server.stop_ids), min_p=s.min_p,
                 presence_penalty=s.presence_penalty, frequency_penalty=s.frequency_penalty,
                 repetition_penalty=s.repetition_penalty, logit_bias=s.logit_bias, logprobs=s.logprobs,
-                prompt_logprobs=s.logprobs if prompt_logprobs else None))
+                prompt_logprobs=s.logprobs if prompt_logprobs else None, constraint=constraint))
         except EngineError as e:
             raise unavailable(str(e)) from None
         except ValueError as e:
@@ -195,10 +202,17 @@ class OpenAIServer(ThreadingHTTPServer):
         self.add_bos, self.access_log = add_bos, access_log
         self.fingerprint = fingerprint
         self.metrics = ServerMetrics(lambda: self.engine)
+        self._grammars = None
         self.stop_ids = frozenset(int(i) for i in (getattr(tokenizer, "eos_token_ids", None) or []))
         self.created = int(time.time())
         self._active = 0
         self._idle = threading.Condition()
+
+    def grammars(self) -> Grammars:
+        """Structured output's token tables, built at the first request that needs them (~0.6 s)."""
+        if self._grammars is None:
+            self._grammars = Grammars(self.tokenizer, self.engine.vocab)
+        return self._grammars
 
     @property
     def port(self) -> int:

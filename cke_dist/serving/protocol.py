@@ -155,7 +155,11 @@ class Sampling:
         self.logit_bias = _logit_bias(body)
         _unsupported(body, "tools", ([],), "no tool calls")
         _unsupported(body, "functions", ([],), "no function calls")
-        _unsupported(body, "response_format", ({"type": "text"},), "plain text only")
+        rf = body.get("response_format")
+        if rf is not None and not (isinstance(rf, dict) and rf.get("type") in ("text", "json_object", "json_schema")):
+            raise ApiError(400, "'response_format' must be {\"type\": \"text\" | \"json_object\" | "
+                                "\"json_schema\"}", "response_format")
+        self.response_format = None if rf is None or rf.get("type") == "text" else rf
         self.max_tokens = _opt_int(body, "max_tokens", 1)
         if chat:   # the newer name for the same limit wins
             self.max_tokens = _opt_int(body, "max_completion_tokens", 1) or self.max_tokens

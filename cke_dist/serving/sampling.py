@@ -132,12 +132,17 @@ class Sampler:
             z[ids] -= self.frequency * n + self.presence
         return z
 
-    def __call__(self, logits: np.ndarray) -> int:
+    def __call__(self, logits: np.ndarray, allowed: np.ndarray | None = None) -> int:
+        """allowed: a bool mask of the tokens a grammar takes next (None: all)."""
         if not np.all(np.isfinite(logits)):
             bad = np.flatnonzero(~np.isfinite(logits))[:5].tolist()
             raise FloatingPointError(f"logits contain NaN/inf (first bad ids {bad}): the model's weights "
                                      "or inputs are broken")
         logits = self._adjusted(logits)
+        if allowed is not None:
+            if not allowed.any():
+                raise ValueError("the grammar allows no token here")
+            logits = np.where(allowed, logits, np.float32(-np.inf)).astype(np.float32)
         if self.greedy:
             return int(np.argmax(logits))
         if self.min_p is not None:

@@ -503,6 +503,42 @@ def test_n_list_prompts_bias_and_penalties(client, ref):
     assert r.choices[0].text == tok.decode([t for t in want if t not in ref["eos"]])
 
 
+SCHEMA = {"type": "object", "properties": {"color": {"enum": ["red", "green", "blue"]},
+                                           "n": {"type": "integer", "minimum": 0, "maximum": 9},
+                                           "ok": {"type": "boolean"}},
+          "required": ["color", "n", "ok"], "additionalProperties": False}
+
+
+def test_response_format_json_schema_validates(client, ref):
+    """A random model, sampled: whatever it says, the grammar makes it valid for the schema."""
+    jsonschema = pytest.importorskip("jsonschema")
+    fmt = {"type": "json_schema", "json_schema": {"name": "pick", "schema": SCHEMA}}
+    for i in range(4):
+        r = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": f"Pick {i}"}],
+                                           max_tokens=80, temperature=1.0, seed=i, response_format=fmt,
+                                           logprobs=True)
+        c = r.choices[0]
+        assert c.finish_reason == "stop", c
+        jsonschema.validate(json.loads(c.message.content), SCHEMA)
+        assert all(np.isfinite(e.logprob) for e in c.logprobs.content)     # the model's scores, not the mask's
+    plain = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Pick 0"}],
+                                           max_tokens=80, temperature=1.0, seed=0)
+    with pytest.raises(json.JSONDecodeError):      # the same request unconstrained is not JSON
+        json.loads(plain.choices[0].message.content)
+    status, r = raw(client_port(client), "POST", "/v1/chat/completions", {
+        "messages": [{"role": "user", "content": "x"}],
+        "response_format": {"type": "json_schema", "json_schema": {"schema": {"type": "integer", "minimum": 5,
+                                                                              "maximum": 1}}}})
+    assert status == 400 and r["error"]["param"] == "response_format", r
+    status, r = raw(client_port(client), "POST", "/v1/chat/completions", {
+        "messages": [{"role": "user", "content": "x"}], "response_format": {"type": "yaml"}})
+    assert status == 400 and r["error"]["param"] == "response_format", r
+
+
+def client_port(client) -> int:
+    return client.base_url.port
+
+
 def test_lm_eval_scores_through_the_server_what_it_scores_with_hf(server, model_dir, tmp_path, monkeypatch):
     """lm-eval's local-completions model (echo + logprobs over our HTTP) against its hf model (torch,
     transformers) on the same weights: a multiple-choice task from a local file, the same answers
