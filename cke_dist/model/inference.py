@@ -288,10 +288,12 @@ class InferenceModel:
         cache.lengths[seq[m]] = pos[m] + 1. The whole model: a pipeline stage runs stage_forward."""
         return self.stage_forward(ids, seq, pos, cache, logits_rows)
 
-    def stage_forward(self, inp, seq, pos, cache: KVCache, logits_rows=None) -> np.ndarray:
+    def stage_forward(self, inp, seq, pos, cache: KVCache, logits_rows=None, pool=()):
         """This stage's part of forward: token ids (M,) in on the first stage, else the previous
         stage's hidden states (M, C); logits out on the last stage, else hidden states (M, C) for the
-        next one (a workspace view: send it before the next call)."""
+        next one (a workspace view: send it before the next call). pool: [start, stop) row ranges
+        whose final-normed hidden states the last stage also averages: it then returns (logits,
+        pooled (len(pool), C)) (embeddings: the mean of what HF calls last_hidden_state)."""
         seq = np.ascontiguousarray(seq, dtype=np.int64).reshape(-1)
         pos = np.ascontiguousarray(pos, dtype=np.int64).reshape(-1)
         M = seq.size
@@ -322,11 +324,23 @@ class InferenceModel:
         if not self.stage.last:
             return x
         rows = np.arange(M) if logits_rows is None else np.asarray(logits_rows, dtype=np.int64)
-        xf = np.ascontiguousarray(x[rows])
-        xfn = np.empty_like(xf)
-        rmsnorm_forward(xf, self.norm, self.eps, xfn, np.empty(xf.shape[0], F32))
-        local = self.lm_head(xfn, np.empty((xf.shape[0], self.lm_head.out_features), F32), sequence_rows(seq[rows]))
-        return self.tp.gather_vocab(local, self.config.vocab_size) if self.tp_size > 1 else local
+        if rows.size:
+            xf = np.ascontiguousarray(x[rows])
+            xfn = np.empty_like(xf)
+            rmsnorm_forward(xf, self.norm, self.eps, xfn, np.empty(xf.shape[0], F32))
+            local = self.lm_head(xfn, np.empty((xf.shape[0], self.lm_head.out_features), F32),
+                                 sequence_rows(seq[rows]))
+            logits = self.tp.gather_vocab(local, self.config.vocab_size) if self.tp_size > 1 else local
+        else:      # a tick of embeddings only: every tp rank skips the head alike
+            logits = np.empty((0, self.config.vocab_size), F32)
+        if not len(pool):
+            return logits
+        pooled = np.empty((len(pool), x.shape[1]), F32)
+        for i, (a, b) in enumerate(pool):
+            xn = np.empty((b - a, x.shape[1]), F32)
+            rmsnorm_forward(np.ascontiguousarray(x[a:b]), self.norm, self.eps, xn, np.empty(b - a, F32))
+            pooled[i] = xn.mean(axis=0, dtype=np.float64)
+        return logits, pooled
 
     def _layers(self, x, seq, pos, cache, ws, segments):
         M = x.shape[0]

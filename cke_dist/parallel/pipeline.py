@@ -69,8 +69,9 @@ def schedule(kind: str, p: int, s: int, m: int) -> list[tuple[str, int]]:
 
 # Message tags between neighbouring stages, for training and serving alike. Training: a micro-batch's
 # activations (FORWARD) and their gradients (BACKWARD). Serving: each engine tick's plan (its header
-# and body) and the hidden states that go with it; the last stage's logits back to rank 0.
-TICK_HIDDEN, TICK_HEAD, TICK_BODY, TICK_LOGITS = 1, 2, 3, 7
+# and body) and the hidden states that go with it; the last stage's logits, and pooled embeddings,
+# back to rank 0.
+TICK_HIDDEN, TICK_HEAD, TICK_BODY, TICK_LOGITS, TICK_POOLED = 1, 2, 3, 7, 8
 
 
 def stage_tag(i: int, direction: int) -> int:

@@ -49,10 +49,11 @@ from cke_dist.model import LlamaConfig
 from cke_dist.model.layout import Stage, stage_layers, stage_work
 from cke_dist.model.load import load_inference_model, read_model_config
 from cke_dist.parallel.grid import ProcessGrid
-from cke_dist.parallel.pipeline import TICK_BODY, TICK_HEAD, TICK_HIDDEN, TICK_LOGITS
+from cke_dist.parallel.pipeline import TICK_BODY, TICK_HEAD, TICK_HIDDEN, TICK_LOGITS, TICK_POOLED
 from cke_dist.serving.sampling import Sampler, check_sampling_args, log_softmax, top_logprobs
 
 _STOP = 1
+EMBED = "embed"      # an outs entry's kind: the request wants its pooled hidden state, no token
 
 
 class EngineError(RuntimeError):
@@ -74,6 +75,7 @@ class Params:
     logit_bias: dict | None = None
     logprobs: int | None = None          # per sampled token: its logprob and this many alternatives
     constraint: object = None            # serving.grammar.Constraint: the tokens a grammar allows
+    embed: bool = False                  # no tokens: the prompt's mean final hidden state (req.embedding)
     prompt_logprobs: int | None = None   # the same for each prompt token after the first
 
 
@@ -91,6 +93,7 @@ class Request:
         # appended before the token's event: a reader of the k-th token finds its entry
         self.logprobs: list[tuple[float, list]] = []
         self.prompt_logprobs: list | None = None     # [None, (logprob, alternatives), ...] when asked
+        self.embedding: np.ndarray | None = None     # params.embed: (hidden_size,) float32
         self.slot: int | None = None
         self.waiting = False          # a plan with this request's row is in flight
         self.cancelled = False
@@ -286,9 +289,15 @@ class Engine:
                 outs = None
                 if rank0:
                     if self.pp > 1 and inflight[g] is not None:
-                        logits = np.empty((sum(k for _, k, _ in inflight[g]), self.vocab), np.float32)
-                        self.pp_group.recv(logits, self.pp - 1, tag=TICK_LOGITS)
-                        self._deliver(inflight[g], logits)
+                        n_rows = sum(k for _, k, _ in inflight[g])
+                        n_pool = sum(d == EMBED for _, _, d in inflight[g])
+                        logits = np.empty((n_rows, self.vocab), np.float32)
+                        if n_rows:
+                            self.pp_group.recv(logits, self.pp - 1, tag=TICK_LOGITS)
+                        pooled = np.empty((n_pool, self.im.config.hidden_size), np.float32)
+                        if n_pool:
+                            self.pp_group.recv(pooled, self.pp - 1, tag=TICK_POOLED)
+                        self._deliver(inflight[g], logits, pooled)
                         inflight[g] = None
                     plan, outs = self._plan(g, any(x is not None for x in inflight))
                 else:
@@ -307,10 +316,14 @@ class Engine:
                     self._send_next(plan, out)
                 elif self.pp > 1:
                     if out is not None and (self.tp_group is None or self.tp_group.rank == 0):
-                        self._post(self.pp_group.send(np.ascontiguousarray(out, dtype=np.float32), 0,
-                                                      tag=TICK_LOGITS, async_op=True))
+                        logits, pooled = out if isinstance(out, tuple) else (out, None)
+                        if len(logits):
+                            self._post(self.pp_group.send(np.ascontiguousarray(logits, dtype=np.float32), 0,
+                                                          tag=TICK_LOGITS, async_op=True))
+                        if pooled is not None:
+                            self._post(self.pp_group.send(pooled, 0, tag=TICK_POOLED, async_op=True))
                 elif rank0 and out is not None:   # pp = 1: rank 0 is the last stage
-                    self._deliver(outs, out)
+                    self._deliver(outs, *(out if isinstance(out, tuple) else (out,)))
                     outs = None
                 if rank0 and outs:
                     inflight[g] = outs
@@ -324,26 +337,33 @@ class Engine:
         self._sends.append(handle)
 
     def _run_stage(self, plan, hidden):
-        ids, seq, pos, rows = plan
+        ids, seq, pos, rows, pool = plan
         if seq.size == 0:
             return None
-        return self.im.stage_forward(ids if self.stage_index == 0 else hidden, seq, pos, self.cache, logits_rows=rows)
+        return self.im.stage_forward(ids if self.stage_index == 0 else hidden, seq, pos, self.cache, logits_rows=rows,
+                                     pool=pool.reshape(-1, 2))
+
+    @staticmethod
+    def _body_size(head) -> int:
+        return 3 * int(head[0]) + int(head[1]) + 2 * int(head[3])
 
     @staticmethod
     def _pack(plan) -> tuple[np.ndarray, np.ndarray]:
+        """head: rows M, logits rows R, stop flag, pooled ranges Q; body: ids, seq, pos (M each),
+        logits rows (R), pooled [start, stop) pairs (2Q)."""
         head = np.zeros(4, np.int64)
         if plan is None:
             head[2] = _STOP
             return head, np.empty(0, np.int64)
-        head[0], head[1] = plan[1].size, plan[3].size
+        head[0], head[1], head[3] = plan[1].size, plan[3].size, plan[4].size // 2
         return head, np.concatenate(plan).astype(np.int64)
 
     @staticmethod
     def _unpack(head, body):
         if head[2] == _STOP:
             return None
-        M = int(head[0])
-        return body[:M], body[M:2 * M], body[2 * M:3 * M], body[3 * M:]
+        M, R = int(head[0]), int(head[1])
+        return body[:M], body[M:2 * M], body[2 * M:3 * M], body[3 * M:3 * M + R], body[3 * M + R:]
 
     def _tp_broadcast(self, plan):
         """Rank 0's plan (None: stop) to the other tp ranks of stage 0."""
@@ -352,7 +372,7 @@ class Engine:
         head, body = self._pack(plan) if self.tp_group.rank == 0 else (np.zeros(4, np.int64), None)
         self.tp_group.broadcast(head, root=0)
         if self.tp_group.rank != 0:
-            body = np.empty(3 * int(head[0]) + int(head[1]), np.int64)
+            body = np.empty(self._body_size(head), np.int64)
         if body.size:
             self.tp_group.broadcast(body, root=0)
         return self._unpack(head, body)
@@ -370,7 +390,7 @@ class Engine:
         prev = self.stage_index - 1
         head = np.empty(4, np.int64)
         self.pp_group.recv(head, prev, tag=TICK_HEAD)
-        body = np.empty(3 * int(head[0]) + int(head[1]), np.int64)
+        body = np.empty(self._body_size(head), np.int64)
         if body.size:
             self.pp_group.recv(body, prev, tag=TICK_BODY)
         plan = self._unpack(head, body)
@@ -395,7 +415,7 @@ class Engine:
                     break
                 if not self._cv.wait(self.heartbeat):
                     break     # idle: an empty tick keeps the followers inside their deadline
-            ids, seq, pos, rows, outs = [], [], [], [], []
+            ids, seq, pos, rows, pool, outs = [], [], [], [], [], []
             mine = [i for i in range(self.max_batch) if i % self.pp == g]
             for i in mine:
                 r = self._slots[i]
@@ -420,13 +440,16 @@ class Engine:
                     ids += r.prompt
                     seq += [i] * P
                     pos += list(range(P))
-                    if r.params.prompt_logprobs is not None:    # every prompt row's logits (echo)
+                    if r.params.embed:
+                        pool += [len(ids) - P, len(ids)]
+                        outs.append((r, 0, EMBED))
+                    elif r.params.prompt_logprobs is not None:    # every prompt row's logits (echo)
                         rows += range(len(ids) - P, len(ids))
                         outs.append((r, P, None))
                     else:
                         rows.append(len(ids) - 1)
                         outs.append((r, 1, None))
-        as64 = [np.asarray(a, np.int64) for a in (ids, seq, pos, rows)]
+        as64 = [np.asarray(a, np.int64) for a in (ids, seq, pos, rows, pool)]
         return tuple(as64), outs
 
     def _free_finished(self):
@@ -483,17 +506,23 @@ class Engine:
                     "comm_seconds": {name: g.seconds for name, g in (("tp", self.tp_group), ("pp", self.pp_group))
                                      if g is not None}}
 
-    def _deliver(self, reqs, logits):
+    def _deliver(self, reqs, logits, pooled=None):
         """reqs: (request, its number of logits rows, its draft or None) in row order. A new
         request's last row samples (the rows before score its prompt); a decode row samples, and
         while the token it samples equals the next draft token, the row that token fed samples
         the next: each token comes from the logits (and the random draw) plain decoding would use."""
         with self._cv:
             before = self.generation_tokens_total
-            at = 0
+            at = n_pool = 0
             for r, k, draft in reqs:
                 rows, at = logits[at:at + k], at + k
                 r.waiting = False
+                if draft == EMBED:
+                    r.embedding, n_pool = pooled[n_pool].copy(), n_pool + 1
+                    if not r.cancelled and r.finish is None:
+                        r.finish = "stop"
+                        r.events.put(("done", r.finish))
+                    continue
                 if r.cancelled or r.finish is not None:
                     continue
                 if draft is None and k > 1:

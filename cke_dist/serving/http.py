@@ -35,6 +35,7 @@ Tests: tests/integration/test_serve.py.
 """
 from __future__ import annotations
 
+import base64
 import hmac
 import itertools
 import json
@@ -246,6 +247,7 @@ class Handler(BaseHTTPRequestHandler):
         "/v1/completions": ("POST", "_completions", True),
         "/v1/chat/completions": ("POST", "_chat", True),
         "/v1/models": ("GET", "_models", True),
+        "/v1/embeddings": ("POST", "_embeddings", True),
         "/tokenize": ("POST", "_tokenize", True),
         "/detokenize": ("POST", "_detokenize", True),
         "/health": ("GET", "_health", False),
@@ -445,6 +447,53 @@ class Handler(BaseHTTPRequestHandler):
         self._headers_sent = True
         if self.command != "HEAD":
             self.wfile.write(data)
+
+    def _embeddings(self):
+        """OpenAI's /v1/embeddings: each input's mean-pooled final hidden state (after the model's
+        last norm), float32, one engine request each (batched like any other)."""
+        self._check_engine()
+        body = self._read_json()
+        name = body.get("model")
+        if name is not None and name != self.server.model_name:
+            raise ApiError(404, f"the model {name!r} does not exist: this server serves {self.server.model_name!r} "
+                                f"(GET /v1/models)", "model", code="model_not_found")
+        fmt = body.get("encoding_format", "float")
+        if fmt not in ("float", "base64"):
+            raise ApiError(400, f"'encoding_format' must be \"float\" or \"base64\", got {json.dumps(fmt)}",
+                           "encoding_format")
+        if body.get("dimensions") is not None:
+            raise ApiError(400, "'dimensions' is not supported: the embedding is the model's hidden size",
+                           "dimensions")
+        inputs = prompt_ids({"prompt": body.get("input")}, self.server.tokenizer, self.server.add_bos,
+                            field="input")
+        engine = self.server.engine
+        reqs = []
+        try:
+            for ids in inputs:
+                if not ids:
+                    raise ApiError(400, "an 'input' is empty", "input")
+                try:
+                    reqs.append(engine.submit(ids, Params(max_tokens=1, embed=True)))
+                except ValueError as e:
+                    raise ApiError(400, str(e), "input") from None
+                except EngineError as e:
+                    raise unavailable(str(e)) from None
+            data = []
+            for i, r in enumerate(reqs):
+                for _ in r.stream(timeout=600):
+                    pass
+                if r.embedding is None:
+                    raise unavailable(engine.error or "the engine stopped")
+                vec = r.embedding.astype("<f4")
+                emb = base64.b64encode(vec.tobytes()).decode() if fmt == "base64" else vec.tolist()
+                data.append({"object": "embedding", "index": i, "embedding": emb})
+        finally:
+            for r in reqs:
+                if r.finish is None:
+                    r.cancel()
+        n = sum(len(ids) for ids in inputs)
+        self._json(200, {"object": "list", "data": data, "model": self.server.model_name,
+                         "usage": {"prompt_tokens": n, "total_tokens": n}})
 
     def _tokenize(self):
         """vLLM's /tokenize: a prompt (add_special_tokens: the BOS that --add-bos would put) or chat

@@ -181,17 +181,18 @@ class Sampling:
         self.include_usage = bool(_opt_bool(opts or {}, "include_usage"))
 
 
-def prompt_ids(body: dict, tokenizer, add_bos: bool) -> list[list[int]]:
-    """/v1/completions' prompts: a string, token ids, or a list of either (one choice set each)."""
+def prompt_ids(body: dict, tokenizer, add_bos: bool, field: str = "prompt") -> list[list[int]]:
+    """/v1/completions' prompts (or /v1/embeddings' inputs): a string, token ids, or a list of
+    either (one choice set each)."""
     p = body.get("prompt")
     if isinstance(p, str) or (isinstance(p, list) and p and all(is_int(i) for i in p)):
         p = [p]
     if not (isinstance(p, list) and p and all(isinstance(x, str) or (isinstance(x, list) and x and
                                                                       all(is_int(i) for i in x)) for x in p)):
-        raise ApiError(400, "'prompt' must be a string, a list of token ids, or a list of either", "prompt")
+        raise ApiError(400, f"'{field}' must be a string, a list of token ids, or a list of either", field)
     if len(p) > MAX_PROMPTS:
-        raise ApiError(400, f"'prompt' holds {len(p)} prompts; at most {MAX_PROMPTS} are taken", "prompt")
-    return [tokenizer.encode(checked_text(x, "prompt"), add_bos=add_bos) if isinstance(x, str) else list(x)
+        raise ApiError(400, f"'{field}' holds {len(p)} prompts; at most {MAX_PROMPTS} are taken", field)
+    return [tokenizer.encode(checked_text(x, field), add_bos=add_bos) if isinstance(x, str) else list(x)
             for x in p]
 
 

@@ -539,6 +539,32 @@ def client_port(client) -> int:
     return client.base_url.port
 
 
+def test_embeddings_are_the_mean_last_hidden_state(client, server, model_dir, ref):
+    """/v1/embeddings against transformers' LlamaModel (last_hidden_state, after the final norm,
+    averaged over the tokens) on the same weights; floats and base64 (what the openai client asks)."""
+    import base64
+
+    import torch
+    from transformers import AutoModel
+    texts = ["hello there", "the cat sat on the mat", "x"]
+    hf = AutoModel.from_pretrained(model_dir, dtype=torch.float32).eval()
+    with torch.no_grad():
+        want = [hf(torch.tensor([ref["tok"].encode(t)])).last_hidden_state[0].mean(0).numpy() for t in texts]
+    r = client.embeddings.create(model=MODEL, input=texts)
+    got = np.stack([np.asarray(d.embedding, np.float32) for d in sorted(r.data, key=lambda d: d.index)])
+    np.testing.assert_allclose(got, np.stack(want), rtol=1e-4, atol=1e-5)
+    assert r.usage.prompt_tokens == sum(len(ref["tok"].encode(t)) for t in texts)
+    status, body = raw(server.port, "POST", "/v1/embeddings", {"input": texts[1], "encoding_format": "base64"})
+    vec = np.frombuffer(base64.b64decode(body["data"][0]["embedding"]), "<f4")
+    assert status == 200 and np.array_equal(vec, got[1])
+    status, body = raw(server.port, "POST", "/v1/embeddings", {"input": [ref["tok"].encode(texts[0])]})
+    assert status == 200 and np.allclose(body["data"][0]["embedding"], got[0], rtol=0, atol=1e-6)
+    for bad, field in [({"input": ""}, "input"), ({"input": 5}, "input"), ({"input": "x", "dimensions": 8},
+                                                                           "dimensions")]:
+        status, body = raw(server.port, "POST", "/v1/embeddings", bad)
+        assert status == 400 and body["error"]["param"] == field, body
+
+
 def test_lm_eval_scores_through_the_server_what_it_scores_with_hf(server, model_dir, tmp_path, monkeypatch):
     """lm-eval's local-completions model (echo + logprobs over our HTTP) against its hf model (torch,
     transformers) on the same weights: a multiple-choice task from a local file, the same answers

@@ -113,3 +113,32 @@ def test_each_rank_holds_only_its_part(world, model_dir):
         engine.shutdown(timeout=30)
     else:
         engine.run()
+
+
+def test_embeddings_equal_one_process(world, model_dir):
+    """Embedding requests (the prompt's mean final hidden state) mixed with generations, at every
+    layout: each equals the one-process model's, and the generations stay the plain ones."""
+    from cke_dist.model.load import load_inference_model
+    from cke_dist.serving.generate import generate
+    one = load_inference_model(model_dir / "f32")
+    want = []
+    for p in prompts():
+        cache = one.new_cache(1, len(p))
+        _, pooled = one.stage_forward(np.array(p), np.zeros(len(p), np.int64), np.arange(len(p)), cache,
+                                      logits_rows=[], pool=[(0, len(p))])
+        want.append(pooled[0])
+    greedy = generate(one, prompts()[1], N_NEW, temperature=0)
+    for tp, pp in layouts(world.size):
+        engine = Engine.build(model_dir / "f32", world, tp=tp, pp=pp, max_batch=2)
+        if world.rank != 0:
+            engine.run()
+            continue
+        engine.start()
+        gen = engine.submit(prompts()[1], Params(max_tokens=N_NEW, temperature=0))
+        reqs = [engine.submit(p, Params(embed=True)) for p in prompts()]
+        for r in reqs:
+            assert list(r.stream(timeout=60)) == [] and r.finish == "stop"
+        assert list(gen.stream(timeout=60)) == greedy, (tp, pp)
+        engine.shutdown(timeout=60)
+        np.testing.assert_allclose(np.stack([r.embedding for r in reqs]), np.stack(want), rtol=1e-4, atol=1e-5,
+                                   err_msg=str((tp, pp)))
