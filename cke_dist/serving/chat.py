@@ -11,7 +11,7 @@ Rules it keeps:
   add_generation_prompt=True)`: jinja2's ImmutableSandboxedEnvironment (templates are code from
   strangers) with trim_blocks and lstrip_blocks and the loopcontrols extension; globals
   raise_exception, strftime_now, dict, namespace; a `tojson` that does not HTML-escape; variables
-  messages, add_generation_prompt, tools/documents (None) and the special tokens (bos_token,
+  messages, add_generation_prompt, tools (the request's, else None), documents (None) and the special tokens (bos_token,
   eos_token, unk_token, pad_token) as strings. Keys whose value is None are dropped from messages.
 - A template's own raise_exception (e.g. "roles must alternate") is a ChatTemplateError: the
   client's messages are at fault, so the server answers 400 with its message.
@@ -116,11 +116,11 @@ class ChatTemplate:
         except jinja2.exceptions.TemplateSyntaxError as e:
             raise ValueError(f"the chat template does not parse: {e}") from e
 
-    def render(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+    def render(self, messages: list[dict], add_generation_prompt: bool = True, tools: list | None = None) -> str:
         import jinja2
         plain = [{k: v for k, v in m.items() if v is not None} for m in messages]
         try:
-            return self._template.render(messages=plain, tools=None, documents=None,
+            return self._template.render(messages=plain, tools=tools, documents=None,
                                          add_generation_prompt=add_generation_prompt, **self.special_tokens)
         except (jinja2.exceptions.TemplateError, TypeError, ValueError) as e:
             # TemplateError covers raise_exception and the sandbox's SecurityError; TypeError is a

@@ -16,7 +16,9 @@ Rules it keeps:
   200 goes out only with the first token, so an engine that fails before it is still a 503.
 - Bad input is a 400 naming the field (OpenAI's error object: message, type, param, code); a body
   is read only after its Content-Length passed the limit (413 over it); unknown fields are
-  ignored; features we do not have (tools, suffix) are a 400, never silently dropped.
+  ignored; features we do not have (suffix, tool_choice "auto") are a 400, never silently dropped.
+- tool_choice "required" or a named function: the grammar makes the answer one call, sent as
+  message.tool_calls (finish_reason "tool_calls").
 - `response_format` json_object / json_schema constrains sampling with a grammar (grammar.py). prompt + max_tokens beyond the context is a 400 naming both numbers.
 - Several prompts and n > 1 are one engine request per choice, all submitted before any is read
   (so they decode together); log-probabilities come from the engine with each token.
@@ -77,11 +79,16 @@ class Generation:
         self.prompt_tokens = len(ids)
         engine = server.engine
         constraint = None
-        if s.response_format is not None:
+        fmt, field = s.response_format, "response_format"
+        if s.tool_schema is not None:     # a forced tool call: the answer is {"name", "arguments"} JSON
+            if fmt is not None:
+                raise ApiError(400, "send 'response_format' or a forced tool call, not both", "response_format")
+            fmt, field = {"type": "json_schema", "json_schema": {"schema": s.tool_schema}}, "tools"
+        if fmt is not None:
             try:
-                constraint = server.grammars().constraint(s.response_format)
+                constraint = server.grammars().constraint(fmt)
             except GrammarError as e:
-                raise ApiError(400, str(e), "response_format") from None
+                raise ApiError(400, str(e), field) from None
         try:
             self.req = engine.submit(ids, Params(
                 max_tokens=s.max_tokens, temperature=s.temperature, top_k=s.top_k, top_p=s.top_p, seed=seed,
@@ -158,6 +165,18 @@ def _flag(body: dict, name: str, default: bool) -> bool:
     if not isinstance(v, bool):
         raise ApiError(400, f"'{name}' must be true or false, got {json.dumps(v)}", name)
     return v
+
+
+def _tool_calls(text: str, finish: str | None) -> list[dict] | None:
+    """The forced call the grammar shaped, in OpenAI's form; None if it did not finish (length)."""
+    if finish != "stop":
+        return None
+    try:
+        call = json.loads(text)
+    except json.JSONDecodeError:
+        return None
+    return [{"id": "call_" + uuid.uuid4().hex[:24], "type": "function",
+             "function": {"name": call["name"], "arguments": json.dumps(call["arguments"])}}]
 
 
 def completion_logprobs(tok, scored, offset: int = 0) -> dict:
@@ -558,7 +577,7 @@ class Handler(BaseHTTPRequestHandler):
         msgs = chat_messages(body)
         tpl = self._template()
         try:
-            text = tpl.render(msgs, add_generation_prompt=True)
+            text = tpl.render(msgs, add_generation_prompt=True, tools=s.tools)
         except ChatTemplateError as e:
             raise ApiError(400, str(e), "messages") from None
         self._generate([self.server.tokenizer.encode(text)], s, chat=True, field="messages")
@@ -627,6 +646,10 @@ class Handler(BaseHTTPRequestHandler):
             scored = gen.scored(ks) if s.logprobs is not None else None
             if chat:
                 choice["message"] = {"role": "assistant", "content": text}
+                calls = _tool_calls(text, gen.finish) if s.tool_schema is not None else None
+                if calls:
+                    choice["message"] = {"role": "assistant", "content": None, "tool_calls": calls}
+                    choice["finish_reason"] = "tool_calls"
                 if scored is not None:
                     choice["logprobs"] = {"content": chat_logprobs(tok, scored), "refusal": None}
             else:
@@ -672,12 +695,24 @@ class Handler(BaseHTTPRequestHandler):
                 text = self._echo(gen)
                 chunk(index, text, scored=gen.prompt_scored() if want else None)
                 offset = len(text)
+            held = []     # a forced tool call is sent whole, as one tool_calls delta at the end
             for piece, k in itertools.chain([head] if head is not None else [], pieces):
-                if piece or (k and want):
+                if s.tool_schema is not None:
+                    held.append(piece)
+                elif piece or (k and want):
                     scored = gen.scored(k) if want else None
                     chunk(index, piece, scored=scored, offset=offset)
                     offset += len(piece)
-            chunk(index, None, gen.finish)
+            calls = _tool_calls("".join(held), gen.finish) if s.tool_schema is not None else None
+            if calls:
+                delta = {"tool_calls": [{"index": 0, **calls[0]}]}
+                self._write_event(json.dumps({**self._envelope(rid, chat, True), "choices": [
+                    {"index": index, "delta": delta, "logprobs": None, "finish_reason": None}]}))
+                chunk(index, None, "tool_calls")
+            else:
+                if held:
+                    chunk(index, "".join(held))
+                chunk(index, None, gen.finish)
         if s.include_usage:
             self._write_event(json.dumps({**self._envelope(rid, chat, True), "choices": [],
                                           "usage": self._usage(gens, s)}))

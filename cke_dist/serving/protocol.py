@@ -13,8 +13,8 @@ MAX_STOP_STRINGS = 16
 MAX_CHOICES = 16         # n
 MAX_PROMPTS = 64         # prompts in one /v1/completions request (lm-eval sends batches)
 MAX_LOGPROBS = 20        # alternatives per token (OpenAI's chat limit; its completions stop at 5)
-# OpenAI's message roles ("developer" is the newer name for "system"); tool results need tools
-ROLES = ("system", "developer", "user", "assistant")
+# OpenAI's message roles ("developer" is the newer name for "system"; "tool" carries a tool's result)
+ROLES = ("system", "developer", "user", "assistant", "tool")
 
 
 class ApiError(Exception):
@@ -116,6 +116,43 @@ def _logit_bias(body: dict) -> dict[int, float] | None:
     return out
 
 
+def _tools(body: dict) -> tuple[list | None, dict | None]:
+    """(the tools for the chat template, the JSON schema a forced call must match or None).
+    tool_choice "required" or a named function forces a call (a grammar makes the answer one);
+    "none" leaves the answer text; "auto", OpenAI's default, would need each model's own
+    tool-call syntax parsed out of free text, so it is a 400."""
+    tools = body.get("tools")
+    if tools is None or tools == []:
+        if body.get("tool_choice") not in (None, "none"):
+            raise ApiError(400, "'tool_choice' needs 'tools'", "tool_choice")
+        return None, None
+    if not isinstance(tools, list) or not all(
+            isinstance(t, dict) and t.get("type") == "function" and isinstance(t.get("function"), dict)
+            and isinstance(t["function"].get("name"), str) and isinstance(t["function"].get("parameters", {}), dict)
+            for t in tools):
+        raise ApiError(400, "'tools' must be a list of {\"type\": \"function\", \"function\": {\"name\", "
+                            "\"parameters\"}}", "tools")
+    schemas = {t["function"]["name"]: t["function"].get("parameters") or {"type": "object"} for t in tools}
+    choice = body.get("tool_choice", "auto")
+    if choice == "none":
+        return tools, None
+    if choice == "required":
+        names = list(schemas)
+    elif isinstance(choice, dict) and isinstance(choice.get("function"), dict) and \
+            choice["function"].get("name") in schemas:
+        names = [choice["function"]["name"]]
+    elif choice == "auto":
+        raise ApiError(400, "'tool_choice' \"auto\" is not supported by this server: send \"required\", a named "
+                            "function ({\"type\": \"function\", \"function\": {\"name\": ...}}) or \"none\"",
+                       "tool_choice")
+    else:
+        raise ApiError(400, f"'tool_choice' must be \"none\", \"required\" or name one of the tools "
+                            f"({', '.join(schemas)}), got {json.dumps(choice)}", "tool_choice")
+    calls = [{"type": "object", "properties": {"name": {"const": n}, "arguments": schemas[n]},
+              "required": ["name", "arguments"], "additionalProperties": False} for n in names]
+    return tools, (calls[0] if len(calls) == 1 else {"anyOf": calls})
+
+
 class Sampling:
     """What a request asks for, checked; max_tokens None = the endpoint's default."""
 
@@ -153,7 +190,7 @@ class Sampling:
         self.repetition_penalty = 1.0 if rep is None else rep
         self.min_p = _opt_num(body, "min_p", lambda v: 0 <= v <= 1, "a number in [0, 1]")
         self.logit_bias = _logit_bias(body)
-        _unsupported(body, "tools", ([],), "no tool calls")
+        self.tools, self.tool_schema = _tools(body) if chat else (None, None)
         _unsupported(body, "functions", ([],), "no function calls")
         rf = body.get("response_format")
         if rf is not None and not (isinstance(rf, dict) and rf.get("type") in ("text", "json_object", "json_schema")):
@@ -208,13 +245,16 @@ def chat_messages(body: dict) -> list[dict]:
             raise ApiError(400, f"messages[{i}].role is {json.dumps(m['role'])}; this server takes "
                                 f"{', '.join(ROLES)}", "messages")
         content = m.get("content")
+        if content is None and m["role"] == "assistant" and m.get("tool_calls"):
+            out.append(m)       # a call the assistant made earlier: the template renders tool_calls
+            continue
         if isinstance(content, list):   # content parts: this server reads text only
             if not all(isinstance(c, dict) and c.get("type") == "text" and isinstance(c.get("text"), str)
                        for c in content):
                 raise ApiError(400, f"messages[{i}].content: only parts of type \"text\" are supported", "messages")
             content = "".join(c["text"] for c in content)
         elif not isinstance(content, str):
-            # OpenAI allows null only beside tool_calls, which this server does not take
+            # OpenAI allows null only beside an assistant's tool_calls
             raise ApiError(400, f"messages[{i}].content must be a string or a list of text parts, got "
                                 f"{json.dumps(content)}", "messages")
         out.append({**m, "content": checked_text(content, "messages")})

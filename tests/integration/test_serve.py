@@ -535,6 +535,47 @@ def test_response_format_json_schema_validates(client, ref):
     assert status == 400 and r["error"]["param"] == "response_format", r
 
 
+TOOLS = [{"type": "function", "function": {"name": "get_weather", "parameters": {
+              "type": "object", "properties": {"city": {"enum": ["Oslo", "Lima"]}, "days": {"type": "integer",
+                                                                                        "minimum": 1, "maximum": 7}},
+              "required": ["city", "days"], "additionalProperties": False}}},
+         {"type": "function", "function": {"name": "stop_timer", "parameters": {
+             "type": "object", "properties": {"now": {"type": "boolean"}}, "required": ["now"],
+             "additionalProperties": False}}}]
+
+
+def test_forced_tool_calls_match_their_schema(client):
+    jsonschema = pytest.importorskip("jsonschema")
+    params = {t["function"]["name"]: t["function"]["parameters"] for t in TOOLS}
+    msgs = [{"role": "user", "content": "What is the weather?"}]
+    names = set()
+    for i in range(4):
+        r = client.chat.completions.create(model=MODEL, messages=msgs, tools=TOOLS, tool_choice="required",
+                                           max_tokens=60, temperature=1.0, seed=i)
+        c = r.choices[0]
+        assert c.finish_reason == "tool_calls" and c.message.content is None, c
+        call = c.message.tool_calls[0]
+        names.add(call.function.name)
+        jsonschema.validate(json.loads(call.function.arguments), params[call.function.name])
+    assert names <= set(params)
+    named = {"type": "function", "function": {"name": "stop_timer"}}
+    chunks = list(client.chat.completions.create(model=MODEL, messages=msgs, tools=TOOLS, tool_choice=named,
+                                                 max_tokens=60, stream=True))
+    deltas = [ch.choices[0].delta.tool_calls for ch in chunks if ch.choices and ch.choices[0].delta.tool_calls]
+    assert len(deltas) == 1 and deltas[0][0].function.name == "stop_timer"
+    jsonschema.validate(json.loads(deltas[0][0].function.arguments), params["stop_timer"])
+    assert chunks[-1].choices[0].finish_reason == "tool_calls"
+    # the call and its result go back in the conversation (content "": this ChatML template adds
+    # content as a string; one that renders tool_calls takes null)
+    follow = msgs + [{"role": "assistant", "content": "", "tool_calls": [
+        {"id": "call_1", "type": "function", "function": {"name": "stop_timer", "arguments": '{"now": true}'}}]},
+                     {"role": "tool", "tool_call_id": "call_1", "content": "stopped"}]
+    r = client.chat.completions.create(model=MODEL, messages=follow, tools=TOOLS, tool_choice="none", max_tokens=4)
+    assert r.choices[0].message.content is not None and r.choices[0].finish_reason in ("stop", "length")
+    with pytest.raises(openai.BadRequestError, match="auto"):
+        client.chat.completions.create(model=MODEL, messages=msgs, tools=TOOLS, max_tokens=4)
+
+
 def client_port(client) -> int:
     return client.base_url.port
 
