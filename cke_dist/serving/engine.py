@@ -27,6 +27,9 @@ How a tick goes (`Engine.run`):
   which samples (each request its own Sampler and seed) before planning that group's next
   tick. Per token only the ids (in the plan) and the hidden states cross the network besides
   tp's two allreduces per layer.
+- A decode row may carry prompt-lookup drafts (`speculative_tokens`): the rows they feed come
+  back with logits too, and rank 0 keeps each sampled token while it equals the next draft. An
+  embedding request's prompt rows come back as one pooled vector (the plan names their range).
 - With nothing to do rank 0 still sends an empty plan every `heartbeat` seconds, so no rank sits
   in a receive past the comm deadline; a dead rank surfaces as a CommError in the next tick:
   the engine fails every request with it and stops.
@@ -533,7 +536,12 @@ class Engine:
                         r.prompt_logprobs.append((float(lp[r.prompt[j + 1]]), top_logprobs(lp, n)))
                     rows = rows[k - 1:]
                 for j, row in enumerate(rows):
-                    tok = self._emit(r, row)
+                    try:
+                        tok = self._emit(r, row)
+                    except (ValueError, RuntimeError) as e:    # this request's grammar or sampler: it alone fails
+                        r.finish = "error"
+                        r.events.put(("error", f"the request failed: {e}"))
+                        break
                     if r.finish is not None or not draft or j >= len(draft) or tok != draft[j]:
                         break
                 if draft:

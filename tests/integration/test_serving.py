@@ -212,3 +212,22 @@ def test_speculative_decoding_gives_the_plain_tokens_and_logprobs(quantize):
     assert accepted > 0
     assert [t for t, _ in spec] == [t for t, _ in plain]
     assert [lp for _, lp in spec] == [lp for _, lp in plain]
+
+
+def test_a_request_that_fails_alone_leaves_the_engine_serving(engine):
+    """A grammar that allows nothing (its sampler raises): that request ends with an error, the
+    engine and the request beside it go on."""
+    class Nothing:
+        done = False
+
+        def allowed(self):
+            return np.zeros(61, bool)
+
+        def accept(self, tok):
+            raise AssertionError("never reached")
+
+    bad = engine.submit([1, 2, 3], Params(max_tokens=4, temperature=0, constraint=Nothing()))
+    good = engine.submit([4, 5], Params(max_tokens=4, temperature=0))
+    with pytest.raises(EngineError, match="the grammar allows no token"):
+        list(bad.stream(timeout=30))
+    assert list(good.stream(timeout=30)) == generate(engine.im, [4, 5], 4, temperature=0) and engine.alive
