@@ -606,6 +606,7 @@ def test_embeddings_are_the_mean_last_hidden_state(client, server, model_dir, re
         assert status == 400 and body["error"]["param"] == field, body
 
 
+@pytest.mark.slow      # lm-eval and a transformers model: ~25 s
 def test_lm_eval_scores_through_the_server_what_it_scores_with_hf(server, model_dir, tmp_path, monkeypatch):
     """lm-eval's local-completions model (echo + logprobs over our HTTP) against its hf model (torch,
     transformers) on the same weights: a multiple-choice task from a local file, the same answers

