@@ -472,10 +472,7 @@ class Handler(BaseHTTPRequestHandler):
         last norm), float32, one engine request each (batched like any other)."""
         self._check_engine()
         body = self._read_json()
-        name = body.get("model")
-        if name is not None and name != self.server.model_name:
-            raise ApiError(404, f"the model {name!r} does not exist: this server serves {self.server.model_name!r} "
-                                f"(GET /v1/models)", "model", code="model_not_found")
+        self._check_model(body)
         fmt = body.get("encoding_format", "float")
         if fmt not in ("float", "base64"):
             raise ApiError(400, f"'encoding_format' must be \"float\" or \"base64\", got {json.dumps(fmt)}",
@@ -561,11 +558,14 @@ class Handler(BaseHTTPRequestHandler):
         self._check_engine()
         body = self._read_json()
         s = Sampling(body, chat=chat)
+        self._check_model(body)
+        return body, s
+
+    def _check_model(self, body: dict) -> None:
         name = body.get("model")
         if name is not None and name != self.server.model_name:     # as OpenAI and vLLM: a typo is not served
             raise ApiError(404, f"the model {name!r} does not exist: this server serves {self.server.model_name!r} "
                                 f"(GET /v1/models)", "model", code="model_not_found")
-        return body, s
 
     def _completions(self):
         body, s = self._request(chat=False)
